@@ -1,0 +1,243 @@
+"""Cadenza's configuration: one typed, documented field per knob.
+
+Sources, strongest first: CLI overrides (passed as keyword arguments), environment variables
+(prefix ``CADENZA_``, nested with ``__``, e.g. ``CADENZA_VELOCITY__DEADLINE_MS=2``), a TOML file
+(``--config FILE``), then the defaults below. ``cadenza config show`` prints the result as TOML,
+which loads back unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+
+from cadenza.errors import ConfigError
+
+MidiApi = Literal["auto", "alsa", "jack", "coremidi", "winmm"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class MidiSettings(_Section):
+    api: MidiApi = Field("auto", description="MIDI backend; auto = ALSA if the sequencer exists, else a running JACK server")
+    client_name: str = Field("cadenza", description="client name shown to other MIDI software")
+    in_port: str = Field("cadenza in", description="input: a virtual port of this name, or an existing port's name or /regex/ when attach_in is set")
+    out_port: str = Field("cadenza out", description="output: a virtual port of this name, or an existing port's name or /regex/ when attach_out is set")
+    attach_in: bool = Field(False, description="attach to an existing input port instead of creating a virtual one")
+    attach_out: bool = Field(False, description="attach to an existing output port instead of creating a virtual one")
+    reattach_interval_s: float = Field(1.0, gt=0, description="how often a vanished attached port is looked for again")
+    sysex_max_bytes: int = Field(4096, ge=2, le=1 << 20, description="longer SysEx messages are dropped and counted")
+
+
+class EngineSettings(_Section):
+    frame_ms: float = Field(10.0, gt=0, le=200, description="piano-roll frame length")
+    window_s: float = Field(10.0, gt=0, le=120, description="sliding piano-roll window length")
+    history_events: int = Field(4096, ge=64, description="events kept per channel in the event history ring")
+    input_queue: int = Field(16384, ge=16, description="bound of the input queue; when full, note-ons are dropped (counted), note-offs/pedal/clock never")
+    stats_interval_s: float = Field(10.0, ge=0, description="period of the one-line stats log (0 = off)")
+
+
+class VelocitySettings(_Section):
+    mode: Literal["replace", "blend", "flat-only"] = Field("replace", description="replace the player's velocity, blend with it, or colorize only flat input")
+    strength: float = Field(1.0, ge=0, le=1, description="blend strength: 0 = player's velocity, 1 = model's")
+    deadline_ms: float = Field(3.0, gt=0, le=100, description="per-note deadline; a late model answer is replaced by the fallback velocity")
+    fallback_velocity: int = Field(64, ge=1, le=127, description="velocity used when the model misses its deadline or is down")
+    flat_window: int = Field(8, ge=2, description="flat-only: this many equal velocities in a row count as flat input")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where the model worker runs")
+    max_batch: int = Field(64, ge=1, description="largest micro-batch across sessions")
+    weights: Path | None = Field(None, description="causal model weights (.safetensors); default: the shipped ones")
+    context_weights: Path | None = Field(None, description="full-context model weights; default: the shipped ones")
+    lookahead_s: float = Field(0.0, ge=0, le=10, description="lookahead mode: output is delayed by exactly this much")
+
+
+class ContinueSettings(_Section):
+    silence_ms: float = Field(600.0, ge=50, description="a phrase ends after this long with no key down")
+    end_cc: int | None = Field(None, ge=0, le=127, description="a CC number that ends the phrase at once (value >= 64)")
+    length_mode: Literal["seconds", "bars", "call"] = Field("call", description="response length: fixed seconds, bars (needs clock), or as long as the call")
+    response_seconds: float = Field(4.0, gt=0, le=60)
+    response_bars: int = Field(2, ge=1, le=32)
+    max_response_s: float = Field(12.0, gt=0, le=120, description="upper bound for call-length responses")
+    out_channel: int | None = Field(None, ge=0, le=15, description="channel of the response (default: the call's)")
+    barge_in: Literal["stop", "duck"] = Field("stop", description="when the player plays during a response: stop it, or duck its velocities")
+    duck_factor: float = Field(0.4, ge=0, le=1)
+    temperature: float = Field(0.9, gt=0, le=3)
+    top_k: int = Field(0, ge=0, description="0 = off")
+    top_p: float = Field(0.95, gt=0, le=1)
+    seed: int | None = Field(None, description="fixed sampling seed (default: random)")
+    weights: Path | None = Field(None, description="phrase model weights; default: the shipped ones")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto")
+
+
+class ControlSettings(_Section):
+    """Performer controls, as data: CC number -> function. None disables a control."""
+
+    channel: int | None = Field(None, ge=0, le=15, description="channel the control CCs are read on (default: any)")
+    strength_cc: int | None = Field(20, ge=0, le=127)
+    mode_cc: int | None = Field(21, ge=0, le=127, description="value 0-42 replace, 43-85 blend, 86-127 flat-only")
+    bypass_cc: int | None = Field(22, ge=0, le=127, description="value >= 64 bypasses the model")
+    panic_cc: int | None = Field(23, ge=0, le=127, description="value >= 64 releases every note")
+    temperature_cc: int | None = Field(24, ge=0, le=127, description="maps 0-127 to temperature 0.2-1.8")
+    length_cc: int | None = Field(25, ge=0, le=127, description="maps 0-127 to 1-16 s")
+    continue_cc: int | None = Field(26, ge=0, le=127, description="value >= 64 turns continuation on")
+    state_out_cc: int | None = Field(27, ge=0, le=127, description="the engine reports its state (0 idle, 64 listening, 127 responding) on this CC")
+    consume: bool = Field(True, description="control CCs are not passed through to the output")
+
+    @model_validator(mode="after")
+    def _distinct(self) -> "ControlSettings":
+        used = [(n, v) for n, v in self.__dict__.items() if n.endswith("_cc") and v is not None]
+        seen: dict[int, str] = {}
+        for name, cc in used:
+            if cc in seen:
+                raise ValueError(f"CC {cc} is mapped to both {seen[cc]} and {name}")
+            seen[cc] = name
+        return self
+
+
+class AudioSettings(_Section):
+    soundfont: Path | None = Field(None, description="General MIDI .sf2; default: the first one the OS packages installed")
+    sample_rate: int = Field(48000, ge=8000, le=192000)
+    block_size: int = Field(128, ge=16, le=8192, description="audio block size in frames")
+    device: str | None = Field(None, description="sounddevice output device name or index (default: system default)")
+    gain: float = Field(0.5, gt=0, le=5)
+
+
+class MqttSettings(_Section):
+    host: str = Field("127.0.0.1")
+    port: int = Field(1883, ge=1, le=65535)
+    topic_prefix: str = Field("cadenza")
+
+
+class DataSettings(_Section):
+    root: Path = Field(default_factory=lambda: _default_data_root(), description="folder holding maestro-v2.0.0/ and pop909/")
+
+    @property
+    def maestro(self) -> Path:
+        return self.root / "maestro-v2.0.0"
+
+    @property
+    def pop909(self) -> Path:
+        return self.root / "pop909"
+
+
+def _default_data_root() -> Path:
+    here = Path(__file__).resolve().parent.parent
+    for cand in (Path.cwd() / ".." / "shared" / "data", here / ".." / "shared" / "data"):
+        if cand.is_dir():
+            return cand.resolve()
+    return Path("../shared/data")
+
+
+class Settings(BaseSettings):
+    """The whole configuration."""
+
+    model_config = SettingsConfigDict(env_prefix="CADENZA_", env_nested_delimiter="__", extra="forbid", validate_assignment=True)
+
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    midi: MidiSettings = MidiSettings()
+    engine: EngineSettings = EngineSettings()
+    velocity: VelocitySettings = VelocitySettings()
+    continuation: ContinueSettings = ContinueSettings()
+    controls: ControlSettings = ControlSettings()
+    audio: AudioSettings = AudioSettings()
+    mqtt: MqttSettings = MqttSettings()
+    data: DataSettings = DataSettings()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if _TOML_PATH is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=_TOML_PATH))
+        return tuple(sources)
+
+
+_TOML_PATH: Path | None = None
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def load_settings(config_file: str | os.PathLike | None = None, overrides: dict | None = None) -> Settings:
+    """Build the effective settings; raise ConfigError with one line on any bad value.
+
+    ``overrides`` is a nested dict (``{"velocity": {"deadline_ms": 2.0}}``) from the CLI.
+    """
+    global _TOML_PATH
+    if config_file is not None:
+        path = Path(config_file)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} not found")
+        _TOML_PATH = path
+    else:
+        _TOML_PATH = None
+    try:
+        init: dict = {}
+        if overrides:
+            # Sections given on the CLI are merged over those from env/TOML field by field,
+            # so construct once without them and then apply the overrides.
+            base = Settings()
+            init = _deep_merge(base.model_dump(), overrides)
+        return Settings(**init)
+    except ValidationError as exc:
+        raise ConfigError(_one_line(exc)) from None
+    except (ValueError, OSError) as exc:  # TOML syntax errors, unreadable file
+        raise ConfigError(f"cannot read config: {exc}".replace("\n", " ")) from None
+    finally:
+        _TOML_PATH = None
+
+
+def _one_line(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"])
+    value = err.get("input")
+    more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+    return f"invalid config value {loc}={value!r}: {err['msg']}{more}"
+
+
+def to_toml(settings: Settings) -> str:
+    """Render settings as TOML that :func:`load_settings` reads back to the same values."""
+    data = settings.model_dump(mode="json")
+    lines: list[str] = []
+    top = {k: v for k, v in data.items() if not isinstance(v, dict)}
+    for k, v in top.items():
+        lines.append(f"{k} = {_toml_value(v)}")
+    for section, values in data.items():
+        if not isinstance(values, dict):
+            continue
+        lines.append("")
+        lines.append(f"[{section}]")
+        for k, v in values.items():
+            if v is None:
+                lines.append(f"# {k} = (unset)")
+            else:
+                lines.append(f"{k} = {_toml_value(v)}")
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    raise TypeError(f"cannot render {v!r} as TOML")
