@@ -1,0 +1,328 @@
+"""Sound: a FluidSynth General MIDI synth, a live audio sink, a WAV sink and offline rendering.
+
+The synth is fed raw MIDI bytes, the same messages every other sink receives, so the engine does
+not know whether it talks to a MIDI port or to a loudspeaker. Live output pulls audio from the synth
+in a PortAudio callback (sounddevice); offline rendering renders the exact number of frames between
+events, which makes it sample-accurate and much faster than real time.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import glob
+import logging
+import time
+import wave
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from cadenza.errors import AudioError, MidiFileError
+from cadenza.stream.smf import atomic_path
+
+log = logging.getLogger(__name__)
+
+# Where OS packages put a General MIDI SoundFont, small and fast ones first: TimGM6mb is 6 MB and
+# loads in milliseconds, FluidR3 is 140 MB and sounds better but takes a second to load.
+SOUNDFONT_CANDIDATES: tuple[str, ...] = (
+    "/usr/share/sounds/sf2/TimGM6mb.sf2",  # Debian/Ubuntu: timgm6mb-soundfont
+    "/usr/share/sounds/sf2/FluidR3_GM.sf2",  # Debian/Ubuntu: fluid-soundfont-gm
+    "/usr/share/sounds/sf2/default-GM.sf2",  # Debian alternatives link
+    "/usr/share/soundfonts/default.sf2",  # Fedora, Arch
+    "/usr/share/soundfonts/FluidR3_GM.sf2",
+    "/usr/share/soundfonts/*.sf2",
+    "/opt/homebrew/share/fluid-synth/sf2/*.sf2",  # Homebrew (Apple silicon)
+    "/usr/local/share/fluid-synth/sf2/*.sf2",  # Homebrew (Intel)
+    "/opt/homebrew/share/soundfonts/*.sf2",
+    "/usr/local/share/soundfonts/*.sf2",
+)
+
+INSTALL_HINT = "install one (Debian/Ubuntu: apt-get install timgm6mb-soundfont; macOS: brew install fluid-synth and put a GM .sf2 in /opt/homebrew/share/soundfonts) or set audio.soundfont"
+
+
+def find_soundfont(configured: Path | str | None = None, *, candidates: Sequence[str] = SOUNDFONT_CANDIDATES) -> Path:
+    """The configured SoundFont, or the first one an OS package installed."""
+    if configured is not None:
+        path = Path(configured).expanduser()
+        if not path.is_file():
+            raise AudioError(f"SoundFont {str(path)!r} not found")
+        return path
+    for cand in candidates:
+        for hit in sorted(glob.glob(cand)) if any(c in cand for c in "*?[") else [cand]:
+            if Path(hit).is_file():
+                return Path(hit)
+    raise AudioError(f"no General MIDI SoundFont found; {INSTALL_HINT}")
+
+
+# --------------------------------------------------------------------------------------------
+# FluidSynth
+
+def _fluidsynth():
+    try:
+        import fluidsynth
+    except ImportError as exc:  # pyfluidsynth raises ImportError when libfluidsynth is missing
+        raise AudioError(f"FluidSynth is not available ({exc}); install it (Debian/Ubuntu: apt-get install libfluidsynth3)") from None
+    return fluidsynth
+
+
+_LOG_FN = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)
+_log_callback = None  # kept alive for as long as FluidSynth may call it
+_raw: dict[str, Callable] = {}
+
+
+def _bind(fs) -> dict[str, Callable]:
+    """The C functions used per event and per block, bound once (pyfluidsynth lacks some)."""
+    global _log_callback
+    if _raw:
+        return _raw
+    c, vp, i = fs.cfunc, ctypes.c_void_p, ctypes.c_int
+    _raw.update(
+        noteon=c("fluid_synth_noteon", i, ("synth", vp, 1), ("chan", i, 1), ("key", i, 1), ("vel", i, 1)),
+        noteoff=c("fluid_synth_noteoff", i, ("synth", vp, 1), ("chan", i, 1), ("key", i, 1)),
+        key_pressure=c("fluid_synth_key_pressure", i, ("synth", vp, 1), ("chan", i, 1), ("key", i, 1), ("val", i, 1)),
+        cc=c("fluid_synth_cc", i, ("synth", vp, 1), ("chan", i, 1), ("num", i, 1), ("val", i, 1)),
+        program_change=c("fluid_synth_program_change", i, ("synth", vp, 1), ("chan", i, 1), ("prog", i, 1)),
+        channel_pressure=c("fluid_synth_channel_pressure", i, ("synth", vp, 1), ("chan", i, 1), ("val", i, 1)),
+        pitch_bend=c("fluid_synth_pitch_bend", i, ("synth", vp, 1), ("chan", i, 1), ("val", i, 1)),
+        write_float=c("fluid_synth_write_float", i, ("synth", vp, 1), ("len", i, 1), ("lout", vp, 1), ("loff", i, 1), ("lincr", i, 1), ("rout", vp, 1), ("roff", i, 1), ("rincr", i, 1)),
+    )
+    # FluidSynth prints warnings and errors to stderr; Cadenza reports problems itself, so its
+    # messages go to the debug log instead of cluttering a musician's terminal.
+    set_log = c("fluid_set_log_function", vp, ("level", i, 1), ("fun", _LOG_FN, 1), ("data", vp, 1))
+    if set_log is not None:
+        _log_callback = _LOG_FN(lambda level, msg, data: log.debug("fluidsynth[%d]: %s", level, (msg or b"").decode(errors="replace")))
+        for level in range(5):
+            set_log(level, _log_callback, None)
+    return _raw
+
+
+class Synth:
+    """A FluidSynth instance playing raw MIDI channel messages with a General MIDI SoundFont.
+
+    FluidSynth's API is thread-safe, but :class:`AudioSink` still hands events to the audio
+    thread through a queue so that the event loop never waits on the synth's lock.
+    """
+
+    def __init__(self, *, soundfont: Path | str | None = None, sample_rate: int = 48000, gain: float = 0.5) -> None:
+        fs = _fluidsynth()
+        self._c = _bind(fs)
+        self.sample_rate = int(sample_rate)
+        self.soundfont = find_soundfont(soundfont)
+        self._fs = fs.Synth(gain=float(gain), samplerate=float(self.sample_rate))
+        self._ptr = self._fs.synth
+        # Resetting presets on load gives every channel its General MIDI default, drums on 10.
+        self.sfid = self._fs.sfload(str(self.soundfont), 1)
+        if self.sfid < 0:
+            self._fs.delete()
+            raise AudioError(f"{self.soundfont}: not a usable SoundFont")
+        for chan in range(16):
+            if chan != 9:
+                self._fs.program_select(chan, self.sfid, 0, 0)
+        self._deleted = False
+
+    def handle(self, msg: bytes) -> bool:
+        """Play one raw channel message; False for messages a synth ignores (clock, SysEx, …)."""
+        if not msg or msg[0] < 0x80 or msg[0] >= 0xF0:
+            return False
+        kind, chan = msg[0] & 0xF0, msg[0] & 0x0F
+        d1 = msg[1] if len(msg) > 1 else 0
+        d2 = msg[2] if len(msg) > 2 else 0
+        c, p = self._c, self._ptr
+        if kind == 0x90:  # velocity 0 is a note-off, as FluidSynth itself treats it
+            c["noteon"](p, chan, d1, d2)
+        elif kind == 0x80:
+            c["noteoff"](p, chan, d1)
+        elif kind == 0xB0:
+            c["cc"](p, chan, d1, d2)
+        elif kind == 0xE0:
+            c["pitch_bend"](p, chan, d1 | (d2 << 7))
+        elif kind == 0xC0:
+            c["program_change"](p, chan, d1)
+        elif kind == 0xD0:
+            c["channel_pressure"](p, chan, d1)
+        else:  # 0xA0 polyphonic key pressure
+            c["key_pressure"](p, chan, d1, d2)
+        return True
+
+    def render_into(self, out: np.ndarray) -> None:
+        """Fill a C-contiguous (n, 2) float32 array in place (no allocation: the audio callback uses it)."""
+        addr = out.ctypes.data
+        self._c["write_float"](self._ptr, out.shape[0], addr, 0, 2, addr, 1, 2)
+
+    def render(self, n_frames: int) -> np.ndarray:
+        out = np.empty((int(n_frames), 2), np.float32)
+        if n_frames > 0:
+            self.render_into(out)
+        return out
+
+    def all_notes_off(self) -> None:
+        """Sustain off, then every note released (CC 64 = 0, CC 123) on all channels."""
+        for chan in range(16):
+            self._c["cc"](self._ptr, chan, 64, 0)
+            self._c["cc"](self._ptr, chan, 123, 0)
+
+    def active_voices(self) -> int:
+        return self._fs.get_active_voice_count()
+
+    def close(self) -> None:
+        if not self._deleted:
+            self._deleted = True
+            self._fs.delete()
+
+
+PANIC: tuple[bytes, ...] = tuple(bytes((0xB0 | ch, cc, 0)) for ch in range(16) for cc in (64, 123))
+
+
+# --------------------------------------------------------------------------------------------
+# Offline rendering
+
+NORMALIZE_PEAK = 10 ** (-1 / 20)  # -1 dBFS: loud, with room for the 16-bit conversion
+
+
+class _WavWriter:
+    """Float blocks in, 16-bit stereo PCM out, scaled by ``scale``; keeps peak and energy."""
+
+    def __init__(self, path: Path | None, sample_rate: int, scale: float = 1.0) -> None:
+        self._w = None
+        if path is not None:  # None: only measure
+            self._w = wave.open(str(path), "wb")
+            self._w.setnchannels(2)
+            self._w.setsampwidth(2)
+            self._w.setframerate(sample_rate)
+        self.scale = scale
+        self.frames = 0
+        self.peak = 0.0
+        self._sq = 0.0
+
+    def write(self, block: np.ndarray) -> None:
+        if len(block) == 0:
+            return
+        if self.scale != 1.0:
+            block *= self.scale
+        self.frames += len(block)
+        self.peak = max(self.peak, float(np.abs(block).max()))
+        self._sq += float(np.square(block, dtype=np.float64).sum())
+        if self._w is not None:
+            pcm = np.clip(np.rint(block * 32767.0), -32768, 32767).astype("<i2")
+            self._w.writeframes(pcm.tobytes())
+
+    @property
+    def rms(self) -> float:
+        return (self._sq / max(1, 2 * self.frames)) ** 0.5
+
+    def close(self) -> None:
+        if self._w is not None:
+            self._w.close()
+
+
+def _play(events: Sequence[tuple[float, bytes]], end_s: float, synth: Synth, writer: _WavWriter, tail_s: float) -> int:
+    """Render exactly the frames between events, so every event lands on its sample."""
+    rate = synth.sample_rate
+    block = np.empty((4096, 2), np.float32)
+    cursor = handled = 0
+
+    def advance_to(frame: int) -> None:
+        nonlocal cursor
+        while cursor < frame:
+            n = min(frame - cursor, len(block))
+            synth.render_into(block[:n])
+            writer.write(block[:n])
+            cursor += n
+
+    for t, msg in events:
+        advance_to(int(round(max(0.0, t) * rate)))
+        handled += synth.handle(msg)
+    advance_to(int(round(max(0.0, end_s) * rate)))
+    for msg in PANIC:  # the tail lets released notes and reverb ring out
+        synth.handle(msg)
+    advance_to(cursor + int(round(tail_s * rate)))
+    return handled
+
+
+def _render(events: Sequence[tuple[float, bytes]], end_s: float, out_wav, *, soundfont, sample_rate: int, gain: float, tail_s: float, normalize: bool) -> dict:
+    t0 = time.perf_counter()
+    scale = 1.0
+    if normalize:  # a first, silent pass finds the peak; FluidSynth renders deterministically
+        meter = _WavWriter(None, sample_rate)
+        synth = Synth(soundfont=soundfont, sample_rate=sample_rate, gain=gain)
+        try:
+            _play(events, end_s, synth, meter, tail_s)
+        finally:
+            synth.close()
+        scale = NORMALIZE_PEAK / meter.peak if meter.peak > 0 else 1.0
+    synth = Synth(soundfont=soundfont, sample_rate=sample_rate, gain=gain)
+    try:
+        with atomic_path(out_wav) as tmp:
+            writer = _WavWriter(tmp, sample_rate, scale)
+            try:
+                handled = _play(events, end_s, synth, writer, tail_s)
+            finally:
+                writer.close()
+    except OSError as exc:  # unwritable folder, full disk: nothing is left under the final name
+        raise AudioError(f"cannot write {out_wav}: {exc.strerror or exc}") from None
+    finally:
+        synth.close()
+    elapsed = time.perf_counter() - t0
+    duration = writer.frames / sample_rate
+    return {
+        "path": str(out_wav),
+        "soundfont": str(synth.soundfont),
+        "sample_rate": sample_rate,
+        "frames": writer.frames,
+        "duration_s": duration,
+        "events": handled,
+        "peak": writer.peak,
+        "rms": writer.rms,
+        "gain_db": 20 * float(np.log10(scale)),
+        "render_s": elapsed,
+        "realtime_factor": duration / elapsed if elapsed > 0 else float("inf"),
+    }
+
+
+def render_events(events: Sequence[tuple[float, bytes]], out_wav, *, soundfont: Path | str | None = None, sample_rate: int = 44100, tail_s: float = 1.0, gain: float = 0.5, normalize: bool = False) -> dict:
+    """Render (time in seconds, raw MIDI bytes) events to a 16-bit stereo WAV, atomically.
+
+    soundfont: .sf2 path, default :func:`find_soundfont`. gain: FluidSynth's master gain.
+    tail_s: the audio lasts until the last event plus this; then every note is released and rings out.
+    normalize: scale the result so its peak is -1 dBFS (two passes; quiet pieces become audible).
+    Returns duration, real-time factor, peak and RMS level (0..1 full scale), events played.
+    """
+    ordered = sorted(events, key=lambda e: e[0])  # stable: equal times keep their order
+    end = ordered[-1][0] if ordered else 0.0
+    return _render(ordered, end, out_wav, soundfont=soundfont, sample_rate=sample_rate, gain=gain, tail_s=tail_s, normalize=normalize)
+
+
+def midi_file_events(in_path) -> tuple[list[tuple[float, bytes]], float]:
+    """All channel messages of a MIDI file as (seconds, bytes), tempo map applied, and its length."""
+    import mido
+
+    from cadenza.stream.smf import MidiFile
+
+    MidiFile.load(in_path)  # strict structural check first: a one-line MidiFileError
+    try:
+        mid = mido.MidiFile(in_path)
+        events, t = [], 0.0
+        for msg in mid:  # merged tracks, delta times in seconds
+            t += msg.time
+            if not msg.is_meta and msg.type != "sysex":
+                events.append((t, bytes(msg.bytes())))
+    except (OSError, EOFError, ValueError, KeyError, IndexError, TypeError) as exc:
+        raise MidiFileError(f"{in_path}: cannot read MIDI ({exc})".replace("\n", " ")) from None
+    return events, t
+
+
+def render_midi(in_path, out_wav, *, soundfont: Path | str | None = None, sample_rate: int = 44100, tail_s: float = 1.0, gain: float = 0.5, normalize: bool = False) -> dict:
+    """Render a MIDI file (all channels, pedals, programs, tempo map) to WAV; see :func:`render_events`."""
+    events, length = midi_file_events(in_path)
+    return _render(events, length, out_wav, soundfont=soundfont, sample_rate=sample_rate, gain=gain, tail_s=tail_s, normalize=normalize)
+
+
+def __getattr__(name: str):
+    # The sinks live in audio_sink.py (they need PortAudio); reachable from here without
+    # importing sounddevice for offline rendering.
+    if name in ("AudioSink", "WavSink"):
+        from cadenza.stream import audio_sink
+
+        return getattr(audio_sink, name)
+    raise AttributeError(name)
