@@ -96,18 +96,27 @@ def select_output_device(device: str | int | None = None) -> int:
 class AudioSink:
     """Plays what it is sent through FluidSynth on an audio device, with a small block size.
 
-    ``send`` only appends to a queue; the audio callback applies queued messages at the start
-    of each block, so an event sounds within one block of being sent.
+    ``send`` only stamps the message and appends it to a queue; the audio callback applies it.
+    ``timing="exact"`` (default) places each message at its own sample: it is heard a constant
+    ``scheduled_latency`` after it was sent (one block plus the device's output delay, plus a
+    quarter block of slack), so block boundaries add no jitter. ``timing="asap"`` applies messages
+    at the start of the next block: lower latency, up to one block of jitter. Exact timing needs the
+    host API's timing information; where it reports none, the sink falls back to asap.
     Drop policy: the queue holds ``queue_size`` messages; when it is full (the audio thread has
     stalled) new note-ons are dropped and counted, everything else — note-offs, pedal — is kept.
     """
 
-    def __init__(self, audio: AudioSettings | None = None, *, name: str = "audio", queue_size: int = 4096) -> None:
+    def __init__(self, audio: AudioSettings | None = None, *, name: str = "audio", timing: str = "exact", queue_size: int = 4096) -> None:
+        if timing not in ("exact", "asap"):
+            raise ValueError(f"timing must be 'exact' or 'asap', not {timing!r}")
         audio = audio or AudioSettings()
         self.name = name
+        self.timing = timing
         self._queue_size = queue_size
-        self._pending: collections.deque[bytes] = collections.deque()
+        self._pending: collections.deque[tuple[float, bytes]] = collections.deque()
+        self._delay: float | None = None  # exact timing: send -> heard, fixed at the first callback
         self.dropped = 0
+        self.late = 0
         self._closed = False
         self._callbacks = 0
         self._underflows = 0
@@ -133,14 +142,38 @@ class AudioSink:
             raise AudioError(f"cannot open audio device {self.device!r} ({self.host_api}): {exc}") from None
 
     def _callback(self, out, frames, t, status) -> None:  # PortAudio's thread
+        now = time.perf_counter()
         if status.output_underflow:
             self._underflows += 1
-        pending, handle = self._pending, self.synth.handle
-        while pending:
-            handle(pending.popleft())
-        self.synth.render_into(out)
-        self._dac_delay[self._callbacks % len(self._dac_delay)] = t.outputBufferDacTime - t.currentTime
+        gap = t.outputBufferDacTime - t.currentTime  # this block is heard that long from now
+        self._dac_delay[self._callbacks % len(self._dac_delay)] = gap
         self._callbacks += 1
+        exact = self.timing == "exact" and gap > 0 and t.currentTime > 0
+        if exact and self._delay is None:
+            # A message sent just after this callback started waits one block for the next one.
+            self._delay = (1.25 * frames) / self.sample_rate + gap
+        # When out[0] will be heard, on the clock send() stamps with. Measured afresh every block
+        # rather than extrapolated from a frame count: a device clock that drifts (JACK's dummy
+        # driver on a busy machine runs slower than real time) then cannot make latency grow.
+        heard = now + gap
+        pending, handle, render, rate = self._pending, self.synth.handle, self.synth.render_into, self.sample_rate
+        pos = 0
+        while pending:
+            sent, msg = pending[0]
+            if exact:
+                offset = round((sent + self._delay - heard) * rate)
+                if offset >= frames:
+                    break  # due in a later block
+                if offset < 0:  # the callback itself ran late
+                    self.late += 1
+                    offset = 0
+                if offset > pos:
+                    render(out[pos:offset])
+                    pos = offset
+            pending.popleft()
+            handle(msg)
+        if pos < frames:
+            render(out[pos:])
 
     def send(self, data: bytes) -> None:
         if self._closed:
@@ -148,7 +181,7 @@ class AudioSink:
         if len(self._pending) >= self._queue_size and data[0] & 0xF0 == 0x90 and len(data) > 2 and data[2] > 0:
             self.dropped += 1
             return
-        self._pending.append(bytes(data))
+        self._pending.append((time.perf_counter(), bytes(data)))
 
     def latency_report(self) -> dict:
         """Configured and measured output latency, in milliseconds."""
@@ -164,8 +197,11 @@ class AudioSink:
             "configured_latency_ms": 1e3 * float(self._stream.latency),
             "measured_latency_ms_p50": float(np.median(delays)) if len(delays) else None,
             "measured_latency_ms_max": float(delays.max()) if len(delays) else None,
+            "timing": self.timing if self._delay is not None or self.timing == "asap" else "asap (no stream clock)",
+            "scheduled_latency_ms": 1e3 * self._delay if self._delay is not None else None,
             "callbacks": self._callbacks,
             "underflows": self._underflows,
+            "late": self.late,
             "dropped": self.dropped,
         }
 
@@ -173,9 +209,10 @@ class AudioSink:
         if self._closed:
             return
         self._closed = True
-        self._pending.extend(PANIC)
+        now = time.perf_counter()
+        self._pending.extend((now, msg) for msg in PANIC)
         # Let the callback play the releases so the sound stops without a click, a few blocks at most.
-        deadline = time.monotonic() + 8 * self.block_size / self.sample_rate + 0.05
+        deadline = time.monotonic() + 8 * self.block_size / self.sample_rate + (self._delay or 0) + 0.05
         while self._pending and self._stream.active and time.monotonic() < deadline:
             time.sleep(self.block_size / self.sample_rate)
         try:
