@@ -237,14 +237,16 @@ class WavSink:
 
     ``clock`` gives seconds; pass the engine's clock when it runs faster than real time. Time 0
     is the first message, so start-up time is not heard as silence. The file appears atomically.
+    ``normalize`` scales it to a -1 dBFS peak (a quiet excerpt at the default gain peaks near -25 dBFS).
     """
 
-    def __init__(self, path: str | Path, *, audio: AudioSettings | None = None, clock: Callable[[], float] = time.monotonic, name: str = "wav", tail_s: float = 1.0) -> None:
+    def __init__(self, path: str | Path, *, audio: AudioSettings | None = None, clock: Callable[[], float] = time.monotonic, name: str = "wav", tail_s: float = 1.0, normalize: bool = False) -> None:
         self.name = name
         self.path = Path(path)
         self._audio = audio or AudioSettings()
         self._clock = clock
         self._tail_s = tail_s
+        self._normalize = normalize
         self._t0: float | None = None
         self.events: list[tuple[float, bytes]] = []
         self.report: dict | None = None
@@ -263,7 +265,7 @@ class WavSink:
             return
         self._closed = True
         a = self._audio
-        self.report = render_events(self.events, self.path, soundfont=a.soundfont, sample_rate=a.sample_rate, gain=a.gain, tail_s=self._tail_s)
+        self.report = render_events(self.events, self.path, soundfont=a.soundfont, sample_rate=a.sample_rate, gain=a.gain, tail_s=self._tail_s, normalize=self._normalize)
 
     def __enter__(self) -> "WavSink":
         return self

@@ -114,7 +114,7 @@ def test_wav_sink_renders_what_it_was_sent(tmp_path):
     from cadenza.stream.audio import WavSink
 
     now = [10.0]
-    sink = WavSink(tmp_path / "live.wav", audio=AudioSettings(sample_rate=RATE), clock=lambda: now[0], tail_s=0.25)
+    sink = WavSink(tmp_path / "live.wav", audio=AudioSettings(sample_rate=RATE), clock=lambda: now[0], tail_s=0.25, normalize=True)
     for t, msg in [(10.0, [0xB0, 64, 127]), (10.2, [0x90, 67, 80]), (10.8, [0x80, 67, 0]), (11.0, [0xB0, 64, 0])]:
         now[0] = t
         sink.send(bytes(msg))
@@ -123,6 +123,7 @@ def test_wav_sink_renders_what_it_was_sent(tmp_path):
     audio, rate = read_wav(tmp_path / "live.wav")
     assert len(audio) == round(1.25 * RATE)
     assert first_sound(audio, rate) == pytest.approx(0.2, abs=0.01)
+    assert sink.report["peak"] == pytest.approx(np.abs(audio).max(), abs=1e-3) == pytest.approx(0.89, abs=0.01)
 
 
 @pytest.mark.jack
