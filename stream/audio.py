@@ -97,6 +97,18 @@ def _bind(fs) -> dict[str, Callable]:
     return _raw
 
 
+# Channel message kind -> FluidSynth call (c: the bound C functions, p: the synth).
+_KINDS: dict[int, Callable] = {
+    0x80: lambda c, p, ch, d1, d2: c["noteoff"](p, ch, d1),
+    0x90: lambda c, p, ch, d1, d2: c["noteon"](p, ch, d1, d2),  # velocity 0 releases, in FluidSynth too
+    0xA0: lambda c, p, ch, d1, d2: c["key_pressure"](p, ch, d1, d2),
+    0xB0: lambda c, p, ch, d1, d2: c["cc"](p, ch, d1, d2),
+    0xC0: lambda c, p, ch, d1, d2: c["program_change"](p, ch, d1),
+    0xD0: lambda c, p, ch, d1, d2: c["channel_pressure"](p, ch, d1),
+    0xE0: lambda c, p, ch, d1, d2: c["pitch_bend"](p, ch, d1 | (d2 << 7)),  # 14 bits, 8192 = centre
+}
+
+
 class Synth:
     """A FluidSynth instance playing raw MIDI channel messages with a General MIDI SoundFont.
 
@@ -128,21 +140,7 @@ class Synth:
         kind, chan = msg[0] & 0xF0, msg[0] & 0x0F
         d1 = msg[1] if len(msg) > 1 else 0
         d2 = msg[2] if len(msg) > 2 else 0
-        c, p = self._c, self._ptr
-        if kind == 0x90:  # velocity 0 is a note-off, as FluidSynth itself treats it
-            c["noteon"](p, chan, d1, d2)
-        elif kind == 0x80:
-            c["noteoff"](p, chan, d1)
-        elif kind == 0xB0:
-            c["cc"](p, chan, d1, d2)
-        elif kind == 0xE0:
-            c["pitch_bend"](p, chan, d1 | (d2 << 7))
-        elif kind == 0xC0:
-            c["program_change"](p, chan, d1)
-        elif kind == 0xD0:
-            c["channel_pressure"](p, chan, d1)
-        else:  # 0xA0 polyphonic key pressure
-            c["key_pressure"](p, chan, d1, d2)
+        _KINDS[kind](self._c, self._ptr, chan, d1, d2)
         return True
 
     def render_into(self, out: np.ndarray) -> None:

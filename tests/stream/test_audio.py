@@ -69,7 +69,7 @@ def test_render_matches_midi_length_and_timing(tmp_path):
 
 @pytest.mark.fluidsynth
 def test_render_events_plays_program_changes_and_normalizes(tmp_path):
-    note = [(0.0, bytes([0x90, 60, 100])), (0.5, bytes([0x80, 60, 0]))]
+    note = [(0.0, bytes([0x90, 60, 100])), (0.1, b"\xf8"), (0.5, bytes([0x80, 60, 0]))]  # clock: not for a synth
     piano = render_events(note, tmp_path / "piano.wav", sample_rate=RATE, tail_s=0.2)
     violin = render_events([(0.0, bytes([0xC0, 40]))] + note, tmp_path / "violin.wav", sample_rate=RATE, tail_s=0.2, normalize=True)
     a, _ = read_wav(tmp_path / "piano.wav")
@@ -77,6 +77,7 @@ def test_render_events_plays_program_changes_and_normalizes(tmp_path):
     assert a.shape == b.shape == (round(0.7 * RATE), 2)
     assert violin["peak"] == pytest.approx(10 ** (-1 / 20), abs=0.01)
     assert piano["peak"] < 0.5  # not normalized: the synth's own level
+    assert piano["events"] == 2 and violin["events"] == 3
     # A different instrument, not just a louder piano.
     assert np.corrcoef(a[:, 0] / np.abs(a).max(), b[:, 0] / np.abs(b).max())[0, 1] < 0.5
 
@@ -104,6 +105,10 @@ def test_render_cli_rejects_corrupt_midi_and_missing_soundfont(tmp_path, capsys)
     assert err.startswith("cadenza: error:") and "bad.mid" in err and "\n" not in err
     assert main(["render", str(good), "-o", str(out), "--soundfont", str(tmp_path / "no.sf2")]) == 2
     assert "SoundFont" in capsys.readouterr().err
+    junk = tmp_path / "junk.sf2"
+    junk.write_bytes(b"RIFF" + bytes(100))
+    assert main(["render", str(good), "-o", str(out), "--soundfont", str(junk)]) == 2
+    assert "not a usable SoundFont" in capsys.readouterr().err
     assert not out.exists() and (not out.parent.exists() or not any(out.parent.iterdir()))  # no half-written file
     assert main(["render", str(good), "-o", str(out), "--sample-rate", str(RATE)]) == 0
     assert "real time" in capsys.readouterr().out and out.is_file()
