@@ -8,9 +8,11 @@ events, which makes it sample-accurate and much faster than real time.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import glob
 import logging
+import os
 import time
 import wave
 from pathlib import Path
@@ -97,6 +99,27 @@ def _bind(fs) -> dict[str, Callable]:
     return _raw
 
 
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Silence C libraries writing to fd 2 (libinstpatch's GLib warnings on a damaged SoundFont).
+
+    Cadenza reports the problem itself, as one line. The same trick sounddevice uses at import.
+    """
+    try:
+        saved = os.dup(2)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+    except OSError:
+        yield
+        return
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 # Channel message kind -> FluidSynth call (c: the bound C functions, p: the synth).
 _KINDS: dict[int, Callable] = {
     0x80: lambda c, p, ch, d1, d2: c["noteoff"](p, ch, d1),
@@ -124,7 +147,8 @@ class Synth:
         self._fs = fs.Synth(gain=float(gain), samplerate=float(self.sample_rate))
         self._ptr = self._fs.synth
         # Resetting presets on load gives every channel its General MIDI default, drums on 10.
-        self.sfid = self._fs.sfload(str(self.soundfont), 1)
+        with _quiet_stderr():
+            self.sfid = self._fs.sfload(str(self.soundfont), 1)
         if self.sfid < 0:
             self._fs.delete()
             raise AudioError(f"{self.soundfont}: not a usable SoundFont")

@@ -92,7 +92,7 @@ def test_missing_soundfont_is_a_clear_error(tmp_path):
 
 
 @pytest.mark.fluidsynth
-def test_render_cli_rejects_corrupt_midi_and_missing_soundfont(tmp_path, capsys):
+def test_render_cli_rejects_corrupt_midi_and_missing_soundfont(tmp_path, capfd):
     good = tmp_path / "good.mid"
     two_tempo_midi(good)
     bad = tmp_path / "bad.mid"
@@ -101,17 +101,18 @@ def test_render_cli_rejects_corrupt_midi_and_missing_soundfont(tmp_path, capsys)
     with pytest.raises(MidiFileError):
         render_midi(bad, out)
     assert main(["render", str(bad), "-o", str(out)]) == 2
-    err = capsys.readouterr().err.strip()
+    err = capfd.readouterr().err.strip()
     assert err.startswith("cadenza: error:") and "bad.mid" in err and "\n" not in err
     assert main(["render", str(good), "-o", str(out), "--soundfont", str(tmp_path / "no.sf2")]) == 2
-    assert "SoundFont" in capsys.readouterr().err
+    assert "SoundFont" in capfd.readouterr().err
     junk = tmp_path / "junk.sf2"
     junk.write_bytes(b"RIFF" + bytes(100))
     assert main(["render", str(good), "-o", str(out), "--soundfont", str(junk)]) == 2
-    assert "not a usable SoundFont" in capsys.readouterr().err
+    err = capfd.readouterr().err  # fd level: C libraries must not print around the one line
+    assert "not a usable SoundFont" in err and err.count("\n") == 1
     assert not out.exists() and (not out.parent.exists() or not any(out.parent.iterdir()))  # no half-written file
     assert main(["render", str(good), "-o", str(out), "--sample-rate", str(RATE)]) == 0
-    assert "real time" in capsys.readouterr().out and out.is_file()
+    assert "real time" in capfd.readouterr().out and out.is_file()
 
 
 @pytest.mark.fluidsynth
