@@ -57,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     from cadenza.config.settings import load_settings
 
     try:
+        prepare = getattr(args, "prepare", None)
+        if prepare is not None:  # turns command flags into settings overrides
+            prepare(args)
         overrides = dict(getattr(args, "overrides", None) or {})
         if args.log_level:
             overrides["log_level"] = args.log_level

@@ -23,6 +23,8 @@ import numpy as np
 from cadenza.errors import MidiFileError
 
 SUSTAIN_CC = 64
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 @dataclass
@@ -115,6 +117,7 @@ def atomic_path(out: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=suffix or out.suffix, dir=out.parent)
     os.close(fd)
     tmp_path = Path(tmp)
+    os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs get the usual permissions
     try:
         yield tmp_path
         os.replace(tmp_path, out)

@@ -1,0 +1,92 @@
+"""MIDI clock tracking: tempo estimate and bar position from 0xF8 ticks.
+
+24 clock ticks make a quarter note. The tempo is estimated from the ticks of the last beat
+(a median, so one late tick does not jerk the estimate); Start/Stop/Continue and Song Position
+Pointer set the transport. Every stage can ask for ``bpm``, ``beat`` and ``bar_phase``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+TICKS_PER_BEAT = 24
+CLOCK, START, CONTINUE, STOP, SONG_POSITION = 0xF8, 0xFA, 0xFB, 0xFC, 0xF2
+
+
+class MidiClock:
+    def __init__(self, *, beats_per_bar: int = 4, window: int = TICKS_PER_BEAT) -> None:
+        self.beats_per_bar = beats_per_bar
+        self._intervals = np.zeros(window, np.float64)
+        self._n_intervals = 0
+        self._last_tick_t: float | None = None
+        self.ticks = 0  # ticks since song position 0
+        self.running = False
+        self.last_tick_t: float | None = None
+
+    def handle(self, t: float, data: bytes) -> bool:
+        """Update from a system real-time/common message; True if it was a clock message."""
+        s = data[0]
+        if s == CLOCK:
+            if self._last_tick_t is not None:
+                dt = t - self._last_tick_t
+                if 0 < dt < 1.0:  # a gap of a second means the clock was paused
+                    self._intervals[self._n_intervals % len(self._intervals)] = dt
+                    self._n_intervals += 1
+            self._last_tick_t = t
+            self.last_tick_t = t
+            if self.running:
+                self.ticks += 1
+            return True
+        if s == START:
+            self.running, self.ticks = True, 0
+            return True
+        if s == CONTINUE:
+            self.running = True
+            return True
+        if s == STOP:
+            self.running = False
+            return True
+        if s == SONG_POSITION and len(data) >= 3:
+            sixteenths = data[1] | (data[2] << 7)
+            self.ticks = sixteenths * (TICKS_PER_BEAT // 4)
+            return True
+        return False
+
+    @property
+    def present(self) -> bool:
+        return self._n_intervals >= TICKS_PER_BEAT // 2
+
+    @property
+    def seconds_per_beat(self) -> float | None:
+        n = min(self._n_intervals, len(self._intervals))
+        if n < TICKS_PER_BEAT // 2:
+            return None
+        return float(np.median(self._intervals[:n])) * TICKS_PER_BEAT
+
+    @property
+    def bpm(self) -> float | None:
+        spb = self.seconds_per_beat
+        return None if spb is None else 60.0 / spb
+
+    @property
+    def beat(self) -> float:
+        """Beats since song position 0 (fractional by tick)."""
+        return self.ticks / TICKS_PER_BEAT
+
+    @property
+    def bar_phase(self) -> float:
+        """Position inside the bar, 0 <= phase < 1."""
+        return (self.beat / self.beats_per_bar) % 1.0
+
+    def next_grid_time(self, now: float, *, unit_beats: float) -> float:
+        """The time of the next multiple of ``unit_beats`` (e.g. 1 = beat, 4 = bar) after ``now``.
+
+        Falls back to ``now`` when no clock is running.
+        """
+        spb = self.seconds_per_beat
+        if spb is None or self.last_tick_t is None or not self.running:
+            return now
+        beat_at_last_tick = self.beat
+        beat_now = beat_at_last_tick + (now - self.last_tick_t) / spb
+        target = (np.floor(beat_now / unit_beats + 1e-9) + 1) * unit_beats
+        return self.last_tick_t + (target - beat_at_last_tick) * spb

@@ -1,0 +1,71 @@
+"""`cadenza ports` and `cadenza serve`."""
+
+from __future__ import annotations
+
+import asyncio
+
+import rtmidi
+
+from cadenza.cli import add_override
+from cadenza.errors import PortError
+from cadenza.stream import ports
+
+
+def register(groups) -> None:
+    root = groups["root"]
+    p = root.add_parser("ports", help="list MIDI ports per backend")
+    p.set_defaults(func=_ports)
+
+    s = root.add_parser("serve", help="run the live service between MIDI ports")
+    s.add_argument("--mode", choices=["colorize", "continue", "both", "lookahead"], default="colorize", help="colorize velocities, answer phrases, or both (default: colorize)")
+    s.add_argument("--in", dest="in_port", metavar="NAME", help="input port: a virtual port name, or with --attach-in an existing port (name or /regex/)")
+    s.add_argument("--out", dest="out_port", metavar="NAME", help="output port name (virtual, or existing with --attach-out)")
+    s.add_argument("--attach-in", action="store_true", default=None, help="attach to an existing input port instead of creating one")
+    s.add_argument("--attach-out", action="store_true", default=None, help="attach to an existing output port instead of creating one")
+    s.add_argument("--midi-api", choices=["auto", "alsa", "jack", "coremidi", "winmm"], help="MIDI backend (default: auto)")
+    s.add_argument("--velocity-mode", choices=["replace", "blend", "flat-only"], help="how model and player velocities combine")
+    s.add_argument("--strength", type=float, help="blend strength 0-1")
+    s.add_argument("--deadline-ms", type=float, help="per-note model deadline")
+    s.add_argument("--lookahead", type=float, metavar="SECONDS", help="with --mode lookahead: delay output by exactly this much")
+    s.add_argument("--audio", action="store_true", help="also play the output through FluidSynth")
+    s.set_defaults(func=_serve, prepare=_serve_overrides)
+
+
+def _ports(args, settings) -> int:
+    compiled = rtmidi.get_compiled_api()
+    found = False
+    for name in ("alsa", "jack", "coremidi", "winmm"):
+        api = ports._API[name]
+        if api not in compiled:
+            continue
+        try:
+            ports.resolve_api(name)
+        except PortError as exc:
+            print(f"{name}: unavailable ({exc})")
+            continue
+        ins, outs = ports.list_ports(api)
+        found = True
+        print(f"{name}:")
+        print("  inputs (Cadenza can read):  " + (", ".join(repr(p) for p in ins) or "none"))
+        print("  outputs (Cadenza can write): " + (", ".join(repr(p) for p in outs) or "none"))
+    if not found:
+        print(f"no MIDI backend is available; {ports.JACK_HINT}")
+        return 1
+    return 0
+
+
+def _serve_overrides(args) -> None:
+    for key, value in (("in_port", args.in_port), ("out_port", args.out_port), ("attach_in", args.attach_in), ("attach_out", args.attach_out), ("api", args.midi_api)):
+        add_override(args, "midi", key, value)
+    add_override(args, "velocity", "mode", args.velocity_mode)
+    add_override(args, "velocity", "strength", args.strength)
+    add_override(args, "velocity", "deadline_ms", args.deadline_ms)
+    add_override(args, "velocity", "lookahead_s", args.lookahead)
+
+
+def _serve(args, settings) -> int:
+    from cadenza.stream.serve import print_summary, serve
+
+    snapshot = asyncio.run(serve(settings, mode=args.mode, audio=args.audio))
+    print_summary(snapshot)
+    return 0

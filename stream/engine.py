@@ -1,0 +1,320 @@
+"""The engine: one asyncio loop that moves MIDI from sources, through the stages, to sinks.
+
+Sources call :meth:`Engine.deliver` from any thread with ``(arrival time, bytes)``; that is one
+``call_soon_threadsafe``. On the loop, the input queue is bounded: when full, note-ons (and other
+droppable kinds) are dropped and counted; note-offs, controllers (pedal) and clock never are.
+
+The pump drains what is queued, asks the velocity worker for every note-on in one go, waits at
+most until the earliest note's deadline, and emits everything in input order — a controller that
+followed a note-on never overtakes it. Every outgoing message passes the open-note ledger, so
+``panic()`` can always release exactly what is sounding.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol
+
+from cadenza.buffers.clock import MidiClock
+from cadenza.buffers.history import EventHistory
+from cadenza.buffers.ledger import NoteLedger
+from cadenza.buffers.pianoroll import PianoRollWindow
+from cadenza.config.settings import Settings
+from cadenza.stream.messages import NEVER_DROP, Kind, classify
+from cadenza.stream.metrics import Metrics
+from cadenza.stream.scheduler import OutputScheduler
+from cadenza.stream.velocity_stage import MODES, VelocityStage, is_down
+
+log = logging.getLogger(__name__)
+
+
+class Sink(Protocol):
+    name: str
+
+    def send(self, data: bytes) -> None: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass
+class ChannelState:
+    """What the engine remembers of one input channel."""
+
+    history: EventHistory
+    roll: PianoRollWindow
+    pedal: int = 0
+
+
+class Engine:
+    def __init__(self, settings: Settings, *, sinks: list[Sink], velocity_worker: Any | None = None, realtime: bool = True) -> None:
+        self.settings = settings
+        self.sinks = list(sinks)
+        self.metrics = Metrics()
+        self.ledger = NoteLedger()
+        self.clock = MidiClock()
+        self.velocity = VelocityStage(settings.velocity, velocity_worker)
+        self.realtime = realtime
+        self.call_response = None  # set by attach_call_response()
+        self.emit_hooks: list[Callable[[float, bytes, object], None]] = []
+        self._queue: deque = deque()
+        self._wake = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.scheduler: OutputScheduler | None = None
+        self._channels: dict[tuple[int, int], ChannelState] = {}
+        self._control_map = _control_map(settings)
+        self._source_names: dict[int, str] = {}
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    # ---- wiring -----------------------------------------------------------------------------
+
+    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self.scheduler = OutputScheduler(loop, self._emit_scheduled, realtime=self.realtime)
+
+    def deliver(self, t: float, data: bytes, *, source: int = 0, music_t: float | None = None) -> None:
+        """Hand one message to the loop; safe from any thread (the rtmidi callback calls this)."""
+        self._loop.call_soon_threadsafe(self._enqueue, t, data, source, t if music_t is None else music_t)
+
+    def deliver_now(self, t: float, data: bytes, *, source: int = 0, music_t: float | None = None) -> None:
+        """Like :meth:`deliver`, for callers already on the loop thread."""
+        self._enqueue(t, data, source, t if music_t is None else music_t)
+
+    def _enqueue(self, t: float, data: bytes, source: int, music_t: float) -> None:
+        self.metrics.inc("in")
+        kind = classify(data, sysex_max=self.settings.midi.sysex_max_bytes)
+        if kind is None:
+            self.metrics.inc("dropped")
+            self.metrics.inc("dropped_malformed")
+            return
+        if kind is Kind.REALTIME:
+            self.metrics.inc("consumed")
+            return  # active sensing and friends are link-level; not forwarded
+        if len(self._queue) >= self.settings.engine.input_queue and kind not in NEVER_DROP:
+            self.metrics.inc("dropped")
+            self.metrics.inc("dropped_queue_full")
+            return
+        self._queue.append((t, data, kind, source, music_t))
+        self._idle.clear()
+        self._wake.set()
+
+    # ---- the pump ---------------------------------------------------------------------------
+
+    async def _pump(self) -> None:
+        loop = self._loop
+        while True:
+            if not self._queue:
+                self._idle.set()
+                self._wake.clear()
+                await self._wake.wait()
+            batch = []
+            while self._queue and len(batch) < 256:
+                batch.append(self._queue.popleft())
+            self.metrics.gauge("queue_depth", len(self._queue))
+            out: list[list] = []  # [data, future|None, player_velocity, t_arrival, music_t]
+            waiting = []
+            earliest = None
+            for t, data, kind, source, music_t in batch:
+                entry = self._process(t, data, kind, source, music_t)
+                if entry is None:
+                    continue
+                out.append(entry)
+                fut = entry[1]
+                if fut is not None and not is_down(fut):
+                    waiting.append(fut)
+                    earliest = t if earliest is None else min(earliest, t)
+            if waiting:
+                t_submit = loop.time()
+                timeout = max(0.0, earliest + self.velocity.deadline_s - t_submit)
+                await asyncio.wait(waiting, timeout=timeout)
+                self.metrics.observe("model", loop.time() - t_submit)
+            for data, fut, player_vel, t, music_t in out:
+                if fut is not None:
+                    value = None
+                    if not is_down(fut) and fut.done():
+                        value = fut.result()
+                    else:
+                        self.metrics.inc("deadline_miss")
+                    data = bytes((data[0], data[1], self.velocity.combine(player_vel, value)))
+                self._emit(music_t, data, None)
+                self.metrics.observe("internal", time.monotonic() - t)
+
+    def _session(self, source: int, channel: int) -> ChannelState:
+        key = (source, channel)
+        st = self._channels.get(key)
+        if st is None:
+            eng = self.settings.engine
+            st = self._channels[key] = ChannelState(EventHistory(eng.history_events), PianoRollWindow(frame_s=eng.frame_ms / 1000, window_s=eng.window_s))
+        return st
+
+    def _process(self, t: float, data: bytes, kind: Kind, source: int, music_t: float) -> list | None:
+        """Update state for one input message; return its output entry, or None if consumed."""
+        if kind is Kind.CLOCK or kind is Kind.TRANSPORT or (kind is Kind.COMMON and data[0] == 0xF2):
+            self.clock.handle(music_t, data)
+            return [data, None, 0, t, music_t]
+        if kind > Kind.PITCH_BEND:
+            return [data, None, 0, t, music_t]
+        ch = data[0] & 0x0F
+        session = (source, ch)
+        st = self._session(source, ch)
+        st.history.append(music_t, data)
+        cr = self.call_response
+        if kind is Kind.NOTE_ON:
+            self.metrics.inc("note_on")
+            st.roll.note_on(music_t, data[1], data[2])
+            if cr is not None:
+                cr.performer_note_on(music_t)
+            fut = self.velocity.request(session, music_t, data[1], data[2])
+            return [data, fut, data[2], t, music_t]
+        if kind is Kind.NOTE_OFF:
+            st.roll.note_off(music_t, data[1])
+            self.velocity.note_off(session, music_t, data[1])
+            if cr is not None:
+                cr.performer_event(music_t, data, note_off=True)
+            return [data, None, 0, t, music_t]
+        if kind is Kind.CONTROL:
+            handler = self._control_map.get(data[1])
+            ctl_ch = self.settings.controls.channel
+            if handler is not None and (ctl_ch is None or ctl_ch == ch):
+                handler(self, data[2])
+                if self.settings.controls.consume:
+                    self.metrics.inc("consumed")
+                    return None
+            if data[1] == 64:
+                st.pedal = data[2]
+                self.velocity.pedal(session, music_t, data[2])
+                if cr is not None:
+                    cr.performer_event(music_t, data)
+            elif cr is not None and cr.is_end_cc(data):
+                cr.end_call(music_t)
+        return [data, None, 0, t, music_t]
+
+    # ---- output -----------------------------------------------------------------------------
+
+    def _emit(self, music_t: float, data: bytes, tag: object) -> None:
+        for sink in self.sinks:
+            sink.send(data)
+        self.ledger.track(data)
+        self.metrics.inc("out")
+        for hook in self.emit_hooks:
+            hook(music_t, data, tag)
+        if tag is None and self.call_response is not None and (data[0] & 0xF0) == 0x90 and len(data) == 3 and data[2] > 0:
+            self.call_response.feed_output(music_t, data)
+
+    def _emit_scheduled(self, due: float, data: bytes, tag: object) -> None:
+        if tag is not None and self.call_response is not None:
+            data = self.call_response.on_scheduled(data, tag)
+            if data is None:
+                return
+        self._emit(due, data, tag)
+
+    def panic(self, reason: str) -> None:
+        """Release every sounding note (matching note-offs, then CC 123) and cancel responses."""
+        if self.call_response is not None:
+            self.call_response.cancel_response(release=False)
+        owed = self.ledger.release_all()
+        if owed:
+            log.info("panic (%s): releasing %d", reason, sum(1 for d in owed if d[0] & 0xF0 == 0x80))
+        for data in owed:
+            for sink in self.sinks:
+                sink.send(data)
+            for hook in self.emit_hooks:
+                hook(self.now_music(), data, "panic")
+        self.metrics.inc("panics")
+
+    def now_music(self) -> float:
+        return self._loop.time() if self._loop is not None else time.monotonic()
+
+    # ---- background tasks -------------------------------------------------------------------
+
+    async def _stats(self) -> None:
+        interval = self.settings.engine.stats_interval_s
+        if interval <= 0:
+            return
+        while True:
+            await asyncio.sleep(interval)
+            log.info("stats %s", self.metrics.line())
+
+    async def _loop_lag(self) -> None:
+        loop = self._loop
+        while True:
+            t0 = loop.time()
+            await asyncio.sleep(0.01)
+            self.metrics.observe("loop_lag", max(0.0, loop.time() - t0 - 0.01))
+
+    async def _watchdog(self) -> None:
+        worker = self.velocity.worker
+        if worker is None:
+            return
+        while True:
+            await asyncio.sleep(0.02)
+            self.metrics.gauge("worker_queue", worker.queue_depth())
+            if not worker.alive:
+                self.metrics.inc("worker_restarts")
+                log.warning("velocity worker down: releasing notes and restarting it")
+                self.panic("worker crash")
+                worker.restart()
+
+    async def run(self, *extra_tasks: Callable[[], Any]) -> None:
+        """Run until :meth:`stop`; on the way out release every note and stop the workers."""
+        if self._loop is None:
+            self.bind(asyncio.get_running_loop())
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tasks = [
+                    tg.create_task(self._pump(), name="pump"),
+                    tg.create_task(self._stats(), name="stats"),
+                    tg.create_task(self._loop_lag(), name="loop-lag"),
+                    tg.create_task(self._watchdog(), name="watchdog"),
+                ]
+                for make in extra_tasks:
+                    tasks.append(tg.create_task(make(), name=getattr(make, "__name__", "extra")))
+                await self._stop.wait()
+                for task in tasks:
+                    task.cancel()
+        finally:
+            self.shutdown()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def drain(self, timeout: float = 5.0) -> None:
+        """Wait until every queued input message has been processed."""
+        await asyncio.sleep(0)
+        await asyncio.wait_for(self._idle.wait(), timeout)
+
+    def shutdown(self) -> None:
+        if self.scheduler is not None:
+            self.scheduler.close()
+        self.panic("shutdown")
+        if self.call_response is not None:
+            self.call_response.close()
+        worker = self.velocity.worker
+        if worker is not None:
+            worker.stop()
+
+    # ---- performer controls -----------------------------------------------------------------
+
+    def set_mode(self, mode: str) -> None:
+        if mode != self.velocity.mode:
+            self.panic(f"mode switch to {mode}")
+            self.velocity.mode = mode
+
+
+def _control_map(settings: Settings) -> dict[int, Callable[[Engine, int], None]]:
+    c = settings.controls
+    table = {
+        c.strength_cc: lambda e, v: setattr(e.velocity, "strength", v / 127.0),
+        c.mode_cc: lambda e, v: e.set_mode(MODES[min(2, v * 3 // 128)]),
+        c.bypass_cc: lambda e, v: setattr(e.velocity, "bypass", v >= 64),
+        c.panic_cc: lambda e, v: e.panic("panic CC") if v >= 64 else None,
+        c.temperature_cc: lambda e, v: e.call_response and e.call_response.set_temperature(0.2 + 1.6 * v / 127.0),
+        c.length_cc: lambda e, v: e.call_response and e.call_response.set_length(1.0 + 15.0 * v / 127.0),
+        c.continue_cc: lambda e, v: e.call_response and e.call_response.set_enabled(v >= 64),
+    }
+    return {cc: fn for cc, fn in table.items() if cc is not None}

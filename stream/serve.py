@@ -1,0 +1,129 @@
+"""`cadenza serve`: real ports around the engine, signals, port supervision, a summary on exit."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import sys
+from typing import Any
+
+from cadenza.config.settings import Settings
+from cadenza.models.worker import VelocityWorker, pick_device
+from cadenza.stream.engine import Engine
+from cadenza.stream.ports import MidiInputPort, MidiOutputPort, api_name, resolve_api
+
+log = logging.getLogger(__name__)
+
+
+def build_velocity_worker(settings: Settings) -> VelocityWorker:
+    """The causal velocity model in its worker (loaded and warmed up by ``start``)."""
+    from cadenza.models.velocity_causal import load_causal
+    from cadenza.models.velocity_features import LiveVelocityFeatures
+
+    device = pick_device(settings.velocity.device)
+    return VelocityWorker(
+        load_model=lambda: load_causal(settings.velocity.weights, device=device),
+        make_features=LiveVelocityFeatures,
+        max_batch=settings.velocity.max_batch,
+    )
+
+
+def build_call_response(engine: Engine, settings: Settings):
+    from cadenza.stream.call_response import CallResponse
+
+    cr = CallResponse(engine, settings.continuation, settings.controls)
+    engine.call_response = cr
+    return cr
+
+
+class PortSupervisor:
+    """Watches attached ports; on loss releases notes, and reattaches when the port is back."""
+
+    def __init__(self, engine: Engine, inp: MidiInputPort, out: MidiOutputPort, interval: float) -> None:
+        self.engine, self.inp, self.out, self.interval = engine, inp, out, interval
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            self.check()
+
+    def check(self) -> None:
+        inp, out, eng = self.inp, self.out, self.engine
+        if inp.attach:
+            if inp.connected and not inp.present():
+                log.warning("input port %r vanished: releasing its notes", inp.name)
+                inp.close()
+                eng.metrics.inc("port_lost")
+                eng.panic("input port lost")
+            elif not inp.connected and inp.reopen():
+                log.info("input port %r is back", inp.name)
+        if out.attach:
+            if out.connected and not out.present():
+                log.warning("output port %r vanished: its notes will be released when it returns", out.name)
+                out.close()
+                eng.metrics.inc("port_lost")
+            elif not out.connected and out.reopen():
+                log.info("output port %r is back: releasing the notes it had", out.name)
+                eng.panic("output port back")
+
+
+async def serve(settings: Settings, *, mode: str, audio: bool = False, ready=None, install_signals: bool = True) -> dict:
+    """Run the live service until SIGINT/SIGTERM (or ``engine.stop()``); return the final metrics."""
+    loop = asyncio.get_running_loop()
+    api = resolve_api(settings.midi.api)
+    worker = None
+    if mode in ("colorize", "both"):
+        worker = build_velocity_worker(settings)
+        await asyncio.to_thread(worker.start, loop)
+    sinks: list[Any] = []
+    out = MidiOutputPort(api, client_name=settings.midi.client_name, name=settings.midi.out_port, attach=settings.midi.attach_out)
+    sinks.append(out)
+    if audio:
+        from cadenza.stream.audio import AudioSink
+
+        sinks.append(AudioSink(settings.audio))
+    engine = Engine(settings, sinks=sinks, velocity_worker=worker)
+    engine.bind(loop)
+    try:
+        inp = MidiInputPort(api, client_name=settings.midi.client_name, name=settings.midi.in_port, attach=settings.midi.attach_in, deliver=engine.deliver)
+    except BaseException:
+        out.close()
+        if worker is not None:
+            worker.stop()
+        raise
+    tasks = [PortSupervisor(engine, inp, out, settings.midi.reattach_interval_s).run]
+    if mode in ("continue", "both"):
+        cr = build_call_response(engine, settings)
+        await cr.start()
+        tasks.append(cr.run)
+    if install_signals:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, engine.stop)
+    device = getattr(worker, "device", None) or (pick_device(settings.velocity.device) if worker else "-")
+    log.info("listening on %r -> %r (%s, mode %s, model on %s); Ctrl-C to stop", inp.name, out.name, api_name(api), mode, device)
+    if ready is not None:
+        ready(engine)
+    try:
+        await engine.run(*tasks)
+    finally:
+        if install_signals:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+        inp.close()
+        for sink in sinks:
+            sink.close()
+    return engine.metrics.snapshot()
+
+
+def print_summary(snapshot: dict, file=sys.stderr) -> None:
+    c = snapshot["counters"]
+    lat = snapshot["latency"]
+    parts = [f"{c.get('in', 0)} messages in, {c.get('out', 0)} out, {c.get('note_on', 0)} notes", f"{c.get('deadline_miss', 0)} deadline misses", f"{c.get('dropped', 0)} dropped"]
+    for name in ("internal", "model", "loop_lag", "ttfn"):
+        s = lat.get(name)
+        if s and s.get("n"):
+            parts.append(f"{name} p50 {s['p50_ms']:.2f} ms p99 {s['p99_ms']:.2f} ms")
+    print("cadenza: summary: " + "; ".join(parts), file=file)
+    logging.getLogger(__name__).debug("final metrics %s", json.dumps(snapshot))

@@ -1,0 +1,81 @@
+"""The velocity stage: decides the outgoing velocity of each note-on.
+
+It asks the model worker for a prediction and combines it with the player's own velocity by mode:
+``replace`` takes the model's, ``blend`` mixes by ``strength`` (so the player's accents survive),
+``flat-only`` colorizes only while the incoming velocities are constant (a keyboard without
+velocity sensing, a step sequencer). A prediction that misses the deadline is replaced by the
+fallback velocity by the engine; the stage itself never waits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from typing import Any
+
+from cadenza.config.settings import VelocitySettings
+
+MODES = ("replace", "blend", "flat-only")
+
+
+class VelocityStage:
+    def __init__(self, settings: VelocitySettings, worker: Any | None) -> None:
+        self.worker = worker
+        self.mode = settings.mode
+        self.strength = settings.strength
+        self.fallback = settings.fallback_velocity
+        self.deadline_s = settings.deadline_ms / 1000.0
+        self.flat_window = settings.flat_window
+        self.bypass = False
+        self._recent: dict[Any, deque] = {}
+
+    @property
+    def active(self) -> bool:
+        return self.worker is not None and not self.bypass
+
+    def is_flat(self, session: Any, velocity: int) -> bool:
+        recent = self._recent.get(session)
+        if recent is None:
+            recent = self._recent[session] = deque(maxlen=self.flat_window)
+        recent.append(velocity)
+        return len(recent) >= 2 and min(recent) == max(recent)
+
+    def request(self, session: Any, t: float, pitch: int, velocity: int) -> asyncio.Future | None:
+        """Ask the worker for this note's velocity; None when the player's velocity stands as is.
+
+        The worker always sees the note (its recurrent state must follow the music), even when
+        the answer will not be used.
+        """
+        if self.worker is None:
+            return None
+        fut = self.worker.note_on(session, t, pitch) if self.worker.alive else _DOWN
+        flat = self.is_flat(session, velocity)
+        if self.bypass or (self.mode == "flat-only" and not flat):
+            return None
+        return fut
+
+    def combine(self, player: int, model: float | None) -> int:
+        """The outgoing velocity from the player's and the model's (None: missed or down)."""
+        v = float(self.fallback) if model is None else model
+        if self.mode == "blend":
+            v = (1.0 - self.strength) * player + self.strength * v
+        return int(min(127, max(1, round(v))))
+
+    def note_off(self, session: Any, t: float, pitch: int) -> None:
+        if self.worker is not None and self.worker.alive:
+            self.worker.note_off(session, t, pitch)
+
+    def pedal(self, session: Any, t: float, value: int) -> None:
+        if self.worker is not None and self.worker.alive:
+            self.worker.pedal(session, t, value)
+
+
+class _Down:
+    """Marker: the worker is down, use the fallback at once (counted as a miss)."""
+
+
+_DOWN = _Down()
+
+
+def is_down(x: object) -> bool:
+    return x is _DOWN

@@ -1,0 +1,146 @@
+"""A live service on a private JACK server, with a player and a listener attached to it."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+import rtmidi
+
+from cadenza.config.settings import load_settings
+from cadenza.stream.ports import InputPoller
+
+
+class Listener:
+    """Collects everything that arrives on a port, stamped with time.monotonic()."""
+
+    def __init__(self, port_suffix: str, name: str = "listener") -> None:
+        self.midi = rtmidi.MidiIn(rtmidi.API_UNIX_JACK, name)
+        self.midi.ignore_types(sysex=False, timing=False, active_sense=True)
+        ports = self.midi.get_ports()
+        self.midi.open_port(next(i for i, p in enumerate(ports) if p.endswith(port_suffix)))
+        self.got: list[tuple[float, bytes]] = []
+        self._poller = InputPoller(self.midi, lambda t, m: self.got.append((t, m)), name=name)
+
+    def messages(self) -> list[bytes]:
+        return [m for _, m in self.got]
+
+    def wait_for(self, pred, timeout: float = 5.0) -> bool:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if pred(self.messages()):
+                return True
+            time.sleep(0.01)
+        return False
+
+    def close(self) -> None:
+        self._poller.stop()
+        self.midi.close_port()
+        self.midi.delete()
+
+
+class Player:
+    def __init__(self, port_suffix: str, name: str = "player") -> None:
+        self.midi = rtmidi.MidiOut(rtmidi.API_UNIX_JACK, name)
+        ports = self.midi.get_ports()
+        self.midi.open_port(next(i for i, p in enumerate(ports) if p.endswith(port_suffix)))
+
+    def send(self, *msgs) -> None:
+        for m in msgs:
+            self.midi.send_message(list(m))
+
+    def close(self) -> None:
+        self.midi.close_port()
+        self.midi.delete()
+
+
+def sounding(messages: list[bytes]) -> dict[tuple[int, int], int]:
+    """Notes left on after a message stream (note-on count minus note-off count, CC 123 clears)."""
+    on: dict[tuple[int, int], int] = {}
+    for m in messages:
+        kind = m[0] & 0xF0
+        if kind == 0x90 and len(m) == 3 and m[2] > 0:
+            on[(m[0] & 15, m[1])] = on.get((m[0] & 15, m[1]), 0) + 1
+        elif kind in (0x80, 0x90) and len(m) == 3:
+            k = (m[0] & 15, m[1])
+            if on.get(k):
+                on[k] -= 1
+        elif kind == 0xB0 and len(m) == 3 and m[1] == 123:
+            for k in [k for k in on if k[0] == (m[0] & 15)]:
+                on[k] = 0
+    return {k: v for k, v in on.items() if v}
+
+
+class LiveService:
+    """`serve` running in a thread of this process (its own event loop)."""
+
+    def __init__(self, settings, mode: str) -> None:
+        from cadenza.stream.serve import serve
+
+        self.engine = None
+        self.snapshot = None
+        self.error: BaseException | None = None
+        ready = threading.Event()
+
+        def on_ready(engine):
+            self.engine = engine
+            ready.set()
+
+        def run():
+            loop = asyncio.new_event_loop()
+            self.loop = loop
+            try:
+                self.snapshot = loop.run_until_complete(serve(settings, mode=mode, ready=on_ready, install_signals=False))
+            except BaseException as exc:  # surfaced by stop()
+                self.error = exc
+                ready.set()
+            finally:
+                loop.close()
+
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+        assert ready.wait(60), "service did not start"
+        if self.error:
+            raise self.error
+
+    def call(self, fn, *args):
+        """Run fn on the service's loop and return its result."""
+        done = threading.Event()
+        box = {}
+
+        def wrapper():
+            box["r"] = fn(*args)
+            done.set()
+
+        self.loop.call_soon_threadsafe(wrapper)
+        assert done.wait(5)
+        return box.get("r")
+
+    def stop(self) -> dict:
+        if self.engine is not None and self.thread.is_alive():
+            self.loop.call_soon_threadsafe(self.engine.stop)
+        self.thread.join(15)
+        assert not self.thread.is_alive(), "service did not stop"
+        if self.error:
+            raise self.error
+        return self.snapshot
+
+
+@pytest.fixture()
+def live_settings(jack_server):
+    return load_settings(overrides={"midi": {"api": "jack"}, "engine": {"stats_interval_s": 0}, "velocity": {"deadline_ms": 20.0}})
+
+
+@pytest.fixture()
+def colorize_service(live_settings):
+    svc = LiveService(live_settings, "colorize")
+    player = Player("cadenza in")
+    listener = Listener("cadenza out")
+    time.sleep(0.05)
+    yield svc, player, listener
+    player.close()
+    if svc.thread.is_alive():
+        svc.stop()
+    listener.close()
