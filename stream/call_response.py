@@ -109,6 +109,9 @@ class CallResponse:
         self._phrase_end_wall: float | None = None
         self._sounding: set[tuple[int, int]] = set()
         self._ducked = False
+        self._start_t = 0.0
+        self._shift: float | None = None  # first note's sampled delay, removed from the answer
+        self._held: list[tuple[float, bytes]] = []
 
     # ---- lifecycle --------------------------------------------------------------------------
 
@@ -205,6 +208,9 @@ class CallResponse:
         self._cancel = threading.Event()
         self._sounding.clear()
         self._ducked = False
+        self._start_t = start
+        self._shift = None
+        self._held = []
         self._set_state(RESPONDING)
         params = dict(start_t=start, seconds=seconds, temperature=self.temperature, top_k=s.top_k, top_p=s.top_p, seed=s.seed)
         log.debug("call ended at %.3f: responding %.2f s from %.3f", t, seconds, start)
@@ -216,7 +222,18 @@ class CallResponse:
         ch = self._call_channel if self.settings.out_channel is None else self.settings.out_channel
         if msg[0] < 0xF0:
             msg = bytes((msg[0] & 0xF0 | ch,)) + msg[1:]
-        self.engine.scheduler.schedule(t, msg, gen_id)
+        # The answer starts on its start time (the phrase end or the grid), not after a rest the
+        # model happened to sample first: hold events until the first note-on, then shift all.
+        if self._shift is None:
+            self._held.append((t, msg))
+            if msg[0] & 0xF0 != 0x90:
+                return
+            self._shift = t - self._start_t
+            held, self._held = self._held, []
+            for t0, m in held:
+                self.engine.scheduler.schedule(max(self._start_t, t0 - self._shift), m, gen_id)
+            return
+        self.engine.scheduler.schedule(t - self._shift, msg, gen_id)
 
     def on_scheduled(self, data: bytes, tag: object) -> bytes | None:
         """A response event is due: apply ducking, track its notes, stamp time-to-first-note."""

@@ -28,6 +28,7 @@ def register(groups) -> None:
     s.add_argument("--deadline-ms", type=float, help="per-note model deadline")
     s.add_argument("--lookahead", type=float, metavar="SECONDS", help="with --mode lookahead: delay output by exactly this much")
     s.add_argument("--audio", action="store_true", help="also play the output through FluidSynth")
+    s.add_argument("--metrics-json", metavar="FILE", help="write the final metrics here on exit (used by `cadenza bench`)")
     s.set_defaults(func=_serve, prepare=_serve_overrides)
 
 
@@ -68,4 +69,11 @@ def _serve(args, settings) -> int:
 
     snapshot = asyncio.run(serve(settings, mode=args.mode, audio=args.audio))
     print_summary(snapshot)
+    if args.metrics_json:
+        import json
+
+        from cadenza.stream.smf import atomic_path
+
+        with atomic_path(args.metrics_json) as tmp:
+            tmp.write_text(json.dumps(snapshot))
     return 0

@@ -1,0 +1,82 @@
+"""Call and response through real JACK ports, with the shipped phrase model."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from cadenza.config.settings import load_settings
+
+from .conftest import Listener, LiveService, Player, sounding
+
+pytestmark = pytest.mark.jack
+
+STATE_CC = 27  # controls.state_out_cc default
+
+
+def _phrase(player: Player, notes=(60, 62, 64, 65, 67, 65, 64, 62, 60, 64, 67, 72), dur=0.08) -> None:
+    for p in notes:
+        player.send((0x90, p, 80))
+        time.sleep(dur)
+        player.send((0x80, p, 0))
+        time.sleep(0.02)
+
+
+@pytest.fixture()
+def continue_service(jack_server):
+    settings = load_settings(
+        overrides={
+            "midi": {"api": "jack"},
+            "engine": {"stats_interval_s": 0},
+            "continuation": {"silence_ms": 400, "length_mode": "seconds", "response_seconds": 3.0, "seed": 1, "temperature": 1.0},
+        }
+    )
+    svc = LiveService(settings, "continue")
+    player, listener = Player("cadenza in"), Listener("cadenza out")
+    time.sleep(0.05)
+    yield svc, player, listener
+    player.close()
+    if svc.thread.is_alive():
+        svc.stop()
+    listener.close()
+
+
+def _response_note_ons(listener: Listener, after: float) -> list[tuple[float, bytes]]:
+    return [(t, m) for t, m in listener.got if t > after and m[0] & 0xF0 == 0x90 and m[2] > 0]
+
+
+def test_phrase_in_answer_out_without_stuck_notes(continue_service):
+    svc, player, listener = continue_service
+    _phrase(player)
+    t_end = time.monotonic()
+    # The answer starts after the silence (0.4 s) plus the time to its first note.
+    assert listener.wait_for(lambda ms: _response_note_ons(listener, t_end), 5.0), "no answer"
+    first = _response_note_ons(listener, t_end)[0][0]
+    assert first - t_end < 0.4 + 0.6
+    # The state CC reports responding (127), then idle again (0) once the answer has played.
+    assert listener.wait_for(lambda ms: (0xB0, STATE_CC, 0) in [tuple(m) for m in ms[-3:]], 10.0)
+    assert (0xB0, STATE_CC, 127) in [tuple(m) for m in listener.messages()]
+    snap = svc.stop()
+    assert snap["latency"]["ttfn"]["n"] == 1
+    assert sounding(listener.messages()) == {}
+
+
+def test_barge_in_stops_the_answer_and_releases_its_notes(continue_service):
+    svc, player, listener = continue_service
+    _phrase(player, notes=(48, 52, 55, 60, 55, 52, 48, 43))
+    t_end = time.monotonic()
+    assert listener.wait_for(lambda ms: _response_note_ons(listener, t_end), 5.0)
+    time.sleep(0.3)
+    t_barge = time.monotonic()
+    player.send((0x90, 72, 90))  # the performer plays again: the answer yields
+    time.sleep(0.5)
+    assert svc.call(lambda: svc.engine.metrics.counters["barge_in"]) == 1
+    # After the barge-in only the performer's own note may sound.
+    after = [m for t, m in listener.got if t > t_barge + 0.05]
+    assert not [m for m in after if m[0] & 0xF0 == 0x90 and m[2] > 0 and m[1] != 72]
+    assert set(sounding(listener.messages())) == {(0, 72)}
+    player.send((0x80, 72, 0))
+    time.sleep(0.1)
+    svc.stop()
+    assert sounding(listener.messages()) == {}
