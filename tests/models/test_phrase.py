@@ -1,0 +1,174 @@
+"""The phrase model: KV cache == full forward, weights I/O, live call and response, file commands."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from cadenza.errors import MidiFileError, ModelError
+from cadenza.models import tokens as tk
+from cadenza.models.phrase import PhraseConfig, PhraseModel, load_phrase
+from cadenza.models.phrase_live import LivePhrase
+from cadenza.stream.smf import MidiFile, Performance, write_performance
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    torch.set_num_threads(1)
+    return load_phrase()
+
+
+def _tiny(seed=0) -> PhraseModel:
+    torch.manual_seed(seed)
+    return PhraseModel(PhraseConfig(block_size=96, n_layer=2, n_head=2, n_embd=32)).eval()
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_cached_logits_equal_full_forward(static):
+    model = _tiny()
+    x = torch.randint(0, tk.VOCAB_SIZE, (2, 90))
+    with torch.no_grad():
+        full = model(x)
+        cache = model.new_cache(batch=2, static=static)
+        parts = [model(x[:, :37], cache)]  # a prefill chunk, then one token at a time
+        parts += [model(x[:, i : i + 1], cache) for i in range(37, 90)]
+    assert cache.pos == 90
+    torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=1e-4)
+
+
+def test_context_overflow_is_refused():
+    model = _tiny()
+    cache = model.new_cache(max_len=10)
+    with torch.no_grad(), pytest.raises(ValueError):
+        model(torch.zeros(1, 11, dtype=torch.long), cache)
+
+
+def test_weights_round_trip_and_bad_weights(tmp_path):
+    model = _tiny(1)
+    model.save(tmp_path / "p.safetensors", extra={"note": "test"})
+    again = load_phrase(tmp_path / "p.safetensors")
+    x = torch.randint(0, tk.VOCAB_SIZE, (1, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), model(x))
+    assert again.lm_head.weight.data_ptr() == again.wte.weight.data_ptr()  # tie survives loading
+    (tmp_path / "p.safetensors").write_bytes(b"garbage")
+    with pytest.raises(ModelError):
+        load_phrase(tmp_path / "p.safetensors")
+    with pytest.raises(ModelError):
+        load_phrase(tmp_path / "missing.safetensors")
+
+
+def test_shipped_weights_fit_the_limits():
+    from cadenza.models.phrase import DEFAULT_WEIGHTS
+
+    assert DEFAULT_WEIGHTS.stat().st_size <= 16 * 2**20
+    assert load_phrase().num_params() <= 16_000_000
+
+
+def _phrase(live: LivePhrase, t: float = 0.0) -> float:
+    for p in [60, 64, 67, 72, 67, 64, 60, 55]:
+        live.feed(t, bytes([0x90, p, 80]))
+        live.feed(t + 0.2, bytes([0x80, p, 0]))
+        t += 0.25
+    live.feed(t, bytes([0xC0, 5, 0]))  # program change: ignored
+    return t
+
+
+def _check_balanced(events, start_t):
+    times = [t for t, _ in events]
+    assert times == sorted(times) and times[0] >= start_t - 1e-9
+    sounding: set[int] = set()
+    pedal = False
+    for _, m in events:
+        assert len(m) == 3 and m[0] & 0x80 and m[1] < 128 and m[2] < 128
+        if m[0] & 0xF0 == 0x90:
+            assert m[2] > 0 and m[1] not in sounding
+            sounding.add(m[1])
+        elif m[0] & 0xF0 == 0x80:
+            assert m[1] in sounding
+            sounding.discard(m[1])
+        else:
+            assert m[0] & 0xF0 == 0xB0 and m[1] == 64
+            pedal = m[2] >= 64
+    assert not sounding and not pedal
+
+
+def test_feed_and_respond_give_balanced_midi(shipped):
+    live = LivePhrase(shipped)
+    end = _phrase(live)
+    assert live.context_tokens > 16  # already in the cache: nothing left to prefill
+    start = end + 0.6
+    ev = list(live.respond(start_t=start, seconds=4.0, temperature=1.0, top_k=0, top_p=0.95, seed=3))
+    assert any(m[0] & 0xF0 == 0x90 for _, m in ev)
+    _check_balanced(ev, start)
+    assert ev[-1][0] <= start + 4.0 + 1e-9
+    again = LivePhrase(shipped)
+    _phrase(again)
+    assert list(again.respond(start_t=start, seconds=4.0, temperature=1.0, top_k=0, top_p=0.95, seed=3)) == ev  # seeded
+
+
+def test_early_close_leaves_a_consistent_context(shipped):
+    live = LivePhrase(shipped, max_context=200)  # small: sliding happens too
+    t = _phrase(live)
+    for round_ in range(3):
+        gen = live.respond(start_t=t + 0.6, seconds=6.0, temperature=1.0, top_k=20, top_p=1.0, seed=round_)
+        got = [next(gen) for _ in range(3)]
+        gen.close()  # barge-in: the engine releases what it sent
+        barge = got[-1][0] + 0.05
+        live.feed(barge, bytes([0x90, 62, 90]))
+        # the response's notes are closed in the context, the performer's is the only one sounding
+        assert live.stream.sounding == {62}
+        assert live.stream.tick == live.stream.tick_of(barge)
+        live.feed(barge + 0.3, bytes([0x80, 62, 0]))
+        t = barge + 0.3
+        # the context decodes: every generated note in it is balanced
+        assert len(live.hist) >= live.context_tokens
+    ev = list(live.respond(start_t=t + 0.6, seconds=3.0, temperature=1.0, top_k=0, top_p=0.95, seed=9))
+    _check_balanced(ev, t + 0.6)
+    # a stale generator stops once the context has moved on
+    gen = live.respond(start_t=t + 5, seconds=3.0, temperature=1.0, top_k=0, top_p=1.0, seed=1)
+    live.feed(t + 4.0, bytes([0x90, 40, 70]))
+    assert list(gen) == []
+
+
+def test_unconditioned_generation_writes_valid_midi(tmp_path):
+    from cadenza.models.phrase_files import generate_file
+
+    out = tmp_path / "gen.mid"
+    n = generate_file(out, seconds=4.0, temperature=1.0, top_k=0, top_p=0.95, seed=0)
+    perf = MidiFile.load(out).performance
+    assert n == len(perf) > 0
+    assert perf.end <= 4.0 + 0.02 and np.all(perf.offset >= perf.onset)
+
+
+def test_continue_keeps_the_input_and_appends(tmp_path):
+    from cadenza.models.phrase_files import continue_file
+
+    rng = np.random.default_rng(1)
+    on = np.arange(24) * 0.25
+    perf = Performance(on, on + 0.2, rng.integers(55, 80, 24).astype(np.int16), np.full(24, 70, np.int16), np.zeros(24, np.int8))
+    write_performance(perf, tmp_path / "in.mid")
+    src = (tmp_path / "in.mid").read_bytes()
+    n = continue_file(tmp_path / "in.mid", tmp_path / "out.mid", seconds=3.0, temperature=1.0, top_k=0, top_p=0.95, seed=0)
+    out = (tmp_path / "out.mid").read_bytes()
+    assert out[14:len(src)] == src[14:]  # every original track byte kept
+    assert int.from_bytes(out[10:12], "big") == int.from_bytes(src[10:12], "big") + 1
+    both = MidiFile.load(tmp_path / "out.mid").performance
+    assert len(both) == len(perf) + n and n > 0
+    new = both.onset >= perf.offset.max() - 1e-6
+    assert new.sum() >= n and both.offset.max() <= perf.offset.max() + 3.0 + 0.02
+
+
+def test_corrupt_input_gives_one_line_error_and_no_output(tmp_path):
+    from cadenza.cli import main
+
+    bad = tmp_path / "bad.mid"
+    bad.write_bytes(b"MThd\x00\x00\x00\x06\x00\x01\x00\x02\x01\xe0MTrk\x00\x00\x01\x00\x00\x90")
+    with pytest.raises(MidiFileError):
+        from cadenza.models.phrase_files import continue_file
+
+        continue_file(bad, tmp_path / "o.mid", seconds=2, temperature=1, top_k=0, top_p=1, seed=0)
+    assert main(["continue", str(bad), "-o", str(tmp_path / "o.mid"), "--seconds", "2"]) == 2
+    assert main(["generate", "-o", str(tmp_path / "g.mid"), "--seconds", "-1"]) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.mid"]
