@@ -24,6 +24,7 @@ from cadenza.buffers.history import EventHistory
 from cadenza.buffers.ledger import NoteLedger
 from cadenza.buffers.pianoroll import PianoRollWindow
 from cadenza.config.settings import Settings
+from cadenza.stream.lookahead import LookaheadNote
 from cadenza.stream.messages import NEVER_DROP, Kind, classify
 from cadenza.stream.metrics import Metrics
 from cadenza.stream.scheduler import OutputScheduler
@@ -58,7 +59,8 @@ class Engine:
         self.clock = MidiClock()
         self.velocity = VelocityStage(settings.velocity, velocity_worker)
         self.realtime = realtime
-        self.call_response = None  # set by attach_call_response()
+        self.call_response = None  # set by serve for --mode continue|both
+        self.lookahead = None  # a LookaheadStage for --mode lookahead
         self.emit_hooks: list[Callable[[float, bytes, object], None]] = []
         self._queue: deque = deque()
         self._wake = asyncio.Event()
@@ -163,6 +165,9 @@ class Engine:
         session = (source, ch)
         st = self._session(source, ch)
         st.history.append(music_t, data)
+        if self.lookahead is not None and not self._is_control(data, kind, ch):
+            self._delay(t, data, kind, session, music_t)
+            return None
         cr = self.call_response
         if kind is Kind.NOTE_ON:
             self.metrics.inc("note_on")
@@ -194,6 +199,24 @@ class Engine:
                 cr.end_call(music_t)
         return [data, None, 0, t, music_t]
 
+    def _is_control(self, data: bytes, kind: Kind, ch: int) -> bool:
+        ctl_ch = self.settings.controls.channel
+        return kind is Kind.CONTROL and data[1] in self._control_map and (ctl_ch is None or ctl_ch == ch)
+
+    def _delay(self, t: float, data: bytes, kind: Kind, session, music_t: float) -> None:
+        """Lookahead mode: everything leaves exactly S after it came in; note-ons get the
+        full-context model's velocity when they are due."""
+        la = self.lookahead
+        tag = None
+        if kind is Kind.NOTE_ON:
+            self.metrics.inc("note_on")
+            tag = la.note_on(session, music_t, data[1])
+        elif kind is Kind.NOTE_OFF:
+            la.note_off(session, music_t, data[1])
+        elif kind is Kind.CONTROL and data[1] == 64:
+            la.pedal(session, music_t, data[2])
+        self.scheduler.schedule(t + la.seconds, data, tag)
+
     # ---- output -----------------------------------------------------------------------------
 
     def _emit(self, music_t: float, data: bytes, tag: object) -> None:
@@ -207,7 +230,13 @@ class Engine:
             self.call_response.feed_output(music_t, data)
 
     def _emit_scheduled(self, due: float, data: bytes, tag: object) -> None:
-        if tag is not None and self.call_response is not None:
+        if isinstance(tag, LookaheadNote):
+            value = self.lookahead.resolve(tag)
+            if value is None:
+                self.metrics.inc("deadline_miss")
+            data = bytes((data[0], data[1], self.velocity.combine(data[2], value)))
+            tag = None
+        elif tag is not None and self.call_response is not None:
             data = self.call_response.on_scheduled(data, tag)
             if data is None:
                 return
@@ -297,6 +326,8 @@ class Engine:
         worker = self.velocity.worker
         if worker is not None:
             worker.stop()
+        if self.lookahead is not None:
+            self.lookahead.stop()
 
     # ---- performer controls -----------------------------------------------------------------
 

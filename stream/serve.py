@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import signal
@@ -10,6 +11,7 @@ import sys
 from typing import Any
 
 from cadenza.config.settings import Settings
+from cadenza.errors import ConfigError
 from cadenza.models.worker import VelocityWorker, pick_device
 from cadenza.stream.engine import Engine
 from cadenza.stream.ports import MidiInputPort, MidiOutputPort, api_name, resolve_api
@@ -28,6 +30,18 @@ def build_velocity_worker(settings: Settings) -> VelocityWorker:
         make_features=LiveVelocityFeatures,
         max_batch=settings.velocity.max_batch,
     )
+
+
+def build_lookahead(settings: Settings):
+    from cadenza.models.velocity_context import load_context
+    from cadenza.models.velocity_features import LiveVelocityFeatures
+    from cadenza.stream.lookahead import LookaheadStage
+
+    seconds = settings.velocity.lookahead_s
+    if seconds <= 0:
+        raise ConfigError("--mode lookahead needs a lookahead > 0 s (--lookahead SECONDS or velocity.lookahead_s)")
+    device = pick_device(settings.velocity.device)
+    return LookaheadStage(seconds=seconds, load_model=lambda: load_context(settings.velocity.context_weights, device=device), make_features=LiveVelocityFeatures)
 
 
 def build_call_response(engine: Engine, settings: Settings):
@@ -70,51 +84,52 @@ class PortSupervisor:
 
 
 async def serve(settings: Settings, *, mode: str, audio: bool = False, ready=None, install_signals: bool = True) -> dict:
-    """Run the live service until SIGINT/SIGTERM (or ``engine.stop()``); return the final metrics."""
+    """Run the live service until SIGINT/SIGTERM (or ``engine.stop()``); return the final metrics.
+
+    Whatever was opened is closed again on every way out, failed starts included.
+    """
     loop = asyncio.get_running_loop()
     api = resolve_api(settings.midi.api)
-    worker = None
-    if mode in ("colorize", "both"):
-        worker = build_velocity_worker(settings)
-        await asyncio.to_thread(worker.start, loop)
-    sinks: list[Any] = []
-    out = MidiOutputPort(api, client_name=settings.midi.client_name, name=settings.midi.out_port, attach=settings.midi.attach_out)
-    sinks.append(out)
-    if audio:
-        from cadenza.stream.audio import AudioSink
+    with contextlib.ExitStack() as opened:
+        worker = lookahead = None
+        if mode in ("colorize", "both"):
+            worker = build_velocity_worker(settings)
+            await asyncio.to_thread(worker.start, loop)
+            opened.callback(worker.stop)
+        if mode == "lookahead":
+            lookahead = build_lookahead(settings)
+            await asyncio.to_thread(lookahead.start, loop)
+            opened.callback(lookahead.stop)
+        out = MidiOutputPort(api, client_name=settings.midi.client_name, name=settings.midi.out_port, attach=settings.midi.attach_out)
+        opened.callback(out.close)
+        sinks: list[Any] = [out]
+        if audio:
+            from cadenza.stream.audio_sink import AudioSink
 
-        sinks.append(AudioSink(settings.audio))
-    engine = Engine(settings, sinks=sinks, velocity_worker=worker)
-    engine.bind(loop)
-    try:
+            sink = AudioSink(settings.audio)
+            opened.callback(sink.close)
+            sinks.append(sink)
+        engine = Engine(settings, sinks=sinks, velocity_worker=worker)
+        engine.bind(loop)
+        engine.lookahead = lookahead
         inp = MidiInputPort(api, client_name=settings.midi.client_name, name=settings.midi.in_port, attach=settings.midi.attach_in, deliver=engine.deliver)
-    except BaseException:
-        out.close()
-        if worker is not None:
-            worker.stop()
-        raise
-    tasks = [PortSupervisor(engine, inp, out, settings.midi.reattach_interval_s).run]
-    if mode in ("continue", "both"):
-        cr = build_call_response(engine, settings)
-        await cr.start()
-        tasks.append(cr.run)
-    if install_signals:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, engine.stop)
-    device = getattr(worker, "device", None) or (pick_device(settings.velocity.device) if worker else "-")
-    log.info("listening on %r -> %r (%s, mode %s, model on %s); Ctrl-C to stop", inp.name, out.name, api_name(api), mode, device)
-    if ready is not None:
-        ready(engine)
-    try:
-        await engine.run(*tasks)
-    finally:
+        opened.callback(inp.close)  # closed before the output
+        tasks = [PortSupervisor(engine, inp, out, settings.midi.reattach_interval_s).run]
+        if mode in ("continue", "both"):
+            cr = build_call_response(engine, settings)
+            await cr.start()
+            opened.callback(cr.close)
+            tasks.append(cr.run)
         if install_signals:
             for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.remove_signal_handler(sig)
-        inp.close()
-        for sink in sinks:
-            sink.close()
-    return engine.metrics.snapshot()
+                loop.add_signal_handler(sig, engine.stop)
+                opened.callback(loop.remove_signal_handler, sig)
+        device = pick_device(settings.velocity.device) if (worker or lookahead) else "-"
+        log.info("listening on %r -> %r (%s, mode %s, model on %s); Ctrl-C to stop", inp.name, out.name, api_name(api), mode, device)
+        if ready is not None:
+            ready(engine)
+        await engine.run(*tasks)
+        return engine.metrics.snapshot()
 
 
 def print_summary(snapshot: dict, file=sys.stderr) -> None:

@@ -132,14 +132,16 @@ def test_sigterm_mid_chord_releases_every_note(jack_server, tmp_path):
                 break
             except StopIteration:
                 time.sleep(0.2)
-        assert player is not None, "serve did not open its ports"
+        assert player is not None, f"serve did not open its ports: {proc.poll()} {proc.stderr.read() if proc.poll() is not None else ''}"
         time.sleep(0.2)
         player.send((0x90, 48, 64), (0x90, 52, 64), (0x90, 55, 64), (0x90, 60, 64))
         assert listener.wait_for(lambda ms: len(sounding(ms)) == 4)
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(20) == 0
-        assert listener.wait_for(lambda ms: sounding(ms) == {}, 2), "notes left sounding after SIGTERM"
-        assert "summary" in proc.stderr.read()
+        code = proc.wait(20)
+        err = proc.stderr.read()
+        assert code == 0, err
+        assert listener.wait_for(lambda ms: sounding(ms) == {}, 2), f"notes left sounding after SIGTERM: {sounding(listener.messages())}"
+        assert "summary" in err
     finally:
         if proc.poll() is None:
             proc.kill()
