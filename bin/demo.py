@@ -87,6 +87,7 @@ async def _demo(settings, source_path: Path, out: Path, *, realtime: bool, audio
         end_t = await FileSource(events, realtime=realtime).play(engine)
         await engine.drain()
         if not realtime:
+            await cr.worker.caught_up()
             cr.end_call(end_t + settings.continuation.silence_ms / 1000)
         # Wait for the phrase end, the response, and its last note.
         await _wait_until(lambda: cr.state == 0 and recorder_has_response(recorder), timeout=seconds + 30)

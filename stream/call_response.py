@@ -25,7 +25,7 @@ from cadenza.config.settings import ContinueSettings, ControlSettings
 log = logging.getLogger(__name__)
 
 IDLE, LISTENING, RESPONDING = 0, 64, 127
-_FEED, _RESPOND, _STOP, _RESET = range(4)
+_FEED, _RESPOND, _STOP, _SYNC = range(4)
 
 
 class PhraseWorker:
@@ -51,6 +51,13 @@ class PhraseWorker:
     def respond(self, gen_id: int, cancel: threading.Event, params: dict, on_event, on_done) -> None:
         self._queue.put((_RESPOND, gen_id, (cancel, params, on_event, on_done)))
 
+    async def caught_up(self) -> None:
+        """Wait until everything fed so far has been through the model (for file playback,
+        which feeds faster than real time; live input never gets ahead of it)."""
+        fut = self._loop.create_future()
+        self._queue.put((_SYNC, fut, None))
+        await fut
+
     def stop(self) -> None:
         if self._thread is not None and self._thread.is_alive():
             self._queue.put((_STOP, None, None))
@@ -69,6 +76,8 @@ class PhraseWorker:
             try:
                 if kind == _FEED:
                     self.live.feed(a, b)
+                elif kind == _SYNC:
+                    post(a.set_result, None)
                 elif kind == _RESPOND:
                     cancel, params, on_event, on_done = b
                     gen = self.live.respond(**params)

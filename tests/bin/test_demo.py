@@ -1,0 +1,54 @@
+"""`cadenza demo --fast` end to end: shipped excerpt, shipped weights, live engine, all files."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import wave
+
+import numpy as np
+import pytest
+
+from cadenza.stream.smf import MidiFile
+
+pytestmark = [pytest.mark.fluidsynth, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def demo_out(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    r = subprocess.run([sys.executable, "-m", "cadenza", "--log-level", "warning", "demo", "--fast", "--out", str(out), "--continue-seconds", "6"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    return out, r.stdout
+
+
+def test_demo_writes_every_file(demo_out):
+    out, stdout = demo_out
+    for name in ("input_flat.mid", "colorized.mid", "continuation.mid", "result.wav", "pianoroll.png", "summary.txt"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    assert not [p for p in out.iterdir() if p.name.startswith(".")], "temporary files left behind"
+    assert (out / "pianoroll.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "notes processed:        128" in stdout
+    assert stdout == (out / "summary.txt").read_text()
+
+
+def test_colorized_keeps_the_notes_and_changes_velocities(demo_out):
+    out, _ = demo_out
+    flat = MidiFile.load(out / "input_flat.mid").performance
+    col = MidiFile.load(out / "colorized.mid").performance
+    assert set(flat.velocity.tolist()) == {64}
+    assert np.array_equal(flat.onset, col.onset) and np.array_equal(flat.pitch, col.pitch) and np.array_equal(flat.offset, col.offset)
+    assert col.velocity.std() > 3 and col.velocity.min() >= 1 and col.velocity.max() <= 127
+
+
+def test_continuation_and_audio(demo_out):
+    out, _ = demo_out
+    cont = MidiFile.load(out / "continuation.mid").performance
+    assert len(cont) > 0 and cont.end <= 6.0 + 0.05
+    flat = MidiFile.load(out / "input_flat.mid").performance
+    with wave.open(str(out / "result.wav")) as w:
+        seconds = w.getnframes() / w.getframerate()
+        audio = np.frombuffer(w.readframes(w.getnframes()), np.int16)
+    # excerpt + silence before the answer + answer + render tail, give or take
+    assert flat.end + 1.0 < seconds < flat.end + 6.0 + 4.0
+    assert np.abs(audio).max() > 1000
