@@ -40,6 +40,7 @@ class LivePhrase:
         self.model = model
         self.max_context = min(max_context or model.config.block_size, model.config.block_size)
         self.keep = max(1, min(keep or self.max_context * 3 // 4, self.max_context - 1))
+        self.reserve = min(64, (self.max_context - self.keep) // 2)  # slots kept free for a response's start
         self.cache = model.new_cache(max_len=self.max_context)
         self.device = model.wte.weight.device
         self._gen = 0
@@ -75,16 +76,8 @@ class LivePhrase:
             self._push(toks)
 
     def _tokens_for(self, t: float, msg: bytes) -> list[int]:
-        if len(msg) < 3:
-            return []
-        kind = msg[0] & 0xF0
-        if kind == 0x90 and msg[2] > 0:
-            ev = (tk.ON, msg[1], msg[2])
-        elif kind in (0x80, 0x90):
-            ev = (tk.OFF, msg[1], 0)
-        elif kind == 0xB0 and msg[1] == 64:
-            ev = (tk.PEDAL, 0, msg[2])
-        else:
+        ev = tk.message_event(msg)
+        if ev is None:
             return []
         self._gen += 1  # a response generator still open stops at its next step
         if self.stream.t0 is None:
@@ -153,9 +146,12 @@ class LivePhrase:
             self.cache.reset()
             self._forward(self.hist[-self.keep :])
 
-    def _push(self, toks: list[int]) -> None:
+    def _push(self, toks: list[int], *, played: bool = True) -> None:
+        """Append tokens to the context. For played input the cache slides early, while fewer
+        than ``reserve`` slots are free, so that a response never starts with a re-prefill."""
         self.hist.extend(toks)
-        if self.cache.pos + len(toks) > self.max_context:  # slide: re-prefill the recent past
+        free = self.cache.free - len(toks)
+        if free < 0 or (played and free < self.reserve):  # slide: re-prefill the recent past
             self.cache.reset()
             self._forward(self.hist[-max(self.keep, min(len(toks), self.max_context)) :])
         else:
@@ -170,7 +166,7 @@ class LivePhrase:
     @torch.inference_mode()
     def _forward(self, toks: list[int]) -> None:
         idx = torch.tensor([toks], dtype=torch.long, device=self.device)
-        self._logits = self.model(idx, self.cache, last_only=True)[0, -1].float()
+        self._logits = self.model(idx, self.cache, last_only=True)[0, -1].float().cpu()
 
     # ---- response -----------------------------------------------------------------------------
     def respond(self, *, start_t: float, seconds: float, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
@@ -198,7 +194,7 @@ class LivePhrase:
         end_tick = st.tick_of(start_t + seconds)
         shift = st.advance_to(tick)
         if shift:
-            self._push(shift)
+            self._push(shift, played=False)
         resp = {"start": len(self.hist), "stream": st.copy(), "mine": set(), "pedal": False}
         self._resp = resp
         mine: set[int] = resp["mine"]
@@ -225,7 +221,7 @@ class LivePhrase:
             if tk.SHIFT0 <= tok < tk.VEL0 and st.tick + tok - tk.SHIFT0 + 1 > end_tick:
                 break  # the model's next event lies past the end: stop without it
             ev = st.apply(tok)
-            self._push([tok])
+            self._push([tok], played=False)
             if ev is None:
                 continue
             t = st.time_of(ev.tick)

@@ -173,6 +173,20 @@ class TokenStream:
         return Event(self.tick, PEDAL, 0, 127 if down else 0)
 
 
+def message_event(msg: bytes) -> tuple[str, int, int] | None:
+    """(kind, pitch, value) of a raw MIDI message the tokens know (note on/off, CC64), else None."""
+    if len(msg) < 3:
+        return None
+    kind = msg[0] & 0xF0
+    if kind == 0x90 and msg[2] > 0:
+        return ON, msg[1], msg[2]
+    if kind in (0x80, 0x90):
+        return OFF, msg[1], 0
+    if kind == 0xB0 and msg[1] == 64:
+        return PEDAL, 0, msg[2]
+    return None
+
+
 def performance_events(perf: Performance) -> list[tuple[float, int, str, int, int]]:
     """(time, order, kind, pitch, value) for every note edge and pedal change, in stream order.
 

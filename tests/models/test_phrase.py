@@ -172,3 +172,16 @@ def test_corrupt_input_gives_one_line_error_and_no_output(tmp_path):
     assert main(["continue", str(bad), "-o", str(tmp_path / "o.mid"), "--seconds", "2"]) == 2
     assert main(["generate", "-o", str(tmp_path / "g.mid"), "--seconds", "-1"]) == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.mid"]
+
+
+def test_bench_cached_and_naive_generate_the_same_tokens():
+    from cadenza.models.phrase_bench import _cached, _naive, synthetic_prompt
+
+    model = _tiny(2)
+    prompt = synthetic_prompt(40)
+    assert len(prompt) == 40 and prompt[0] == tk.BOS
+    _, slides, a = _cached(model, prompt, 30, torch.Generator().manual_seed(5))
+    _, b = _naive(model, prompt, 30, torch.Generator().manual_seed(5))
+    assert slides == 0 and a == b  # the cache changes the speed, not the result
+    _, slides, _ = _cached(model, prompt, 80, torch.Generator().manual_seed(5))
+    assert slides >= 1  # 40 + 80 > block 96: the cache slid and generation went on
