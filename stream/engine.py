@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -293,6 +294,11 @@ class Engine:
         """Run until :meth:`stop`; on the way out release every note and stop the workers."""
         if self._loop is None:
             self.bind(asyncio.get_running_loop())
+        # The loop, the input poller and the model workers are threads of one process. CPython
+        # lets a busy thread keep the GIL for 5 ms before handing it over — longer than a note's
+        # deadline — so ask for handovers every 0.25 ms while the engine runs.
+        old_switch = sys.getswitchinterval()
+        sys.setswitchinterval(min(old_switch, 0.00025))
         try:
             async with asyncio.TaskGroup() as tg:
                 tasks = [
@@ -307,6 +313,7 @@ class Engine:
                 for task in tasks:
                     task.cancel()
         finally:
+            sys.setswitchinterval(old_switch)
             self.shutdown()
 
     def stop(self) -> None:
