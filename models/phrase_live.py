@@ -187,16 +187,17 @@ class LivePhrase:
             return
         gen = torch.Generator(device="cpu")
         gen.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, (1,)).item()))
-        st = self.stream
-        if st.t0 is None:
-            st.t0 = start_t
-        tick = self._settle(st.tick_of(start_t))
+        if self.stream.t0 is None:
+            self.stream.t0 = start_t
+        tick = self._settle(self.stream.tick_of(start_t))
+        st = self.stream  # (settling may have replaced it)
         end_tick = st.tick_of(start_t + seconds)
+        # the response, for a later cut, starts before the silence leading to it
+        resp = {"start": len(self.hist), "stream": st.copy(), "mine": set(), "pedal": False}
+        self._resp = resp
         shift = st.advance_to(tick)
         if shift:
             self._push(shift, played=False)
-        resp = {"start": len(self.hist), "stream": st.copy(), "mine": set(), "pedal": False}
-        self._resp = resp
         mine: set[int] = resp["mine"]
         may_pedal = not st.pedal  # never release a pedal the performer is holding
         mask = torch.zeros(tk.VOCAB_SIZE)

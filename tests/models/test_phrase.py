@@ -126,6 +126,17 @@ def test_early_close_leaves_a_consistent_context(shipped):
         assert len(live.hist) >= live.context_tokens
     ev = list(live.respond(start_t=t + 0.6, seconds=3.0, temperature=1.0, top_k=0, top_p=0.95, seed=9))
     _check_balanced(ev, t + 0.6)
+    # closed early, then answered again at once (no feed between): the new answer replaces the
+    # unheard rest of the old one in the context
+    gen = live.respond(start_t=t + 5.0, seconds=6.0, temperature=1.0, top_k=20, top_p=1.0, seed=4)
+    got = [next(gen) for _ in range(4)]
+    gen.close()
+    again = got[-1][0] + 0.02
+    ev = list(live.respond(start_t=again, seconds=2.0, temperature=1.0, top_k=0, top_p=0.95, seed=5))
+    _check_balanced(ev, again)
+    assert live.stream.sounding == set()
+    if ev:
+        assert live.stream.tick == live.stream.tick_of(ev[-1][0])  # the context is where the answer ended
     # a stale generator stops once the context has moved on
     gen = live.respond(start_t=t + 5, seconds=3.0, temperature=1.0, top_k=0, top_p=1.0, seed=1)
     live.feed(t + 4.0, bytes([0x90, 40, 70]))
