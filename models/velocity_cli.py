@@ -1,0 +1,93 @@
+"""Commands for the velocity models: train, eval, colorize, bench colorize."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+MODELS = ("causal", "context", "unet")
+
+
+def register(groups: dict) -> None:
+    p = groups["train"].add_parser("velocity", help="train a velocity model on MAESTRO (train split, selected on validation)")
+    p.add_argument("--model", choices=MODELS, default="causal", help="causal = live GRU; context = lookahead/offline; unet = the paper's baseline")
+    p.add_argument("--epochs", type=int, default=100, help="upper bound; --minutes usually ends training first")
+    p.add_argument("--minutes", type=float, default=20.0, help="wall-clock budget; the learning rate anneals to it")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (the machine is shared: 1 by default)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--seq-len", type=int, default=256, help="notes per training segment")
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--hidden", type=int, default=256, help="GRU width")
+    p.add_argument("--epoch-notes", type=int, default=2_000_000, help="notes per epoch (validation after each)")
+    p.add_argument("--init", type=Path, help="start from these weights (e.g. the causal model for --model context)")
+    p.add_argument("--freeze-backbone", action="store_true", help="context: keep the --init backbone fixed, train the readout only")
+    p.add_argument("--limit", type=int, help="use only the first N training pieces (smoke tests)")
+    p.add_argument("-o", "--out", type=Path, help="weights file (default: models/weights/velocity_<model>.safetensors)")
+    p.set_defaults(func=run_train)
+
+    p = groups["eval"].add_parser("velocity", help="evaluate velocity models on flat-velocity MAESTRO performances")
+    p.add_argument("--split", choices=("test", "validation"), default="test")
+    p.add_argument("--model", choices=MODELS + ("all",), default="all")
+    p.add_argument("--limit", type=int, help="only the first N pieces of the split")
+    p.add_argument("--no-sweep", action="store_true", help="skip the lookahead sweep")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.set_defaults(func=run_eval)
+
+    p = groups["root"].add_parser("colorize", help="give flat-velocity MIDI files human velocities (note-on velocities only)")
+    p.add_argument("inputs", nargs="+", type=Path, metavar="IN", help="MIDI files or directories")
+    p.add_argument("-o", "--out", type=Path, required=True, help="output file, or directory when several inputs or a directory are given")
+    p.add_argument("--mode", choices=("causal", "lookahead", "offline"), default="offline")
+    p.add_argument("--lookahead", type=float, help="seconds of future the model may see in --mode lookahead (default: velocity.lookahead_s or 1)")
+    p.add_argument("--plot", type=Path, metavar="OUT.png", help="piano roll coloured by velocity (single input only)")
+    p.add_argument("--workers", type=int, default=1, help="worker processes for many files")
+    p.set_defaults(func=run_colorize)
+
+    p = groups["bench"].add_parser("colorize", help="time colorizing the MAESTRO test split on this machine")
+    p.add_argument("--limit", type=int, help="only the first N test pieces")
+    p.add_argument("--workers", type=int, default=2, help="processes")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=run_bench)
+
+
+def run_train(args: argparse.Namespace, settings) -> int:
+    if args.model == "unet":
+        import sys
+
+        from .train_unet import train_unet  # engineer D's trainer: the paper's baseline
+
+        m = train_unet(maestro=settings.data.maestro, minutes=args.minutes, threads=args.threads, seed=args.seed,
+                       epochs=args.epochs, command=" ".join(["cadenza"] + sys.argv[1:]),
+                       **({"out_dir": args.out.parent} if args.out else {}))
+        print(json.dumps({k: v for k, v in m.items() if not isinstance(v, list)}, default=str))
+        return 0
+    from .train_velocity import train_velocity
+
+    m = train_velocity(
+        args.model, settings.data.maestro, epochs=args.epochs, minutes=args.minutes, threads=args.threads,
+        seed=args.seed, batch=args.batch, seq_len=args.seq_len, lr=args.lr, limit=args.limit, out=args.out,
+        init=args.init, hidden=args.hidden, epoch_notes=args.epoch_notes, freeze=args.freeze_backbone,
+    )
+    print(f"best validation per-piece MAE {m['val_piece_mae']:.3f} (epoch {m['best_epoch']})")
+    return 0
+
+
+def run_eval(args: argparse.Namespace, settings) -> int:
+    from .eval_velocity import evaluate, format_table
+
+    res = evaluate(settings.data.maestro, args.split, args.model, limit=args.limit, sweep=not args.no_sweep)
+    print(json.dumps(res) if args.json else format_table(res))
+    return 0
+
+
+def run_colorize(args: argparse.Namespace, settings) -> int:
+    from .colorize import colorize_cli
+
+    return colorize_cli(args, settings)
+
+
+def run_bench(args: argparse.Namespace, settings) -> int:
+    from .colorize import bench_colorize
+
+    return bench_colorize(args, settings)

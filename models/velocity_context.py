@@ -1,0 +1,175 @@
+"""The full-context velocity model: causal GRU backbone + a horizon-masked attention readout.
+
+Note i's velocity may depend on notes with onset <= t_i + S (S = the lookahead; inf offline).
+Stacking attention layers with such a mask leaks (i sees j, j saw t_j + S, ...), so only the
+backbone is recurrent — and strictly causal, so each state h_j depends on notes up to j alone —
+and one readout layer attends, for note i, over the states of its neighbours j in
+[i - PAST, i + FUTURE] with onset <= t_i + S. Pairwise features give the readout what is known
+at the horizon: relative time and pitch, and each neighbour's duration cut at t_i + S (a key
+still held at the horizon looks the same whatever its real length). One set of weights serves
+every lookahead: training draws S per segment from ``LOOKAHEADS_TRAIN``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from cadenza.errors import ModelError
+from cadenza.stream.smf import Performance
+
+from .velocity_features import N_FEATURES, causal_features
+from .velocity_weights import load_weights, weights_path
+
+LOOKAHEADS_TRAIN = np.array([0.0, 0.1, 0.25, 0.5, 1.0, 2.0, math.inf, math.inf])
+N_PAIR = 11
+
+
+@dataclass
+class ContextConfig:
+    n_features: int = N_FEATURES
+    hidden: int = 256
+    head: int = 128
+    dim: int = 64  # attention width
+    heads: int = 4
+    past: int = 24  # neighbours looked at, notes back
+    future: int = 40  # and forward
+
+
+class ContextVelocityModel(nn.Module):
+    def __init__(self, cfg: ContextConfig = ContextConfig()):
+        super().__init__()
+        self.cfg = cfg
+        self.n_features = cfg.n_features
+        H, D = cfg.hidden, cfg.dim
+        self.register_buffer("feat_mean", torch.zeros(cfg.n_features))
+        self.register_buffer("feat_std", torch.ones(cfg.n_features))
+        # Same names as the causal model, so its weights can initialise the backbone.
+        self.inp = nn.Linear(cfg.n_features, H)
+        self.gru = nn.GRU(H, H, batch_first=True)
+        self.kv = nn.Linear(H, 2 * D)
+        self.pair_bias = nn.Linear(N_PAIR, cfg.heads)  # linear: a per-pair MLP costs more than the rest
+        self.q = nn.Linear(2 * H, D)
+        self.out = nn.Sequential(nn.Linear(2 * H + D + cfg.heads * N_PAIR, cfg.head), nn.GELU(), nn.Linear(cfg.head, 1))
+
+    def backbone(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, T, F) -> (states (B, T, H), embeddings (B, T, H)); causal."""
+        e = torch.relu(self.inp((x - self.feat_mean) / self.feat_std))
+        h, _ = self.gru(e)
+        return h, e
+
+    def readout(self, h, e, onset, offset, pitch, seconds, lo: int = 0, hi: int | None = None) -> torch.Tensor:
+        """Velocities (B, hi-lo) of notes lo..hi-1, from states (B, T, H) and note arrays (B, T).
+
+        ``onset``/``offset`` are float64 seconds (offset = inf for a key not yet released),
+        ``seconds`` (B,) the lookahead per row (inf = whole piece). Queries lo..hi-1 attend to
+        keys klo..khi-1 densely (one matrix product) under a band mask; that is much faster on a
+        CPU than gathering a neighbour window per note.
+        """
+        B, T, _ = h.shape
+        hi = T if hi is None else hi
+        cfg = self.cfg
+        klo, khi = max(0, lo - cfg.past), min(T, hi + cfg.future)
+        o = torch.arange(klo, khi, device=h.device)[None, :] - torch.arange(lo, hi, device=h.device)[:, None]  # (n, m)
+        band = (o >= -cfg.past) & (o <= cfg.future)
+        t_i = onset[:, lo:hi, None]  # (B, n, 1) float64
+        t_j = onset[:, None, klo:khi]  # (B, 1, m)
+        horizon = t_i + seconds.to(torch.float64)[:, None, None]
+        allowed = band[None] & ((o <= 0)[None] | ((seconds[:, None, None] > 0) & (t_j <= horizon)))
+        off_j = offset[:, None, klo:khi]
+        dt = (t_j - t_i).to(torch.float32)  # (B, n, m)
+        known = (torch.minimum(off_j, horizon) - t_j).clamp(min=0).to(torch.float32)
+        released = (off_j <= horizon).to(torch.float32)
+        dp = (pitch[:, None, klo:khi] - pitch[:, lo:hi, None]) / 24.0
+        of = o.to(torch.float32).expand_as(dt)
+        pair = torch.stack([
+            torch.sign(dt) * torch.log1p(dt.abs() / 0.05) / 4.0, dp, torch.log(known.clamp(max=10.0) + 0.01) / 3.0,
+            released, of / cfg.future, (of == 0).to(torch.float32),
+            (dt.abs() < 0.03).to(torch.float32), dp.abs() * 2.0, (dp > 0).to(torch.float32), (dt > 0).to(torch.float32),
+            torch.log1p(torch.nan_to_num(horizon - t_i, posinf=10.0).clamp(max=10.0).to(torch.float32)).expand_as(dt),
+        ], -1)  # (B, n, m, N_PAIR)
+        nh, dh = cfg.heads, cfg.dim // cfg.heads
+        k, v = self.kv(h[:, klo:khi]).view(B, -1, 2 * nh, dh).transpose(1, 2).chunk(2, 1)  # (B, h, m, dh)
+        q = self.q(torch.cat([h[:, lo:hi], e[:, lo:hi]], -1)).view(B, -1, nh, dh).transpose(1, 2)  # (B, h, n, dh)
+        logits = q @ k.transpose(-1, -2) / math.sqrt(dh) + self.pair_bias(pair).permute(0, 3, 1, 2)  # (B, h, n, m)
+        logits = logits.masked_fill(~allowed[:, None], float("-inf"))
+        att = torch.softmax(logits, -1)
+        ctx = (att @ v).transpose(1, 2).reshape(B, -1, cfg.dim)  # (B, n, D)
+        # What the neighbours' pair features say (durations known at the horizon, ...), averaged
+        # with the attention weights of all heads: (B, n, h, m) @ (B, n, m, P).
+        pctx = (att.transpose(1, 2) @ pair).reshape(B, -1, nh * N_PAIR)
+        y = self.out(torch.cat([h[:, lo:hi], e[:, lo:hi], ctx, pctx], -1)).squeeze(-1)
+        return 64.0 + 32.0 * y
+
+    def forward(self, x, onset, offset, pitch, seconds) -> torch.Tensor:
+        h, e = self.backbone(x)
+        return self.readout(h, e, onset, offset, pitch, seconds)
+
+
+def load_context(path: Path | None = None, device: str = "cpu") -> ContextVelocityModel:
+    state, doc = load_weights(Path(path) if path else weights_path("context"))
+    model = ContextVelocityModel(ContextConfig(**doc["config"]))
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise ModelError(f"context velocity weights do not match their config ({str(exc).splitlines()[0]})") from None
+    return model.to(device).eval()
+
+
+def _predict_many(model, x: np.ndarray, onset, offset, pitch, seconds: list[float], chunk: int = 256) -> list[np.ndarray]:
+    """One backbone pass, then the readout at each lookahead in ``seconds``."""
+    n = len(onset)
+    if n == 0:
+        return [np.zeros(0) for _ in seconds]
+    out = []
+    with torch.inference_mode():
+        h, e = model.backbone(torch.from_numpy(np.asarray(x, np.float32))[None])
+        on = torch.from_numpy(np.asarray(onset, np.float64))[None]
+        off = torch.from_numpy(np.asarray(offset, np.float64))[None]
+        p = torch.from_numpy(np.asarray(pitch, np.float32))[None]
+        for sec in seconds:
+            s = torch.tensor([float(sec)])
+            v = torch.cat([model.readout(h, e, on, off, p, s, lo, min(lo + chunk, n)) for lo in range(0, n, chunk)], 1)
+            out.append(v[0].clamp(1.0, 127.0).numpy().astype(np.float64))
+    return out
+
+
+def _predict(model, x: np.ndarray, onset, offset, pitch, seconds: float, chunk: int = 256) -> np.ndarray:
+    return _predict_many(model, x, onset, offset, pitch, [seconds], chunk)[0]
+
+
+def predict_lookahead(model: ContextVelocityModel, perf: Performance, seconds: float, features: np.ndarray | None = None) -> np.ndarray:
+    """(N,) velocities, note i from the notes with onset <= t_i + seconds only."""
+    x = causal_features(perf) if features is None else features
+    return _predict(model, x, perf.onset, perf.offset, perf.pitch, seconds)
+
+
+def predict_offline(model: ContextVelocityModel, perf: Performance, features: np.ndarray | None = None) -> np.ndarray:
+    return predict_lookahead(model, perf, math.inf, features)
+
+
+def predict_window(model: ContextVelocityModel, features: np.ndarray, onset: np.ndarray, offset: np.ndarray,
+                   pitch: np.ndarray, seconds: float, targets: np.ndarray) -> np.ndarray:
+    """For the engine: velocities of the notes ``targets`` (indices) of a window of recent notes.
+
+    ``features`` are the notes' causal features (``LiveVelocityFeatures``), ``offset`` = inf
+    for keys not yet released. Each target sees only window notes with onset <= its onset +
+    ``seconds``; the engine calls this once the horizon of the targets has passed.
+    """
+    v = _predict(model, features, onset, np.where(np.isnan(offset), np.inf, offset), pitch, seconds)
+    return v[np.asarray(targets)]
+
+
+def predict_split_context(model: ContextVelocityModel, data, seconds: float) -> list[np.ndarray]:
+    """Every piece of a preprocessed split (``velocity_data.SplitData``) at one lookahead."""
+    model.eval()
+    out = []
+    for k in range(data.n_pieces):
+        s = data.piece(k)
+        out.append(_predict(model, data.features[s], data.onset[s], data.offset[s], data.pitch[s], seconds))
+    return out

@@ -1,0 +1,55 @@
+"""Velocity model weights on disk: ``velocity_<name>.safetensors`` + ``velocity_<name>.json``.
+
+The JSON holds the model config (enough to rebuild the module), the feature spec the weights were
+trained on, and how they were trained. No pickles: tensors go through safetensors only.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from cadenza.errors import ModelError
+from cadenza.stream.smf import atomic_path
+
+from .velocity_features import FEATURE_NAMES
+
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+MAX_BYTES = 16 * 1024 * 1024
+
+
+def weights_path(name: str) -> Path:
+    return WEIGHTS_DIR / f"velocity_{name}.safetensors"
+
+
+def save_weights(module: torch.nn.Module, path: Path, config: dict, meta: dict) -> None:
+    """Write weights and their JSON config atomically; refuse files over the 16 MiB limit."""
+    path = Path(path)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+    size = sum(t.numel() * t.element_size() for t in tensors.values())
+    if size > MAX_BYTES:
+        raise ModelError(f"{path.name}: {size / 2**20:.1f} MiB of weights, over the 16 MiB limit")
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp))
+    doc = {"config": config, "features": list(FEATURE_NAMES), **meta}
+    with atomic_path(path.with_suffix(".json")) as tmp:
+        tmp.write_text(json.dumps(doc, indent=2) + "\n")
+
+
+def load_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """(state dict, json document); a one-line ModelError when missing or mismatched."""
+    path = Path(path)
+    cfg_path = path.with_suffix(".json")
+    if not path.is_file() or not cfg_path.is_file():
+        raise ModelError(f"velocity weights not found: {path} (train them with `cadenza train velocity`)")
+    try:
+        doc = json.loads(cfg_path.read_text())
+        state = load_file(str(path))
+    except Exception as exc:  # safetensors raises several kinds on a damaged file
+        raise ModelError(f"{path.name}: cannot read weights ({str(exc).splitlines()[0]})") from None
+    if doc.get("features") != list(FEATURE_NAMES):
+        raise ModelError(f"{path.name}: trained on other note features than this version computes; retrain")
+    return state, doc
