@@ -80,3 +80,38 @@ def test_barge_in_stops_the_answer_and_releases_its_notes(continue_service):
     time.sleep(0.1)
     svc.stop()
     assert sounding(listener.messages()) == {}
+
+
+def test_with_midi_clock_the_answer_starts_on_a_bar_line(continue_service):
+    import threading
+
+    svc, player, listener = continue_service
+    clock_out = Player("cadenza in", name="clock")  # its own client: rtmidi outputs are single-producer
+    stop = threading.Event()
+    spt = 0.5 / 24  # 120 bpm: a bar of 4/4 is 2 s
+    t_start = time.monotonic()
+
+    def clock():
+        clock_out.send((0xFA,))
+        k = 0
+        while not stop.is_set():
+            k += 1
+            time.sleep(max(0.0, t_start + k * spt - time.monotonic()))
+            clock_out.send((0xF8,))
+
+    th = threading.Thread(target=clock, daemon=True)
+    th.start()
+    try:
+        time.sleep(0.3)
+        _phrase(player, notes=(60, 64, 67, 72))
+        t_end = time.monotonic()
+        assert listener.wait_for(lambda ms: _response_note_ons(listener, t_end), 6.0), "no answer"
+    finally:
+        stop.set()
+        th.join()
+        clock_out.close()
+    first = _response_note_ons(listener, t_end)[0][0]
+    phase = ((first - t_start) / 2.0) % 1.0
+    assert min(phase, 1.0 - phase) * 2.0 < 0.05, f"answer started {phase * 2:.3f} s into the bar"
+    svc.stop()
+    assert sounding(listener.messages()) == {}
