@@ -133,41 +133,53 @@ def list_ports(api: int) -> tuple[list[str], list[str]]:
         mo.delete()
 
 
-class MidiInputPort:
-    """An rtmidi input: a virtual port of ours, or an existing port we attach to."""
+class _Port:
+    """What inputs and outputs share: open virtual or attach by name, notice loss, reattach.
 
-    def __init__(self, api: int, *, client_name: str, name: str, attach: bool, deliver: Callable[[float, bytes], None]) -> None:
+    Subclasses say which rtmidi class they use (``_rtmidi``, ``_kind``) and what to do once the
+    port is open (``_opened``) and before it closes (``_closing``). ``close()`` is safe twice.
+    """
+
+    _kind = "port"
+
+    def __init__(self, api: int, *, client_name: str, name: str, attach: bool) -> None:
         self.api = api
         self.spec = name
         self.attach = attach
-        self._deliver = deliver
         self._client_name = client_name
-        self._midi: rtmidi.MidiIn | None = None
-        self._poller: InputPoller | None = None
+        self._midi = None
         self.name = name
         self.connected = False
         self._open()
 
+    def _rtmidi(self):
+        raise NotImplementedError
+
+    def _opened(self, midi) -> None:
+        pass
+
+    def _closing(self) -> None:
+        pass
+
     def _open(self) -> None:
-        midi = rtmidi.MidiIn(self.api, self._client_name, queue_size_limit=16384)
+        midi = self._rtmidi()
         _quiet_errors(midi)
-        midi.ignore_types(sysex=False, timing=False, active_sense=True)
         if self.attach:
             ports = midi.get_ports()
             idx = find_port(ports, self.spec)
             if idx is None:
                 midi.delete()
-                raise PortError(f"input port {self.spec!r} not found; available: {', '.join(ports) or 'none'}")
+                raise PortError(f"{self._kind} port {self.spec!r} not found; available: {', '.join(ports) or 'none'}")
             midi.open_port(idx)
             self.name = ports[idx]
         else:
             midi.open_virtual_port(self.spec)
         self._midi = midi
-        self._poller = InputPoller(midi, self._deliver)
+        self._opened(midi)
         self.connected = True
 
     def present(self) -> bool:
-        """For attached ports: whether the port we read from still exists."""
+        """For attached ports: whether the port at the other end still exists."""
         if not self.attach or self._midi is None:
             return True
         return self.name in self._midi.get_ports()
@@ -182,45 +194,49 @@ class MidiInputPort:
             return False
 
     def close(self) -> None:
+        self._closing()
         midi, self._midi = self._midi, None
         self.connected = False
-        if self._poller is not None:
-            self._poller.stop()
-            self._poller = None
         if midi is not None:
             midi.close_port()
             midi.delete()
 
 
-class MidiOutputPort:
-    """An rtmidi output (virtual or attached); implements the engine's sink protocol."""
+class MidiInputPort(_Port):
+    """An rtmidi input; every message goes to ``deliver(time, bytes)`` from the poller thread."""
+
+    _kind = "input"
+
+    def __init__(self, api: int, *, client_name: str, name: str, attach: bool, deliver: Callable[[float, bytes], None]) -> None:
+        self._deliver = deliver
+        self._poller: InputPoller | None = None
+        super().__init__(api, client_name=client_name, name=name, attach=attach)
+
+    def _rtmidi(self):
+        midi = rtmidi.MidiIn(self.api, self._client_name, queue_size_limit=16384)
+        midi.ignore_types(sysex=False, timing=False, active_sense=True)
+        return midi
+
+    def _opened(self, midi) -> None:
+        self._poller = InputPoller(midi, self._deliver)
+
+    def _closing(self) -> None:
+        if self._poller is not None:
+            self._poller.stop()
+            self._poller = None
+
+
+class MidiOutputPort(_Port):
+    """An rtmidi output; implements the engine's sink protocol."""
+
+    _kind = "output"
 
     def __init__(self, api: int, *, client_name: str, name: str, attach: bool) -> None:
-        self.api = api
-        self.spec = name
-        self.attach = attach
-        self._client_name = client_name
-        self._midi: rtmidi.MidiOut | None = None
-        self.name = name
-        self.connected = False
         self.errors = 0
-        self._open()
+        super().__init__(api, client_name=client_name, name=name, attach=attach)
 
-    def _open(self) -> None:
-        midi = rtmidi.MidiOut(self.api, self._client_name)
-        _quiet_errors(midi)
-        if self.attach:
-            ports = midi.get_ports()
-            idx = find_port(ports, self.spec)
-            if idx is None:
-                midi.delete()
-                raise PortError(f"output port {self.spec!r} not found; available: {', '.join(ports) or 'none'}")
-            midi.open_port(idx)
-            self.name = ports[idx]
-        else:
-            midi.open_virtual_port(self.spec)
-        self._midi = midi
-        self.connected = True
+    def _rtmidi(self):
+        return rtmidi.MidiOut(self.api, self._client_name)
 
     def send(self, data: bytes) -> None:
         midi = self._midi
@@ -231,23 +247,3 @@ class MidiOutputPort:
             midi.send_message(data)
         except (rtmidi.RtMidiError, ValueError):
             self.errors += 1
-
-    def present(self) -> bool:
-        if not self.attach or self._midi is None:
-            return True
-        return self.name in self._midi.get_ports()
-
-    def reopen(self) -> bool:
-        self.close()
-        try:
-            self._open()
-            return True
-        except PortError:
-            return False
-
-    def close(self) -> None:
-        midi, self._midi = self._midi, None
-        self.connected = False
-        if midi is not None:
-            midi.close_port()
-            midi.delete()

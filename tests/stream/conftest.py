@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 
@@ -128,19 +129,25 @@ class LiveService:
         return self.snapshot
 
 
-@pytest.fixture()
-def live_settings(jack_server):
-    return load_settings(overrides={"midi": {"api": "jack"}, "engine": {"stats_interval_s": 0}, "velocity": {"deadline_ms": 20.0}})
-
-
-@pytest.fixture()
-def colorize_service(live_settings):
-    svc = LiveService(live_settings, "colorize")
-    player = Player("cadenza in")
-    listener = Listener("cadenza out")
+@contextlib.contextmanager
+def running_service(mode: str, **sections):
+    """A service in ``mode`` on the current JACK server, a player on its input and a listener
+    on its output. ``sections`` override settings (``continuation={...}``)."""
+    overrides = {"midi": {"api": "jack"}, "engine": {"stats_interval_s": 0}, **sections}
+    svc = LiveService(load_settings(overrides=overrides), mode)
+    player, listener = Player("cadenza in"), Listener("cadenza out")
     time.sleep(0.05)
-    yield svc, player, listener
-    player.close()
-    if svc.thread.is_alive():
-        svc.stop()
-    listener.close()
+    try:
+        yield svc, player, listener
+    finally:
+        player.close()
+        if svc.thread.is_alive():
+            svc.stop()
+        listener.close()
+
+
+@pytest.fixture()
+def colorize_service(jack_server):
+    # A generous deadline: these tests check what comes out, not how fast, on a busy CI machine.
+    with running_service("colorize", velocity={"deadline_ms": 20.0}) as parts:
+        yield parts

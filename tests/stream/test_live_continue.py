@@ -6,9 +6,7 @@ import time
 
 import pytest
 
-from cadenza.config.settings import load_settings
-
-from .conftest import Listener, LiveService, Player, sounding
+from .conftest import Listener, Player, running_service, sounding
 
 pytestmark = pytest.mark.jack
 
@@ -25,21 +23,9 @@ def _phrase(player: Player, notes=(60, 62, 64, 65, 67, 65, 64, 62, 60, 64, 67, 7
 
 @pytest.fixture()
 def continue_service(jack_server):
-    settings = load_settings(
-        overrides={
-            "midi": {"api": "jack"},
-            "engine": {"stats_interval_s": 0},
-            "continuation": {"silence_ms": 400, "length_mode": "seconds", "response_seconds": 3.0, "seed": 1, "temperature": 1.0},
-        }
-    )
-    svc = LiveService(settings, "continue")
-    player, listener = Player("cadenza in"), Listener("cadenza out")
-    time.sleep(0.05)
-    yield svc, player, listener
-    player.close()
-    if svc.thread.is_alive():
-        svc.stop()
-    listener.close()
+    answer = {"silence_ms": 400, "length_mode": "seconds", "response_seconds": 3.0, "seed": 1, "temperature": 1.0}
+    with running_service("continue", continuation=answer) as parts:
+        yield parts
 
 
 def _response_note_ons(listener: Listener, after: float) -> list[tuple[float, bytes]]:
