@@ -60,7 +60,7 @@ def evaluate(root: Path, split: str = "test", model: str = "all", *, limit: int 
 
     from .train_velocity import predict_split_causal
     from .velocity_causal import load_causal
-    from .velocity_context import _predict_many, load_context
+    from .velocity_context import load_context, predict_split_context
 
     data = load_split(root, split)
     if limit is not None:
@@ -76,12 +76,8 @@ def evaluate(root: Path, split: str = "test", model: str = "all", *, limit: int 
     if model in ("context", "all") and weights_path("context").is_file():
         ctx = load_context()
         secs = [math.inf] + (list(SWEEP) if sweep else [1.0])
-        per_s: list[list[np.ndarray]] = [[] for _ in secs]
         t = time.perf_counter()
-        for k in range(data.n_pieces):
-            s = data.piece(k)
-            for lst, v in zip(per_s, _predict_many(ctx, data.features[s], data.onset[s], data.offset[s], data.pitch[s], secs)):
-                lst.append(v)
+        per_s = predict_split_context(ctx, data, secs)
         timing["context"] = time.perf_counter() - t
         rows["context (offline)"] = metrics(data, per_s[0])
         for sec, preds in zip(secs[1:], per_s[1:]):

@@ -96,6 +96,14 @@ def train_velocity(
         from .velocity_weights import load_weights
 
         state, _ = load_weights(init)
+        if model_name == "context" and "head.0.weight" in state:
+            # Start the readout's output layer as the causal head (its extra inputs weighted 0),
+            # so training begins at the causal model's accuracy instead of at constant 64.
+            w = torch.zeros_like(model.out[0].weight)
+            hw = state.pop("head.0.weight")
+            w[:, : hw.shape[1]] = hw
+            state.update({"out.0.weight": w, "out.0.bias": state.pop("head.0.bias"),
+                          "out.2.weight": state.pop("head.2.weight"), "out.2.bias": state.pop("head.2.bias")})
         missing = model.load_state_dict(state, strict=False)
         log.info("initialised from %s (missing: %s)", init, missing.missing_keys)
     if freeze:  # train the readout only, on top of a backbone taken from --init (much cheaper)
@@ -151,9 +159,8 @@ def train_velocity(
             val_mae = piece_mae(val, preds)
             extra = {}
         else:
-            extra = {}
-            for s in (0.0, 1.0, math.inf):
-                extra[f"val_mae_la{s}"] = piece_mae(val, predict_split_context(model, val, s))
+            secs = [1.0, math.inf]
+            extra = {f"val_mae_la{s}": piece_mae(val, p) for s, p in zip(secs, predict_split_context(model, val, secs))}
             val_mae = extra["val_mae_lainf"]
         elapsed = time.monotonic() - t0
         history.append({"epoch": epoch + 1, "step": step, "train_l1": run_loss, "val_piece_mae": val_mae, "minutes": elapsed / 60, **extra})

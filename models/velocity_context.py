@@ -165,11 +165,31 @@ def predict_window(model: ContextVelocityModel, features: np.ndarray, onset: np.
     return v[np.asarray(targets)]
 
 
-def predict_split_context(model: ContextVelocityModel, data, seconds: float) -> list[np.ndarray]:
-    """Every piece of a preprocessed split (``velocity_data.SplitData``) at one lookahead."""
+def predict_split_context(model: ContextVelocityModel, data, seconds: float | list[float], batch: int = 16):
+    """Every piece of a preprocessed split (``velocity_data.SplitData``) at one lookahead (a list
+    of arrays) or at several (a list per lookahead). Backbones run over padded batches of pieces
+    (padding only trails, and the backbone is causal, so the result is exact)."""
+    many = isinstance(seconds, (list, tuple))
+    secs = list(seconds) if many else [seconds]
     model.eval()
-    out = []
-    for k in range(data.n_pieces):
-        s = data.piece(k)
-        out.append(_predict(model, data.features[s], data.onset[s], data.offset[s], data.pitch[s], seconds))
-    return out
+    out: list[list] = [[None] * data.n_pieces for _ in secs]
+    lengths = np.diff(data.starts)
+    order = np.argsort(lengths)
+    with torch.inference_mode():
+        for b in range(0, len(order), batch):
+            ks = order[b : b + batch]
+            x = np.zeros((len(ks), int(lengths[ks].max()), data.features.shape[1]), np.float32)
+            for r, k in enumerate(ks):
+                x[r, : lengths[k]] = data.features[data.piece(k)]
+            h, e = model.backbone(torch.from_numpy(x))
+            for r, k in enumerate(ks):
+                n, s = int(lengths[k]), data.piece(k)
+                on = torch.from_numpy(data.onset[s])[None]
+                off = torch.from_numpy(data.offset[s])[None]
+                p = torch.from_numpy(data.pitch[s].astype(np.float32))[None]
+                for si, sec in enumerate(secs):
+                    st = torch.tensor([float(sec)])
+                    v = torch.cat([model.readout(h[r : r + 1, :n], e[r : r + 1, :n], on, off, p, st, lo, min(lo + 256, n))
+                                   for lo in range(0, n, 256)], 1)
+                    out[si][k] = v[0].clamp(1.0, 127.0).numpy().astype(np.float64)
+    return out if many else out[0]
