@@ -23,13 +23,18 @@ class JackServer:
 
     While it runs, ``JACK_DEFAULT_SERVER`` is set to its name in this process, so every JACK client
     created here (python-rtmidi, PortAudio) talks to it. ``stop()`` is safe twice.
+
+    ``sync`` (the default) makes the server wait for every client each cycle. Without it a client
+    that is late on a loaded machine has its previous cycle's port buffer read again, and MIDI
+    events arrive twice or in place of others.
     """
 
-    def __init__(self, *, name: str | None = None, rate: int = 48000, period: int = 64, log: Path | None = None) -> None:
+    def __init__(self, *, name: str | None = None, rate: int = 48000, period: int = 64, log: Path | None = None, sync: bool = True) -> None:
         self.name = name or f"cadenza-{uuid.uuid4().hex[:8]}"
         self.rate = rate
         self.period = period
         self.log = log
+        self.sync = sync
         self._proc: subprocess.Popen | None = None
         self._old_env: str | None = None
 
@@ -43,7 +48,7 @@ class JackServer:
             raise PortError("jackd not found: install JACK (Debian/Ubuntu: apt-get install jackd2)")
         out = open(self.log, "wb") if self.log else subprocess.DEVNULL
         self._proc = subprocess.Popen(
-            [jackd, "--no-realtime", "-n", self.name, "-d", "dummy", "-r", str(self.rate), "-p", str(self.period)],
+            [jackd, "--no-realtime", *(["--sync"] if self.sync else []), "-n", self.name, "-d", "dummy", "-r", str(self.rate), "-p", str(self.period)],
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,

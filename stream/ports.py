@@ -36,7 +36,7 @@ _API = {
     "winmm": rtmidi.API_WINDOWS_MM,
 }
 _NAMES = {v: k for k, v in _API.items()}
-JACK_HINT = "start one with `jackd --no-realtime -d dummy -r 48000 -p 64 &` (Debian/Ubuntu: apt-get install jackd2)"
+JACK_HINT = "start one with `jackd --no-realtime --sync -d dummy -r 48000 -p 64 &` (Debian/Ubuntu: apt-get install jackd2)"
 
 
 def alsa_available() -> bool:
