@@ -143,7 +143,7 @@ def train(maestro_root: Path, opt: TrainOptions, *, progress: bool = True) -> di
 
 
 def _lr(step: int, frac: float, opt: TrainOptions) -> float:
-    if step < opt.warmup_steps and not opt.init:
+    if step < opt.warmup_steps:  # also when continuing: the optimizer state starts fresh
         return opt.lr * (step + 1) / opt.warmup_steps
     return opt.min_lr + 0.5 * (opt.lr - opt.min_lr) * (1 + math.cos(math.pi * min(frac, 1.0)))
 
