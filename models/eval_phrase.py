@@ -88,21 +88,34 @@ def _ngram_continue(ng: NGram, history: list[int], stream: tk.TokenStream, secon
     """Sample the n-gram after ``history`` until ``seconds`` of music, with the same grammar rules."""
     end_tick = stream.tick + int(round(seconds / stream.quantum))
     hist = list(history[-(ng.order - 1) :]) if ng.order > 1 else []
+    from cadenza.models.phrase_live import MAX_HOLD_S, MAX_VOICES
+
     events = []
+    held: dict[int, int] = {}  # the live guard rails, so both models play by the same rules
     for _ in range(20000):
-        p = ng.next_probs(hist) ** (1.0 / temperature)
-        p[tk.BOS] = 0
-        p[tk.NOTE_ON0 : tk.NOTE_ON0 + 128][list(stream.sounding)] = 0
-        off = np.zeros(128, bool)
-        off[list(stream.sounding)] = True
-        p[tk.NOTE_OFF0 : tk.NOTE_OFF0 + 128][~off] = 0
-        tok = int(rng.choice(tk.VOCAB_SIZE, p=p / p.sum()))
+        overdue = [q for q, t in held.items() if stream.tick - t >= MAX_HOLD_S / stream.quantum]
+        if overdue:
+            tok = tk.NOTE_OFF0 + overdue[0]
+        else:
+            p = ng.next_probs(hist) ** (1.0 / temperature)
+            p[tk.BOS] = 0
+            p[tk.NOTE_ON0 : tk.NOTE_ON0 + 128][list(stream.sounding)] = 0
+            if len(held) >= MAX_VOICES:
+                p[tk.NOTE_ON0 : tk.NOTE_ON0 + 128] = 0
+            off = np.zeros(128, bool)
+            off[list(held)] = True
+            p[tk.NOTE_OFF0 : tk.NOTE_OFF0 + 128][~off] = 0
+            tok = int(rng.choice(tk.VOCAB_SIZE, p=p / p.sum()))
         if tk.SHIFT0 <= tok < tk.VEL0 and stream.tick + tok - tk.SHIFT0 + 1 > end_tick:
             break
         ev = stream.apply(tok)
         hist = (hist + [tok])[-(ng.order - 1) :] if ng.order > 1 else []
         if ev is not None:
             events.append(ev)
+            if ev.kind == tk.ON:
+                held[ev.pitch] = ev.tick
+            elif ev.kind == tk.OFF:
+                held.pop(ev.pitch, None)
     return events
 
 

@@ -29,6 +29,8 @@ from cadenza.models.phrase import PhraseModel, load_phrase  # noqa: F401  (load_
 
 MAX_GAP_S = 3.0  # longer silences are tokenized as this long: the model never saw longer ones
 PIANO = range(21, 109)  # NOTE_ONs outside the piano are never generated
+MAX_HOLD_S = 2.0  # a response key held this long is released (see respond)
+MAX_VOICES = 10  # at most this many response keys down at once
 
 
 class LivePhrase:
@@ -170,19 +172,23 @@ class LivePhrase:
 
     # ---- response -----------------------------------------------------------------------------
     def respond(self, *, start_t: float, seconds: float, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                seed: int | None = None, channel: int = 0) -> Iterator[tuple[float, bytes]]:
+                seed: int | None = None, channel: int = 0, max_hold_s: float = MAX_HOLD_S,
+                max_voices: int = MAX_VOICES) -> Iterator[tuple[float, bytes]]:
         """Generate up to ``seconds`` of answer from ``start_t``: yields (time, 3-byte message).
 
         Lazy: each ``next`` runs the model only as far as the next message. Times are absolute
         (the clock of ``feed``), non-decreasing and ≥ start_t. Ends with note-offs for every
-        note it started (see the module doc for early closing).
+        note it started (see the module doc for early closing). Two guard rails the small model
+        needs (it sometimes forgets to release keys): a key held ``max_hold_s`` is released, and
+        no new note starts while ``max_voices`` of the response's keys are down.
         """
         if temperature <= 0 or not 0 < top_p <= 1 or top_k < 0 or seconds < 0:
             raise ValueError("temperature > 0, 0 < top_p <= 1, top_k >= 0, seconds >= 0")
         self._gen += 1  # from now on, any feed/reset/respond makes this generator stop
-        return self._respond(self._gen, float(start_t), float(seconds), float(temperature), int(top_k), float(top_p), seed, int(channel) & 15)
+        limits = (max(1, int(round(max_hold_s / self.stream.quantum))), max(1, int(max_voices)))
+        return self._respond(self._gen, float(start_t), float(seconds), float(temperature), int(top_k), float(top_p), seed, int(channel) & 15, limits)
 
-    def _respond(self, me, start_t, seconds, temperature, top_k, top_p, seed, channel):
+    def _respond(self, me, start_t, seconds, temperature, top_k, top_p, seed, channel, limits):
         if self._gen != me:
             return
         gen = torch.Generator(device="cpu")
@@ -204,9 +210,20 @@ class LivePhrase:
         mask[tk.BOS] = -float("inf")
         on = torch.full((128,), -float("inf"))
         on[PIANO.start : PIANO.stop] = 0
+        max_hold, max_voices = limits
+        held: dict[int, int] = {}  # response key -> tick struck
         while self._gen == me and st.tick < end_tick:
+            overdue = [p for p, t0 in held.items() if st.tick - t0 >= max_hold]
+            if overdue:  # forced release, written into the context like a generated one
+                p = overdue[0]
+                del held[p]
+                mine.discard(p)
+                st.apply(tk.NOTE_OFF0 + p)
+                self._push([tk.NOTE_OFF0 + p], played=False)
+                yield st.time_of(st.tick), bytes((0x80 | channel, p, 0))
+                continue
             m = mask.clone()
-            m[tk.NOTE_ON0 : tk.NOTE_ON0 + 128] = on
+            m[tk.NOTE_ON0 : tk.NOTE_ON0 + 128] = on if len(mine) < max_voices else -float("inf")
             for p in st.sounding:
                 m[tk.NOTE_ON0 + p] = -float("inf")
             m[tk.NOTE_OFF0 : tk.NOTE_OFF0 + 128] = -float("inf")
@@ -228,9 +245,11 @@ class LivePhrase:
             t = st.time_of(ev.tick)
             if ev.kind == tk.ON:
                 mine.add(ev.pitch)
+                held[ev.pitch] = ev.tick
                 yield t, bytes((0x90 | channel, ev.pitch, max(1, ev.value)))
             elif ev.kind == tk.OFF:
                 mine.discard(ev.pitch)
+                held.pop(ev.pitch, None)
                 yield t, bytes((0x80 | channel, ev.pitch, 0))
             else:
                 resp["pedal"] = ev.value > 0
