@@ -235,6 +235,9 @@ class LivePhrase:
                 m[tk.SUSTAIN_ON] = -float("inf")
             if not resp["pedal"]:
                 m[tk.SUSTAIN_OFF] = -float("inf")
+            if held:  # time may not jump past the next forced release
+                room = min(held.values()) + max_hold - st.tick
+                m[tk.SHIFT0 + room : tk.VEL0] = -float("inf")
             tok = sample(self._logits + m, temperature=temperature, top_k=top_k, top_p=top_p, generator=gen)
             if tk.SHIFT0 <= tok < tk.VEL0 and st.tick + tok - tk.SHIFT0 + 1 > end_tick:
                 break  # the model's next event lies past the end: stop without it

@@ -196,3 +196,17 @@ def test_bench_cached_and_naive_generate_the_same_tokens():
     assert slides == 0 and a == b  # the cache changes the speed, not the result
     _, slides, _ = _cached(model, prompt, 80, torch.Generator().manual_seed(5))
     assert slides >= 1  # 40 + 80 > block 96: the cache slid and generation went on
+
+
+def test_guard_rails_limit_hold_time_and_voices(shipped):
+    live = LivePhrase(shipped)
+    start = _phrase(live) + 0.6
+    ev = list(live.respond(start_t=start, seconds=6.0, temperature=1.2, top_k=0, top_p=1.0, seed=2, max_hold_s=0.3, max_voices=2))
+    _check_balanced(ev, start)
+    down: dict[int, float] = {}
+    for t, m in ev:
+        if m[0] & 0xF0 == 0x90:
+            down[m[1]] = t
+            assert len(down) <= 2
+        elif m[0] & 0xF0 == 0x80:
+            assert t - down.pop(m[1]) <= 0.3 + 1e-6
