@@ -48,6 +48,8 @@ def register(groups) -> None:
         p.add_argument("-o", "--output", type=Path, required=True, metavar="OUT.mid")
         p.add_argument("--seconds", type=float, default=10.0, help="length to generate (default 10)")
         _sampling_flags(p)
+        if name == "generate":  # a continuation plays on the input's own channel
+            p.add_argument("--channel", type=int, default=0, help="MIDI channel of the generated notes (0-15)")
         p.set_defaults(func=_continue if name == "continue" else _generate)
 
     p = groups["bench"].add_parser("continue", help="phrase model speed: cached tokens/s, speedup over re-running, time to first note")
@@ -67,7 +69,6 @@ def _sampling_flags(p) -> None:
     p.add_argument("--top-p", type=float)
     p.add_argument("--seed", type=int)
     p.add_argument("--weights", type=Path)
-    p.add_argument("--channel", type=int, default=0, help="MIDI channel of generated notes (generate only; 0-15)")
 
 
 def _train(args, settings) -> int:
@@ -129,9 +130,11 @@ def _pick(flag, default):
 
 
 def _bench(args, settings) -> int:
+    from cadenza.bench import engine_ttfn
     from cadenza.models.phrase_bench import format_bench, run_bench
 
     result = run_bench(weights=args.weights or settings.continuation.weights, device=args.device or settings.continuation.device,
-                       threads=args.threads, prompt=args.prompt, tokens=args.tokens, calls=args.calls, settings=settings)
+                       threads=args.threads, prompt=args.prompt, tokens=args.tokens, calls=args.calls, settings=settings,
+                       ttfn=engine_ttfn)
     print(json.dumps(result) if args.json else format_bench(result))
     return 0
