@@ -107,12 +107,6 @@ class AudioSettings(_Section):
     gain: float = Field(0.5, gt=0, le=5)
 
 
-class MqttSettings(_Section):
-    host: str = Field("127.0.0.1")
-    port: int = Field(1883, ge=1, le=65535)
-    topic_prefix: str = Field("cadenza")
-
-
 class DataSettings(_Section):
     root: Path = Field(default_factory=lambda: _default_data_root(), description="folder holding maestro-v2.0.0/ and pop909/")
 
@@ -145,7 +139,6 @@ class Settings(BaseSettings):
     continuation: ContinueSettings = ContinueSettings()
     controls: ControlSettings = ControlSettings()
     audio: AudioSettings = AudioSettings()
-    mqtt: MqttSettings = MqttSettings()
     data: DataSettings = DataSettings()
 
     @classmethod
