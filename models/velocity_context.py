@@ -37,8 +37,8 @@ class ContextConfig:
     head: int = 128
     dim: int = 64  # attention width
     heads: int = 4
-    past: int = 24  # neighbours looked at, notes back
-    future: int = 40  # and forward
+    past: int = 32  # neighbours looked at, notes back
+    future: int = 64  # and forward
 
 
 class ContextVelocityModel(nn.Module):
