@@ -142,7 +142,7 @@ class WindowSampler:
             t0 = self.rng.uniform(-1.0, self.span[i])
             lo, hi = np.searchsorted(perf.onset, [t0 - self.max_dur[i] - 1e-3, t0 + cfg.window_s])
             on, off, pi, ve = perf.onset[lo:hi], perf.offset[lo:hi], perf.pitch[lo:hi], perf.velocity[lo:hi]
-            x[j] = piano_roll(on, off, pi, perf.pedal_t, perf.pedal_v, t0, cfg.frames, cfg.frame_s)
+            x[j] = piano_roll(on, off, pi, perf.pedal_t, perf.pedal_v, t0, cfg.frames, cfg.frame_s)[: cfg.in_channels]
             row, col = note_cells(on, pi, t0, cfg.frame_s)
             ok = (col >= 0) & (col < cfg.frames)
             # Notes sharing a cell are trained towards their mean velocity.
@@ -216,6 +216,7 @@ def train_unet(
     lr: float = 3e-3,
     base: int = 8,
     attn_heads: int = 4,
+    in_channels: int = 3,
     loss: str = "l1",
     val_pieces: int = 24,
     cache_dir: Path = DEFAULT_CACHE,
@@ -236,7 +237,7 @@ def train_unet(
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    cfg = UNetConfig(base=base, attn_heads=attn_heads, loss=loss)
+    cfg = UNetConfig(base=base, attn_heads=attn_heads, in_channels=in_channels, loss=loss)
     train = build_cache(maestro, "train", cache_dir, progress)
     val = build_cache(maestro, "validation", cache_dir, progress)
     val_idx = np.linspace(0, len(val) - 1, min(val_pieces, len(val))).round().astype(int)
@@ -329,6 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--base", type=int, default=8, help="channels of the first U-Net level")
+    ap.add_argument("--in-channels", type=int, choices=[1, 2, 3], default=3, help="1 = onset roll (the paper), 2 = + held keys, 3 = + pedal")
     ap.add_argument("--loss", choices=["l1", "bce"], default="l1")
     ap.add_argument("--val-pieces", type=int, default=24)
     ap.add_argument("--eval", metavar="SPLIT", help="only evaluate the weights in --out-dir on this split")
@@ -345,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
             m = train_unet(
                 maestro=maestro, out_dir=args.out_dir, minutes=args.minutes, threads=args.threads, seed=args.seed,
                 epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, batch=args.batch, lr=args.lr, base=args.base,
-                loss=args.loss, val_pieces=args.val_pieces, command=command,
+                in_channels=args.in_channels, loss=args.loss, val_pieces=args.val_pieces, command=command,
             )
             m = {k: v for k, v in m.items() if k != "history"}
     except (CadenzaError, MidiFileError) as exc:

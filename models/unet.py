@@ -5,9 +5,9 @@ treat a 10 s stretch of a performance as an image: 88 pitch rows x 96 time frame
 in, a "velocity image" of the same size out, read back at the cells where notes start. This file
 is written from the paper's description, not from its (CC BY-NC) code. Choices of ours:
 
-* Input channels (``in_channels=3``): onset roll (1 where a note starts), frame roll (1 while the
-  key is held) and the sustain-pedal depth (CC64 / 127, the same on every pitch row). The paper's
-  image carries the notes' extent as well as their onsets; the pedal row is our addition.
+* Input channels: onset roll (1 where a note starts), frame roll (1 while the key is held) and
+  the sustain-pedal depth (CC64 / 127, the same on every pitch row). ``in_channels=1`` is the
+  paper's onset-only image; 2 and 3 add the held keys and the pedal (our additions).
 * One self-attention layer over the 11 x 12 bottleneck (the paper's best U-Net adds attention
   there); ``attn_heads=0`` turns it off.
 * Output: one sigmoid channel mapped to velocity 1..127. The loss is taken only at onset cells
@@ -42,7 +42,7 @@ DEFAULT_WEIGHTS = WEIGHTS_DIR / "velocity_unet.safetensors"
 class UNetConfig:
     frames: int = 96  # time frames per window
     window_s: float = 10.0  # seconds per window; a frame is window_s / frames (~104 ms)
-    in_channels: int = 3  # onset, frame (key held), pedal
+    in_channels: int = 3  # the first k of: onset, frame (key held), pedal; 1 = the paper's onset roll
     base: int = 16  # channels of the first level; doubled at each level down
     depth: int = 3  # number of 2x down-samplings: 88x96 -> 44x48 -> 22x24 -> 11x12
     attn_heads: int = 4  # self-attention heads at the bottleneck; 0 = none
@@ -148,6 +148,8 @@ class UNet(nn.Module):
         super().__init__()
         self.cfg = cfg
         scale = 2**cfg.depth
+        if not 1 <= cfg.in_channels <= 3:
+            raise ModelError(f"U-Net in_channels must be 1 (onset), 2 (+ held keys) or 3 (+ pedal), not {cfg.in_channels}")
         if N_PITCHES % scale or cfg.frames % scale:
             raise ModelError(f"U-Net depth {cfg.depth} does not divide the {N_PITCHES}x{cfg.frames} roll")
         ch = [cfg.base * 2**i for i in range(cfg.depth + 1)]
@@ -241,7 +243,7 @@ def predict_unet(model: UNet, perf, *, batch: int = 32) -> np.ndarray:
     tri = 1.0 - np.abs((np.arange(cfg.frames) + 0.5) / cfg.frames * 2.0 - 1.0) + 1e-3
     for b0 in range(0, n_windows, batch):
         starts = [k * hop for k in range(b0, min(b0 + batch, n_windows))]
-        x = np.stack([piano_roll(perf.onset, perf.offset, perf.pitch, perf.pedal_t, perf.pedal_v, s * fs, cfg.frames, fs) for s in starts])
+        x = np.stack([piano_roll(perf.onset, perf.offset, perf.pitch, perf.pedal_t, perf.pedal_v, s * fs, cfg.frames, fs)[: cfg.in_channels] for s in starts])
         vel = logits_to_velocity(model(torch.from_numpy(x).to(device))).float().cpu().numpy()  # (b, 88, frames)
         for j, s in enumerate(starts):
             lo, hi = np.searchsorted(gcol, [s - 1, s + cfg.frames + 1], side="left")  # onsets are sorted
