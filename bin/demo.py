@@ -66,8 +66,10 @@ async def _demo(settings, source_path: Path, out: Path, *, realtime: bool, audio
     settings = settings.model_copy(deep=True)
     settings.continuation.length_mode = "seconds"
     settings.continuation.response_seconds = seconds
-    if not realtime:
-        settings.velocity.deadline_ms = 100.0  # not live: let every note be answered
+    # The demo runs both models in one process on whatever machine it lands on; with the live
+    # default of 3 ms the velocity worker misses many notes there while the phrase model is fed
+    # (see README, Benchmarks). The demo shows the models, so it allows more; the summary says so.
+    settings.velocity.deadline_ms = 20.0 if realtime else 100.0
     worker = build_velocity_worker(settings)
     await asyncio.to_thread(worker.start, loop)
     sinks = []
@@ -130,6 +132,7 @@ async def _demo(settings, source_path: Path, out: Path, *, realtime: bool, audio
         "internal": lat.get("internal", {}),
         "model": lat.get("model", {}),
         "deadline_misses": snap["counters"].get("deadline_miss", 0),
+        "deadline_ms": settings.velocity.deadline_ms,
         "dropped": snap["counters"].get("dropped", 0),
         "ttfn": lat.get("ttfn", {}),
         "continuation_notes": len(cont_perf),
@@ -159,7 +162,7 @@ def _summary_text(s: dict) -> str:
         f"Cadenza demo ({s['mode']}): {s['source']}",
         f"notes processed:        {s['notes']}",
         f"latency (in -> out):    p50 {i.get('p50_ms', float('nan')):.2f} ms, p99 {i.get('p99_ms', float('nan')):.2f} ms",
-        f"deadline misses:        {s['deadline_misses']} (dropped {s['dropped']})",
+        f"deadline misses:        {s['deadline_misses']} at a {s['deadline_ms']:g} ms deadline (dropped {s['dropped']})",
         f"velocity vs performer:  MAE {s['mae_vs_performer']:.2f}, SD of colorized velocities {s['velocity_sd']:.1f}",
         f"continuation:           {s['continuation_notes']} notes over {s['continuation_seconds']:.1f} s, first note {ttfn.get('p50_ms', float('nan')):.1f} ms after the phrase ended",
         f"audio:                  result.wav, {s['wav_seconds']:.1f} s",
