@@ -14,7 +14,6 @@ validation pieces; the best epoch's weights are kept.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import shlex
@@ -38,6 +37,7 @@ from cadenza.models.unet import (
     piano_roll,
     predict_unet,
 )
+from cadenza.models.velocity_data import maestro_pieces
 from cadenza.stream.smf import Performance, atomic_path, load_performance
 
 DEFAULT_CACHE = Path(__file__).resolve().parent.parent / ".cache" / "unet"
@@ -49,14 +49,8 @@ CACHE_VERSION = 1
 
 
 def split_files(maestro: Path, split: str) -> list[Path]:
-    csv_path = Path(maestro) / "maestro-v2.0.0.csv"
-    if not csv_path.is_file():
-        raise CadenzaError(f"MAESTRO index not found: {csv_path}")
-    with open(csv_path, newline="") as f:
-        rows = [r for r in csv.DictReader(f) if r["split"] == split]
-    if not rows:
-        raise CadenzaError(f"no MAESTRO pieces in split {split!r} (train, validation or test)")
-    return [Path(maestro) / r["midi_filename"] for r in rows]
+    """Files of one official split (the same reader as the other velocity models use)."""
+    return maestro_pieces(maestro, split)
 
 
 @dataclass
