@@ -15,11 +15,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from cadenza.errors import ModelError
 from cadenza.stream.smf import Performance
 
 from .velocity_features import N_FEATURES, causal_features
-from .velocity_weights import load_weights, weights_path
+from .velocity_weights import load_model
 
 
 @dataclass
@@ -71,13 +70,7 @@ class CausalVelocityModel(nn.Module):
 
 def load_causal(path: Path | None = None, device: str = "cpu") -> CausalVelocityModel:
     """The shipped (or given) causal model, in eval mode and warmed up."""
-    state, doc = load_weights(Path(path) if path else weights_path("causal"))
-    model = CausalVelocityModel(CausalConfig(**doc["config"]))
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:
-        raise ModelError(f"causal velocity weights do not match their config ({str(exc).splitlines()[0]})") from None
-    model.to(device).eval()
+    model = load_model("causal", CausalVelocityModel, CausalConfig, path, device)
     with torch.inference_mode():  # first calls allocate; do it before the first real note
         s = model.initial_state(1)
         for _ in range(3):

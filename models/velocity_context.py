@@ -20,11 +20,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from cadenza.errors import ModelError
 from cadenza.stream.smf import Performance
 
 from .velocity_features import N_FEATURES, causal_features
-from .velocity_weights import load_weights, weights_path
+from .velocity_weights import load_model
 
 LOOKAHEADS_TRAIN = np.array([0.0, 0.1, 0.25, 0.5, 1.0, 2.0, math.inf, math.inf])
 N_PAIR = 11
@@ -112,13 +111,7 @@ class ContextVelocityModel(nn.Module):
 
 
 def load_context(path: Path | None = None, device: str = "cpu") -> ContextVelocityModel:
-    state, doc = load_weights(Path(path) if path else weights_path("context"))
-    model = ContextVelocityModel(ContextConfig(**doc["config"]))
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:
-        raise ModelError(f"context velocity weights do not match their config ({str(exc).splitlines()[0]})") from None
-    return model.to(device).eval()
+    return load_model("context", ContextVelocityModel, ContextConfig, path, device)
 
 
 def _predict_many(model, x: np.ndarray, onset, offset, pitch, seconds: list[float], chunk: int = 256) -> list[np.ndarray]:

@@ -53,3 +53,14 @@ def load_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     if doc.get("features") != list(FEATURE_NAMES):
         raise ModelError(f"{path.name}: trained on other note features than this version computes; retrain")
     return state, doc
+
+
+def load_model(name: str, model_cls, config_cls, path: Path | None = None, device: str = "cpu") -> torch.nn.Module:
+    """Build ``model_cls(config_cls(**config))`` from ``velocity_<name>`` weights, in eval mode."""
+    state, doc = load_weights(Path(path) if path else weights_path(name))
+    model = model_cls(config_cls(**doc["config"]))
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise ModelError(f"{name} velocity weights do not match their config ({str(exc).splitlines()[0]})") from None
+    return model.to(device).eval()
