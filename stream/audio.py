@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import glob
+import io
 import logging
 import os
 import time
@@ -62,7 +63,12 @@ def find_soundfont(configured: Path | str | None = None, *, candidates: Sequence
 
 def _fluidsynth():
     try:
-        import fluidsynth
+        # pyfluidsynth prints where it found the library when $CI is set; that line would land
+        # in our own stdout (the demo summary, `render` output), so it goes to the debug log.
+        with contextlib.redirect_stdout(io.StringIO()) as said:
+            import fluidsynth
+        if said.getvalue().strip():
+            log.debug("pyfluidsynth: %s", said.getvalue().strip())
     except ImportError as exc:  # pyfluidsynth raises ImportError when libfluidsynth is missing
         raise AudioError(f"FluidSynth is not available ({exc}); install it (Debian/Ubuntu: apt-get install libfluidsynth3)") from None
     return fluidsynth
