@@ -69,6 +69,7 @@ class VelocityWorker:
         self.max_batch = max_batch
         self.threads = threads
         self.model = None
+        self._numpy = False
         self.stats = WorkerStats()
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
@@ -87,6 +88,7 @@ class VelocityWorker:
         self._loop = loop
         if self.model is None:
             self.model = self._load_model()
+            self._numpy = isinstance(self.model.initial_state(1), np.ndarray)  # the CPU step
             self._warm_up()
         self._features.clear()
         self._states.clear()
@@ -98,11 +100,8 @@ class VelocityWorker:
     def _warm_up(self) -> None:
         feats = self._make_features()
         state = self.model.initial_state(1)
-        import torch
-
         for i in range(32):
-            x = torch.from_numpy(feats.note_on(i * 0.1, 60 + i % 12)[None, :])
-            _, state = self.model.step(x, state)
+            _, state = self.model.step(self._as_input([feats.note_on(i * 0.1, 60 + i % 12)]), state)
 
     @property
     def alive(self) -> bool:
@@ -191,13 +190,23 @@ class VelocityWorker:
                 self._infer(rnd)
         return True
 
-    def _infer(self, rnd: dict) -> None:
+    def _as_input(self, rows: list[np.ndarray]):
+        x = np.stack(rows).astype(np.float32, copy=False)
+        if self._numpy:
+            return x
         import torch
 
+        return torch.from_numpy(x).to(self._device())
+
+    def _device(self):
+        dev = getattr(self.model, "feat_mean", None)
+        return "cpu" if dev is None else dev.device
+
+    def _infer(self, rnd: dict) -> None:
         t0 = time.perf_counter()
         model = self.model
         sessions = list(rnd)
-        x = torch.from_numpy(np.stack([rnd[s][0] for s in sessions]).astype(np.float32, copy=False))
+        x = self._as_input([rnd[s][0] for s in sessions])
         dim = getattr(model, "state_batch_dim", 0)
         states = [self._states.get(s) for s in sessions]
         init = None
@@ -206,11 +215,21 @@ class VelocityWorker:
                 if init is None:
                     init = model.initial_state(1)
                 states[i] = init
-        state = states[0] if len(states) == 1 else torch.cat(states, dim=dim)
+        if len(states) == 1:
+            state = states[0]
+        elif isinstance(states[0], np.ndarray):
+            state = np.concatenate(states, axis=dim)
+        else:
+            import torch
+
+            state = torch.cat(states, dim=dim)
         vel, new_state = model.step(x, state)
-        for i, s in enumerate(sessions):
-            self._states[s] = new_state.narrow(dim, i, 1)
-        values = vel.detach().cpu().numpy().tolist()
+        if len(sessions) == 1:
+            self._states[sessions[0]] = new_state
+        else:
+            for i, s in enumerate(sessions):
+                self._states[s] = new_state[(slice(None),) * dim + (slice(i, i + 1),)]
+        values = vel.tolist() if isinstance(vel, np.ndarray) else vel.detach().cpu().numpy().tolist()
         self.stats.requests += len(sessions)
         self.stats.record_round(len(sessions), time.perf_counter() - t0)
         loop = self._loop

@@ -21,12 +21,12 @@ log = logging.getLogger(__name__)
 
 def build_velocity_worker(settings: Settings) -> VelocityWorker:
     """The causal velocity model in its worker (loaded and warmed up by ``start``)."""
-    from cadenza.models.velocity_causal import load_causal
+    from cadenza.models.velocity_causal import load_causal_step
     from cadenza.models.velocity_features import LiveVelocityFeatures
 
     device = pick_device(settings.velocity.device)
     return VelocityWorker(
-        load_model=lambda: load_causal(settings.velocity.weights, device=device),
+        load_model=lambda: load_causal_step(settings.velocity.weights, device=device),
         make_features=LiveVelocityFeatures,
         max_batch=settings.velocity.max_batch,
     )

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from cadenza.models.velocity_causal import load_causal, predict_causal
+from cadenza.models.velocity_causal import NumpyCausalStep, load_causal, predict_causal
 from cadenza.models.velocity_context import load_context, predict_lookahead, predict_window
 from cadenza.models.velocity_features import LiveVelocityFeatures, replay_events, synthetic_performance
 from cadenza.models.velocity_weights import weights_path
@@ -66,14 +66,19 @@ def test_causal_future_does_not_change_past(causal, perf):
     assert np.abs(a[~past] - b[past.sum():]).max() > 0.5  # the perturbation is not a no-op
 
 
-def test_live_steps_equal_file_pass(causal):
+@pytest.mark.parametrize("form", ["torch", "numpy"])
+def test_live_steps_equal_file_pass(causal, form):
+    """The live path (incremental features + one step per note-on) gives the file pass's numbers,
+    in both the torch step (GPU) and the numpy step the CPU worker runs."""
     perf = synthetic_performance(300, seed=7)
     feats = LiveVelocityFeatures()
-    state = causal.initial_state(1)
+    stepper = causal if form == "torch" else NumpyCausalStep(causal)
+    state = stepper.initial_state(1)
     live = np.zeros(len(perf))
     for t, kind, val, i in replay_events(perf):
         if kind == "on":
-            v, state = causal.step(torch.from_numpy(feats.note_on(t, val)[None]), state)
+            x = feats.note_on(t, val)[None]
+            v, state = stepper.step(torch.from_numpy(x) if form == "torch" else x, state)
             live[i] = float(v[0])
         elif kind == "off":
             feats.note_off(t, val)
@@ -90,6 +95,10 @@ def test_step_batches_sessions_along_dim0(causal):
     assert v.shape == (3,) and s2.shape[0] == 3
     v1, _ = causal.step(x[1:2], s.narrow(causal.state_batch_dim, 1, 1))
     assert torch.allclose(v[1], v1[0], atol=1e-5)
+    fast = NumpyCausalStep(causal)
+    vn, sn = fast.step(x.numpy(), fast.initial_state(3))
+    np.testing.assert_allclose(vn, v.numpy(), atol=1e-3)
+    np.testing.assert_allclose(sn, s2.numpy(), atol=1e-5)
 
 
 @needs_context
