@@ -47,15 +47,40 @@ class Colorizer:
             raise CadenzaError(f"unknown colorize mode {mode!r} (causal, lookahead, offline)")
 
     def velocities(self, perf: Performance) -> np.ndarray:
-        if len(perf) == 0:
-            return np.zeros(0)
+        return self.velocities_many([perf])[0]
+
+    def velocities_many(self, perfs: list[Performance]) -> list[np.ndarray]:
+        """Velocities of several pieces at once: their notes share each recurrent step."""
+        from .velocity_features import N_FEATURES, causal_features
+
+        feats = [causal_features(p) if len(p) else np.zeros((0, N_FEATURES), np.float32) for p in perfs]
         if self.mode == "causal":
-            from .velocity_causal import predict_causal
+            from .velocity_causal import predict_causal_many
 
-            return predict_causal(self.model, perf)
-        from .velocity_context import predict_lookahead
+            return predict_causal_many(self.model, feats)
+        from .velocity_context import predict_context_many
 
-        return predict_lookahead(self.model, perf, math.inf if self.mode == "offline" else self.seconds)
+        sec = math.inf if self.mode == "offline" else self.seconds
+        return predict_context_many(self.model, feats, [p.onset for p in perfs], [p.offset for p in perfs],
+                                    [p.pitch for p in perfs], [sec])[0]
+
+    def files(self, jobs: list[Job]) -> list[tuple[Job, int, str | None]]:
+        """Colorize a group of files together; a file that fails gets its error, the rest go on."""
+        results: dict[int, tuple[Job, int, str | None]] = {}
+        loaded: list[tuple[int, MidiFile]] = []
+        for i, job in enumerate(jobs):
+            try:
+                loaded.append((i, MidiFile.load(job.src)))
+            except CadenzaError as exc:
+                results[i] = (job, 0, str(exc))
+        vels = self.velocities_many([mf.performance for _, mf in loaded])
+        for (i, mf), v in zip(loaded, vels):
+            try:
+                mf.save_with_velocities(v, jobs[i].dst)
+                results[i] = (jobs[i], len(mf.performance), None)
+            except CadenzaError as exc:
+                results[i] = (jobs[i], 0, str(exc))
+        return [results[i] for i in range(len(jobs))]
 
     def file(self, src: Path, dst: Path) -> tuple[MidiFile, np.ndarray]:
         mf = MidiFile.load(src)
@@ -100,12 +125,22 @@ def _init_worker(mode: str, seconds: float, weights, context_weights) -> None:
     _WORKER = Colorizer(mode, seconds=seconds, weights=weights, context_weights=context_weights)
 
 
-def _work(job: Job) -> tuple[Job, int, str | None]:
-    try:
-        mf, _ = _WORKER.file(job.src, job.dst)  # type: ignore[union-attr]
-        return job, len(mf.performance), None
-    except CadenzaError as exc:
-        return job, 0, str(exc)
+def _work(jobs: list[Job]) -> list[tuple[Job, int, str | None]]:
+    return _WORKER.files(jobs)  # type: ignore[union-attr]
+
+
+def _groups(jobs: list[Job], workers: int, size: int = 12) -> list[list[Job]]:
+    """Files of similar size together (their notes are batched, so little padding), the largest
+    groups first (so the last group to finish is a small one), small enough to spread over workers."""
+    def nbytes(j: Job) -> int:
+        try:
+            return j.src.stat().st_size
+        except OSError:
+            return 0
+
+    size = max(1, min(size, math.ceil(len(jobs) / max(1, 2 * workers)) if workers > 1 else size))
+    ordered = sorted(jobs, key=nbytes, reverse=True)
+    return [ordered[i : i + size] for i in range(0, len(ordered), size)]
 
 
 def run_jobs(jobs: list[Job], mode: str, *, seconds: float = 1.0, workers: int = 1, weights=None, context_weights=None,
@@ -114,22 +149,25 @@ def run_jobs(jobs: list[Job], mode: str, *, seconds: float = 1.0, workers: int =
     from tqdm import tqdm
 
     bar = tqdm(total=len(jobs), unit="file", desc=f"colorize ({mode})", disable=not progress or len(jobs) < 2, file=sys.stderr)
+    groups = _groups(jobs, workers)
+    pool = None
     try:
         if workers <= 1:
             _init_worker(mode, seconds, weights, context_weights)
-            for job in jobs:
-                r = _work(job)
-                bar.update()
-                yield r
+            results = map(_work, groups)
         else:
             # Models load in the parent first, so a missing-weights error is one line, not one per worker.
             Colorizer(mode, seconds=seconds, weights=weights, context_weights=context_weights)
-            with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(mode, seconds, weights, context_weights)) as pool:
-                for r in pool.map(_work, jobs, chunksize=1):
-                    bar.update()
-                    yield r
+            pool = ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(mode, seconds, weights, context_weights))
+            results = pool.map(_work, groups, chunksize=1)
+        for group in results:
+            for r in group:
+                bar.update()
+                yield r
     finally:
         bar.close()
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
 
 
 def colorize_cli(args, settings) -> int:
@@ -147,7 +185,8 @@ def colorize_cli(args, settings) -> int:
         raise CadenzaError("--plot needs a single input file")
     t0 = time.perf_counter()
     n_ok, n_notes, failed = 0, 0, 0
-    for job, notes, err in run_jobs(jobs, args.mode, seconds=seconds, workers=getattr(args, "workers", 1),
+    workers = args.workers if args.workers else min(os.cpu_count() or 1, 2 if len(jobs) > 4 else 1)
+    for job, notes, err in run_jobs(jobs, args.mode, seconds=seconds, workers=workers,
                                     weights=vs.weights, context_weights=vs.context_weights):
         if err:
             failed += 1

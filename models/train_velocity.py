@@ -22,7 +22,7 @@ import torch
 from cadenza.errors import CadenzaError
 from cadenza.stream.smf import atomic_path
 
-from .velocity_causal import CausalConfig, CausalVelocityModel
+from .velocity_causal import CausalConfig, CausalVelocityModel, predict_causal_many
 from .velocity_context import ContextConfig, ContextVelocityModel, LOOKAHEADS_TRAIN, predict_split_context
 from .velocity_data import SplitData, load_split, segment_starts
 from .velocity_weights import save_weights, weights_path
@@ -46,23 +46,8 @@ def _batch(data: SplitData, starts: np.ndarray, length: int):
 
 
 def predict_split_causal(model: CausalVelocityModel, data: SplitData, batch: int = 16) -> list[np.ndarray]:
-    """Whole pieces through the GRU, padded into batches (padding only trails: causal)."""
-    order = np.argsort(np.diff(data.starts))
-    out: list[np.ndarray | None] = [None] * data.n_pieces
-    model.eval()
-    with torch.inference_mode():
-        for b in range(0, len(order), batch):
-            ks = order[b : b + batch]
-            n = max(data.starts[k + 1] - data.starts[k] for k in ks)
-            x = np.zeros((len(ks), n, data.features.shape[1]), np.float32)
-            for r, k in enumerate(ks):
-                s = data.piece(k)
-                x[r, : s.stop - s.start] = data.features[s]
-            v, _ = model(torch.from_numpy(x))
-            v = v.clamp(1, 127).numpy()
-            for r, k in enumerate(ks):
-                out[k] = v[r, : data.starts[k + 1] - data.starts[k]].astype(np.float64)
-    return out  # type: ignore[return-value]
+    """Whole pieces of a preprocessed split through the GRU, as padded batches."""
+    return predict_causal_many(model, [data.features[data.piece(k)] for k in range(data.n_pieces)], batch)
 
 
 def piece_mae(data: SplitData, preds: list[np.ndarray]) -> float:

@@ -41,7 +41,7 @@ def register(groups: dict) -> None:
     p.add_argument("--mode", choices=("causal", "lookahead", "offline"), default="offline")
     p.add_argument("--lookahead", type=float, help="seconds of future the model may see in --mode lookahead (default: velocity.lookahead_s or 1)")
     p.add_argument("--plot", type=Path, metavar="OUT.png", help="piano roll coloured by velocity (single input only)")
-    p.add_argument("--workers", type=int, default=1, help="worker processes for many files")
+    p.add_argument("--workers", type=int, default=None, help="worker processes for many files (default: 2 when there are more than 4 files and 2 CPUs)")
     p.set_defaults(func=run_colorize)
 
     p = groups["bench"].add_parser("colorize", help="time colorizing the MAESTRO test split on this machine")
