@@ -105,7 +105,9 @@ class VelocityWorker:
 
     @property
     def alive(self) -> bool:
-        return self._alive and self._thread is not None and self._thread.is_alive()
+        # A flag, not Thread.is_alive(): this is read for every note, and the thread clears it
+        # on its way out whatever ends it.
+        return self._alive
 
     def restart(self) -> None:
         assert self._loop is not None
@@ -145,6 +147,13 @@ class VelocityWorker:
     # ---- the thread ----------------------------------------------------------------------
 
     def _run(self) -> None:
+        try:
+            self._serve()
+        finally:
+            if self._thread is threading.current_thread():  # not a replacement started meanwhile
+                self._alive = False
+
+    def _serve(self) -> None:
         try:
             while True:
                 items = [self._queue.get()]
