@@ -1,7 +1,9 @@
 """MIDI clock tracking: tempo estimate and bar position from 0xF8 ticks.
 
 24 clock ticks make a quarter note. The tempo is estimated from the ticks of the last beat
-(a median, so one late tick does not jerk the estimate); Start/Stop/Continue and Song Position
+as their mean interval: a tick stamped late lengthens one interval and shortens the next by the
+same amount, so timing jitter (ticks arrive on JACK/driver period boundaries) cancels out instead
+of biasing the estimate, as a median of quantised intervals does; Start/Stop/Continue and Song Position
 Pointer set the transport. Every stage can ask for ``bpm``, ``beat`` and ``bar_phase``.
 """
 
@@ -61,7 +63,7 @@ class MidiClock:
         n = min(self._n_intervals, len(self._intervals))
         if n < TICKS_PER_BEAT // 2:
             return None
-        return float(np.median(self._intervals[:n])) * TICKS_PER_BEAT
+        return float(self._intervals[:n].mean()) * TICKS_PER_BEAT
 
     @property
     def bpm(self) -> float | None:

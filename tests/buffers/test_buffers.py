@@ -1,3 +1,5 @@
+import math
+
 import numpy as np
 import pytest
 
@@ -57,3 +59,17 @@ def test_clock_tempo_position_and_grid():
     assert clock.beat == pytest.approx(4.0)
     clock.handle(t, b"\xfc")
     assert not clock.running and clock.next_grid_time(7.0, unit_beats=4) == 7.0
+
+
+def test_clock_tempo_survives_period_quantised_jittery_ticks():
+    """Live ticks are stamped when a JACK period (1.33 ms) delivers them, sometimes a period
+    late: the tempo must read true, not as whatever the quantised intervals' median is."""
+    rng = np.random.default_rng(3)
+    period = 64 / 48000
+    tick = 15.7 * period  # 20.9 ms: 119.6 bpm, between two whole numbers of periods
+    clock = MidiClock()
+    clock.handle(0.0, b"\xfa")
+    for k in range(200):
+        stamped = math.ceil((1.0 + k * tick) / period) * period + period * rng.choice([0, 0, 0, 1])
+        clock.handle(stamped, b"\xf8")
+    assert clock.bpm == pytest.approx(60.0 / (24 * tick), rel=0.01)
