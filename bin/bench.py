@@ -197,6 +197,7 @@ def _latency(args, settings) -> int:
         "deadline_misses": c.get("deadline_miss", 0),
         "dropped": c.get("dropped", 0),
         "lost_in_transit": len(events) - s["n"],
+        "service_histograms": metrics["latency"],
     }
     if args.json:
         print(json.dumps(result))

@@ -51,6 +51,8 @@ class VelocitySettings(_Section):
     flat_window: int = Field(8, ge=2, description="flat-only: this many equal velocities in a row count as flat input")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where the model worker runs")
     max_batch: int = Field(64, ge=1, description="largest micro-batch across sessions")
+    worker: Literal["auto", "thread", "inline"] = Field(
+        "auto", description="run the model in its own thread, or inline on the event loop right after each input burst; auto = inline on CPU, thread on CUDA")
     weights: Path | None = Field(None, description="causal model weights (.safetensors); default: the shipped ones")
     context_weights: Path | None = Field(None, description="full-context model weights; default: the shipped ones")
     lookahead_s: float = Field(0.0, ge=0, le=10, description="lookahead mode: output is delayed by exactly this much")

@@ -29,6 +29,7 @@ def build_velocity_worker(settings: Settings) -> VelocityWorker:
         load_model=lambda: load_causal_step(settings.velocity.weights, device=device),
         make_features=LiveVelocityFeatures,
         max_batch=settings.velocity.max_batch,
+        inline=settings.velocity.worker == "inline" or (settings.velocity.worker == "auto" and device == "cpu"),
     )
 
 

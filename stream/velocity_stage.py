@@ -61,6 +61,11 @@ class VelocityStage:
             v = (1.0 - self.strength) * player + self.strength * v
         return int(min(127, max(1, round(v))))
 
+    def flush(self) -> None:
+        """Let an inline worker answer what was asked since the last call (no-op for a thread)."""
+        if self.worker is not None and self.worker.inline:
+            self.worker.flush()
+
     def note_off(self, session: Any, t: float, pitch: int) -> None:
         if self.worker is not None and self.worker.alive:
             self.worker.note_off(session, t, pitch)

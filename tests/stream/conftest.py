@@ -146,8 +146,10 @@ def running_service(mode: str, **sections):
         listener.close()
 
 
-@pytest.fixture()
-def colorize_service(jack_server):
+@pytest.fixture(params=["inline", "thread"])
+def colorize_service(jack_server, request):
+    """The colorize service with the model run inline on the loop (the CPU default) and in its
+    own thread (the GPU default): both must behave the same."""
     # A generous deadline: these tests check what comes out, not how fast, on a busy CI machine.
-    with running_service("colorize", velocity={"deadline_ms": 20.0}) as parts:
+    with running_service("colorize", velocity={"deadline_ms": 20.0, "worker": request.param}) as parts:
         yield parts
