@@ -78,8 +78,9 @@ class NumpyCausalStep:
     normalisation into the first layer, GRU biases summed, the sigmoid's 1/2 into the r/z weights
     (sigmoid(x) = (1 + tanh(x/2)) / 2), the head's scale into its last layer — and GELU is
     ``a * Phi(a)`` with Phi read from a table by ``np.interp`` (|error| < 1e-6). A step is ~25
-    calls. :meth:`steps` runs the notes of one session (a chord) with the input side and the head
-    batched, only the recurrence one by one. Velocities match the torch model to ~1e-4 (tests hold
+    calls. The worker splits it (:meth:`inputs`, :meth:`recur`, :meth:`head`) so that a burst of
+    notes — a chord, or many sessions — shares one input-side and one head call, and only the
+    recurrence runs once per note position (batched across sessions). Velocities match the torch model to ~1e-4 (tests hold
     both forms to the file pass). States are numpy (B, H) arrays, batch along dim 0.
     """
 
@@ -111,8 +112,18 @@ class NumpyCausalStep:
     def initial_state(self, batch: int) -> np.ndarray:
         return np.zeros((batch, self.hidden), np.float32)
 
-    def _recur(self, g: np.ndarray, state: np.ndarray) -> np.ndarray:
-        """One GRU update from input-side pre-activations g (B, 3H) and state (B, H)."""
+    def inputs(self, x) -> tuple[np.ndarray, np.ndarray]:
+        """The state-independent part for any number of notes: x (N, F) -> (embeddings (N, H),
+        input-side gate pre-activations (N, 3H))."""
+        e = np.asarray(x, np.float32) @ self.w_x
+        e += self.b_x
+        np.maximum(e, 0.0, out=e)
+        g = e @ self.w_g
+        g += self.b_g
+        return e, g
+
+    def recur(self, g: np.ndarray, state: np.ndarray) -> np.ndarray:
+        """One GRU update of B sessions: g (B, 3H) from :meth:`inputs`, state (B, H) -> new state."""
         H = self.hidden
         gh = state @ self.w_h  # r, z halved; n halved: 0.5 * (W_hn h)
         ghn = gh[:, 2 * H :]
@@ -134,7 +145,8 @@ class NumpyCausalStep:
         d += n
         return d
 
-    def _head(self, h: np.ndarray, e: np.ndarray) -> np.ndarray:
+    def head(self, h: np.ndarray, e: np.ndarray) -> np.ndarray:
+        """Velocities (N,) in [1, 127] from states after each note (N, H) and embeddings (N, H)."""
         a = np.concatenate([h, e], 1) @ self.w_1
         a += self.b_1
         a *= np.interp(a, _PHI_X, _PHI_Y)  # GELU = a * Phi(a)
@@ -142,29 +154,11 @@ class NumpyCausalStep:
         v += self.b_2
         return np.clip(v, 1.0, 127.0, out=v)
 
-    def _embed(self, x) -> np.ndarray:
-        e = np.asarray(x, np.float32) @ self.w_x
-        e += self.b_x
-        return np.maximum(e, 0.0, out=e)
-
     def step(self, x, state: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """One note-on per row: x (B, F), state (B, H) -> (velocities (B,) in [1, 127], new state)."""
-        e = self._embed(x)
-        g = e @ self.w_g
-        g += self.b_g
-        h = self._recur(g, state)
-        return self._head(h, e), h
-
-    def steps(self, x, state: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """T note-ons of one session in order: x (T, F), state (1, H) -> (velocities (T,), last state)."""
-        e = self._embed(x)
-        g = e @ self.w_g
-        g += self.b_g
-        hs = np.empty_like(e)
-        for i in range(len(e)):
-            state = self._recur(g[i : i + 1], state)
-            hs[i] = state[0]
-        return self._head(hs, e), state
+        e, g = self.inputs(x)
+        h = self.recur(g, state)
+        return self.head(h, e), h
 
 
 # Phi, the standard normal CDF, tabulated for GELU (linear interpolation error < 1e-6; it is

@@ -117,9 +117,10 @@ class LiveVelocityFeatures:
     """
 
     def __init__(self) -> None:
-        self._on = [0.0] * WINDOW
-        self._pitch = [0] * WINDOW
-        self._held = [False] * WINDOW
+        # The last WINDOW notes, most recent first (insert at 0, drop the last: 32 pointers moved).
+        self._on: list[float] = []
+        self._pitch: list[int] = []
+        self._held: list[bool] = []
         self._count = 0  # notes seen so far
         self._pedal = 0.0
         self._open: dict[int, deque] = {}  # pitch -> note numbers still held, oldest first
@@ -131,8 +132,8 @@ class LiveVelocityFeatures:
         t = float(t)
         pitch = int(pitch)
         p = float(pitch)
-        k = self._count
         ons, pitches, helds = self._on, self._pitch, self._held
+        n = len(ons)
         f = [0.0] * N_FEATURES
         x = (p - 64.0) / 24.0
         f[0] = x
@@ -141,74 +142,67 @@ class LiveVelocityFeatures:
         first_out = -1.0  # dt of the latest earlier note outside this note's chord
         same = -1.0  # dt of the latest earlier note of the same pitch
         in_chord = recent = n_held = 0
-        mx = mn = None
-        psum = 0.0
-        dt1 = dt7 = math.inf
-        n = k if k < WINDOW else WINDOW
-        for j in range(n):
-            slot = (k - 1 - j) % WINDOW
-            dt = t - ons[slot]
-            q = pitches[slot]
-            if j == 0:
-                f[2] = math.log(min(dt, NEVER) + EPS)
-            elif j == 1:
-                dt1 = dt
-            elif j == 7:
-                dt7 = dt
+        mx = -1
+        mn = 1000
+        psum = 0
+        for on, q, held in zip(ons, pitches, helds):
+            dt = t - on
             if dt < CHORD_S:
                 in_chord += 1
             elif first_out < 0.0:
                 first_out = dt
             if dt < 1.0:
                 recent += 1
-            if same < 0.0 and q == pitch:
+            if q == pitch and same < 0.0:
                 same = dt
-            if helds[slot]:
+            if held:
                 n_held += 1
-                if mx is None or q > mx:
+                if q > mx:
                     mx = q
-                if mn is None or q < mn:
+                if q < mn:
                     mn = q
             psum += q
-        if n == 0:
-            f[2] = log_never
-        f[3] = math.log(min(dt1, NEVER) + EPS)
+        f[2] = math.log(min(t - ons[0], NEVER) + EPS) if n > 0 else log_never
+        f[3] = math.log(min(t - ons[1], NEVER) + EPS) if n > 1 else log_never
         # Slots before the piece's start count as "outside the chord" at NEVER, as in the file form.
         f[4] = math.log(min(first_out, NEVER) + EPS) if first_out >= 0.0 else log_never
-        f[5] = math.log(min(dt7 / 8.0, NEVER) + EPS)
+        f[5] = math.log(min((t - ons[7]) / 8.0, NEVER) + EPS) if n > 7 else log_never
         f[6] = min(in_chord, 8) / 4.0
         f[7] = min(n_held, 16) / 8.0
-        if mx is None:
+        if n_held == 0:
             f[8] = f[9] = 1.0
-            f[10] = f[11] = 0.0
         else:
             f[8] = float(p > mx)
             f[9] = float(p < mn)
             f[10] = min(max(p - mx, -36.0), 36.0) / 12.0
             f[11] = min(max(p - mn, -36.0), 36.0) / 12.0
-        f[12] = min(max(p - psum / n, -36.0), 36.0) / 12.0 if n else 0.0
+        if n:
+            f[12] = min(max(p - psum / n, -36.0), 36.0) / 12.0
         f[13] = recent / 8.0
         f[14] = math.log(min(same, NEVER) + EPS) if same >= 0.0 else log_never
         f[15] = self._pedal / 127.0
-        f[16] = float(k == 0)
+        f[16] = float(self._count == 0)
         f[17 + pitch % 12] = 1.0
-        slot = k % WINDOW
-        ons[slot] = t
-        pitches[slot] = pitch
-        helds[slot] = True
-        self._open.setdefault(pitch, deque()).append(k)
-        self._count = k + 1
+        ons.insert(0, t)
+        pitches.insert(0, pitch)
+        helds.insert(0, True)
+        if n == WINDOW:
+            ons.pop()
+            pitches.pop()
+            helds.pop()
+        self._open.setdefault(pitch, deque()).append(self._count)
+        self._count += 1
         return np.array(f, np.float32)
 
     def note_off(self, t: float, pitch: int) -> None:
         # Release the oldest held note of this pitch (first on, first off, as the file reader
-        # pairs), even when it has left the ring, so a later re-strike is not released instead.
+        # pairs), even when it has left the window, so a later re-strike is not released instead.
         q = self._open.get(int(pitch))
         if not q:
             return
-        n = q.popleft()
-        if n >= self._count - WINDOW:
-            self._held[n % WINDOW] = False
+        back = self._count - 1 - q.popleft()  # its position, most recent first
+        if back < len(self._held):
+            self._held[back] = False
 
     def pedal(self, t: float, value: int) -> None:
         self._pedal = float(value)

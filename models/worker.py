@@ -227,11 +227,8 @@ class VelocityWorker:
             self._crashed(exc)
 
     def _process(self, items: list) -> bool:
-        """Apply a drained burst in order. Note-ons are answered in "rounds" (a session at most
-        once per round, as its state advances note by note); on the numpy CPU step a session's
-        several notes (a chord) go through ``steps`` together instead."""
-        rounds: list[dict] = [{}]
-        chords: dict[Any, list] = {}
+        """Apply a drained burst in order and answer its note-ons."""
+        notes: list[tuple[Any, np.ndarray, asyncio.Future]] = []
         for kind, session, t, arg, fut in items:
             if kind == _STOP:
                 self._alive = False
@@ -242,43 +239,65 @@ class VelocityWorker:
             if feats is None:
                 feats = self._features[session] = self._make_features()
             if kind == _NOTE_ON:
-                x = feats.note_on(t, arg)
-                chords.setdefault(session, []).append((x, fut))
-                rnd = rounds[-1]
-                if session in rnd or len(rnd) >= self.max_batch:
-                    rnd = {}
-                    rounds.append(rnd)
-                rnd[session] = (x, fut)
+                notes.append((session, feats.note_on(t, arg), fut))
             elif kind == _NOTE_OFF:
                 feats.note_off(t, arg)
             elif kind == _PEDAL:
                 feats.pedal(t, arg)
             elif kind == _RESET:
+                self._infer_burst(notes)  # what came before the reset, with the state it had
+                notes = []
                 self._features.pop(session, None)
                 self._states.pop(session, None)
-                chords.pop(session, None)  # (a reset mid-burst: only the engine's panic does it)
-        if self._numpy and len(rounds) > 1 and hasattr(self.model, "steps"):
-            singles = [(s, notes[0]) for s, notes in chords.items() if len(notes) == 1]
-            for i in range(0, len(singles), self.max_batch):
-                self._infer(dict(singles[i : i + self.max_batch]))
-            for session, notes in chords.items():
-                if len(notes) > 1:
-                    self._infer_chord(session, notes)
-            return True
-        for rnd in rounds:
-            if rnd:
-                self._infer(rnd)
+        self._infer_burst(notes)
         return True
 
-    def _infer_chord(self, session: Any, notes: list) -> None:
+    def _rounds(self, sessions: list) -> list[list[int]]:
+        """Note indices grouped into rounds: a session at most once per round and after the
+        round of its previous note (its state advances note by note), at most max_batch each."""
+        rounds: list[list[int]] = []
+        after: dict[Any, int] = {}
+        for i, s in enumerate(sessions):
+            r = after.get(s, -1) + 1
+            while r < len(rounds) and len(rounds[r]) >= self.max_batch:
+                r += 1
+            if r == len(rounds):
+                rounds.append([])
+            rounds[r].append(i)
+            after[s] = r
+        return rounds
+
+    def _state(self, session: Any):
+        st = self._states.get(session)
+        return self.model.initial_state(1) if st is None else st
+
+    def _infer_burst(self, notes: list) -> None:
+        if not notes:
+            return
         t0 = time.perf_counter()
-        state = self._states.get(session)
-        if state is None:
-            state = self.model.initial_state(1)
-        vel, self._states[session] = self.model.steps(np.stack([x for x, _ in notes]), state)
+        sessions = [s for s, _, _ in notes]
+        rounds = self._rounds(sessions)
+        if self._numpy:
+            # Input side and head once for the whole burst; the recurrence once per round,
+            # batched across the round's sessions.
+            e, g = self.model.inputs(np.stack([x for _, x, _ in notes]))
+            h = np.empty_like(e)
+            for rnd in rounds:
+                ss = [sessions[i] for i in rnd]
+                state = self._state(ss[0]) if len(ss) == 1 else np.concatenate([self._state(s) for s in ss])
+                new = self.model.recur(g[rnd], state)
+                h[rnd] = new
+                for j, s in enumerate(ss):
+                    self._states[s] = new[j : j + 1]
+            values = self.model.head(h, e).tolist()
+        else:
+            values = [0.0] * len(notes)
+            for rnd in rounds:
+                for i, v in zip(rnd, self._infer_round([notes[i] for i in rnd])):
+                    values[i] = v
         self.stats.requests += len(notes)
         self.stats.record_round(len(notes), time.perf_counter() - t0)
-        self._answer([fut for _, fut in notes], vel.tolist())
+        self._answer([fut for _, _, fut in notes], values)
 
     def _answer(self, futures: list, values: list) -> None:
         if self.inline:
@@ -297,37 +316,19 @@ class VelocityWorker:
 
         return torch.from_numpy(x).to(self.model.feat_mean.device)
 
-    def _infer(self, rnd: dict) -> None:
-        t0 = time.perf_counter()
-        model = self.model
-        sessions = list(rnd)
-        x = self._as_input([rnd[s][0] for s in sessions])
-        dim = getattr(model, "state_batch_dim", 0)
-        states = [self._states.get(s) for s in sessions]
-        init = None
-        for i, st in enumerate(states):
-            if st is None:
-                if init is None:
-                    init = model.initial_state(1)
-                states[i] = init
-        if len(states) == 1:
-            state = states[0]
-        elif self._numpy:
-            state = np.concatenate(states, axis=dim)
-        else:
-            import torch
+    def _infer_round(self, notes: list) -> list[float]:
+        """The torch model (GPU): one batched step for a round of distinct sessions."""
+        import torch
 
-            state = torch.cat(states, dim=dim)
-        vel, new_state = model.step(x, state)
-        if len(sessions) == 1:
-            self._states[sessions[0]] = new_state
-        else:
-            for i, s in enumerate(sessions):
-                self._states[s] = new_state[(slice(None),) * dim + (slice(i, i + 1),)]
-        values = vel.tolist() if self._numpy else vel.detach().cpu().numpy().tolist()
-        self.stats.requests += len(sessions)
-        self.stats.record_round(len(sessions), time.perf_counter() - t0)
-        self._answer([rnd[s][1] for s in sessions], values)
+        model = self.model
+        dim = getattr(model, "state_batch_dim", 0)
+        sessions = [s for s, _, _ in notes]
+        states = [self._state(s) for s in sessions]
+        state = states[0] if len(states) == 1 else torch.cat(states, dim=dim)
+        vel, new_state = model.step(self._as_input([x for _, x, _ in notes]), state)
+        for i, s in enumerate(sessions):
+            self._states[s] = new_state.narrow(dim, i, 1)
+        return vel.detach().cpu().numpy().tolist()
 
 
 def _resolve(fut: asyncio.Future, value: float) -> None:

@@ -101,19 +101,6 @@ def test_step_batches_sessions_along_dim0(causal):
     np.testing.assert_allclose(sn, s2.numpy(), atol=1e-5)
 
 
-def test_numpy_steps_of_a_chord_equal_one_by_one(causal):
-    fast = NumpyCausalStep(causal)
-    x = np.random.default_rng(0).normal(size=(5, causal.n_features)).astype(np.float32)
-    state = fast.initial_state(1)
-    one = []
-    for i in range(5):
-        v, state = fast.step(x[i : i + 1], state)
-        one.append(float(v[0]))
-    v5, s5 = fast.steps(x, fast.initial_state(1))
-    np.testing.assert_allclose(v5, one, atol=1e-4)
-    np.testing.assert_allclose(s5, state, atol=1e-5)
-
-
 @needs_context
 @pytest.mark.parametrize("seconds", [0.0, 0.5, 2.0])
 def test_lookahead_sees_only_its_horizon(perf, seconds):

@@ -1,0 +1,71 @@
+"""The velocity worker answers a burst (chords, many sessions, interleaved releases) exactly as
+one note at a time per session would, inline and in its thread, with the shipped weights."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from cadenza.models.velocity_causal import load_causal_step
+from cadenza.models.velocity_features import LiveVelocityFeatures
+from cadenza.models.worker import VelocityWorker
+
+
+def _burst(seed: int = 0, n: int = 300):
+    """(kind, session, t, arg) events: 5 sessions, chords of up to 4, releases in between."""
+    rng = np.random.default_rng(seed)
+    ev, held, t = [], {s: [] for s in range(5)}, 0.0
+    for _ in range(n):
+        t += float(rng.choice([0.0, 0.0, 0.01, 0.2]))
+        s = int(rng.integers(0, 5))
+        if held[s] and rng.random() < 0.4:
+            ev.append(("off", s, t, held[s].pop(0)))
+        else:
+            for p in rng.choice(np.arange(40, 90), size=int(rng.choice([1, 1, 3, 4])), replace=False):
+                ev.append(("on", s, t, int(p)))
+                held[s].append(int(p))
+    return ev
+
+
+def _one_at_a_time(events) -> list[float]:
+    model = load_causal_step()
+    feats = {s: LiveVelocityFeatures() for s in range(5)}
+    states = {s: model.initial_state(1) for s in range(5)}
+    out = []
+    for kind, s, t, p in events:
+        if kind == "off":
+            feats[s].note_off(t, p)
+            continue
+        v, states[s] = model.step(feats[s].note_on(t, p)[None], states[s])
+        out.append(float(v[0]))
+    return out
+
+
+@pytest.mark.parametrize("inline", [True, False])
+@pytest.mark.parametrize("max_batch", [64, 2])
+def test_bursts_equal_one_note_at_a_time(inline, max_batch):
+    events = _burst()
+    expected = _one_at_a_time(events)
+
+    async def run():
+        worker = VelocityWorker(load_model=load_causal_step, make_features=LiveVelocityFeatures, max_batch=max_batch, inline=inline)
+        worker.start(asyncio.get_running_loop())
+        futs = []
+        try:
+            for k in range(0, len(events), 37):  # bursts of 37 events, cutting through chords
+                for kind, s, t, p in events[k : k + 37]:
+                    if kind == "on":
+                        futs.append(worker.note_on(s, t, p))
+                    else:
+                        worker.note_off(s, t, p)
+                worker.flush()
+                await asyncio.wait_for(asyncio.gather(*futs), 10)
+        finally:
+            worker.stop()
+        return [f.result() for f in futs], worker.stats
+
+    got, stats = asyncio.run(run())
+    np.testing.assert_allclose(got, expected, atol=1e-3)
+    assert stats.max_batch > 1  # bursts really were answered together
