@@ -83,6 +83,7 @@ class VelocityWorker:
         self.threads = threads
         self.model = None
         self._numpy = False
+        self._blas_limit = None
         self.stats = WorkerStats()
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
@@ -96,8 +97,14 @@ class VelocityWorker:
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         """Load and warm up the model (blocking: call it before serving, or via to_thread)."""
         import torch
+        from threadpoolctl import threadpool_limits
 
         torch.set_num_threads(self.threads)
+        if self._blas_limit is None:
+            # numpy's OpenBLAS splits even a (4 x 256) @ (256 x 768) product over its threads;
+            # waking a pool thread on a busy core cost chords up to 8 ms here. One thread, kept
+            # for the life of the process (the limit is process-wide).
+            self._blas_limit = threadpool_limits(self.threads, user_api="blas")
         self._loop = loop
         if self.model is None:
             self.model = self._load_model()
