@@ -16,7 +16,8 @@ Two ways to run (``velocity.worker`` in config):
 * ``inline``: the same state and the same model calls, run on the loop thread by the engine's
   pump (``flush()``) right after it has read a burst of input. On a CPU the numpy step holds the
   GIL for nearly all of its ~0.1 ms, so a thread buys no parallelism there — only two thread
-  handoffs per note (measured: added latency p50 1.8 -> 1.1 ms on the 2-core CI machine). A step
+  handoffs per note (six A/B runs of ``bench latency`` on the 2-core CI machine: added latency
+  p50 1.3–1.9 ms inline vs 1.4–1.9 ms threaded, and fewer deadline misses inline). A step
   that runs past the deadline is still counted as a miss. ``auto`` picks inline on a CPU.
 """
 
