@@ -111,11 +111,9 @@ def format_table(res: dict) -> str:
     for name, v in res["paper"].items():
         sd = f"{res['paper_unet_sd']:.1f}" if name.startswith("U-Net") else ""
         lines.append(f"| {name} | {v:.2f} | | | | | {sd} | |")
-    sd_true = None
     if res["sweep"]:
         lines += ["", "Lookahead sweep (context model; note i sees notes with onset <= t_i + S):", "",
                   "| lookahead S | per-piece MAE | per-note MAE | SD | Pearson r |", "|---:|---:|---:|---:|---:|"]
         for s, m in res["sweep"].items():
             lines.append(f"| {s} s | {m['piece_mae']:.2f} | {m['note_mae']:.2f} | {m['sd']:.1f} | {m['pearson_r']:.3f} |")
-    del sd_true
     return "\n".join(lines)
