@@ -50,6 +50,12 @@ def register(groups: dict) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=run_bench)
 
+    p = groups["bench"].add_parser("velocity", help="per-note cost of the causal model at batch 1 on one core (features + step)")
+    p.add_argument("--notes", type=int, default=2000, help="note-ons timed per regime (default 2000)")
+    p.add_argument("--gap-ms", type=float, default=5.0, help="idle time between notes in the 'live' regime (default 5 ms)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=run_bench_step)
+
 
 def run_train(args: argparse.Namespace, settings) -> int:
     if args.model == "unet":
@@ -91,3 +97,60 @@ def run_bench(args: argparse.Namespace, settings) -> int:
     from .colorize import bench_colorize
 
     return bench_colorize(args, settings)
+
+
+def run_bench_step(args: argparse.Namespace, settings) -> int:
+    """Time what one live note-on costs the causal model, as the engine calls it: incremental
+    features, then one batch-1 step, on one core. Two regimes: notes back to back (warm caches),
+    and notes with an idle gap between them (what a player's notes look like to the CPU). The
+    torch form of the same step is timed beside the numpy form the CPU worker runs."""
+    import time
+
+    import numpy as np
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    from .velocity_causal import NumpyCausalStep, load_causal
+    from .velocity_features import LiveVelocityFeatures, replay_events, synthetic_performance
+
+    torch.set_num_threads(1)
+    model = load_causal(settings.velocity.weights)
+    forms = {"numpy": NumpyCausalStep(model), "torch": model}
+    events = replay_events(synthetic_performance(args.notes, seed=5))
+    res: dict = {"notes": args.notes, "gap_ms": args.gap_ms}
+    with threadpool_limits(1, user_api="blas"), torch.inference_mode():
+        for form, step in forms.items():
+            for regime, gap in (("back_to_back", 0.0), ("live", args.gap_ms / 1000.0)):
+                feats, state = LiveVelocityFeatures(), step.initial_state(1)
+                tf, ts = [], []
+                for t, kind, val, _ in events:
+                    if kind == "off":
+                        feats.note_off(t, val)
+                        continue
+                    if kind == "pedal":
+                        feats.pedal(t, val)
+                        continue
+                    t0 = time.perf_counter()
+                    x = feats.note_on(t, val)[None]
+                    t1 = time.perf_counter()
+                    v, state = step.step(x if form == "numpy" else torch.from_numpy(x), state)
+                    float(v[0])
+                    t2 = time.perf_counter()
+                    tf.append(t1 - t0)
+                    ts.append(t2 - t1)
+                    if gap:
+                        time.sleep(gap)
+                f, st = np.array(tf) * 1e3, np.array(ts) * 1e3
+                tot = f + st
+                res[f"{form}_{regime}"] = {k: round(float(v), 4) for k, v in (
+                    ("features_p50_ms", np.median(f)), ("step_p50_ms", np.median(st)),
+                    ("total_p50_ms", np.median(tot)), ("total_p99_ms", np.percentile(tot, 99)))}
+    if args.json:
+        print(json.dumps(res))
+    else:
+        print(f"causal velocity model, batch 1, one core, {args.notes} note-ons per row (live: {args.gap_ms:g} ms idle between notes)")
+        print(f"  {'':22s} {'features p50':>13s} {'step p50':>9s} {'total p50':>10s} {'total p99':>10s}  (ms)")
+        for key in ("numpy_back_to_back", "numpy_live", "torch_back_to_back", "torch_live"):
+            r = res[key]
+            print(f"  {key:22s} {r['features_p50_ms']:13.3f} {r['step_p50_ms']:9.3f} {r['total_p50_ms']:10.3f} {r['total_p99_ms']:10.3f}")
+    return 0

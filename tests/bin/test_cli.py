@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -66,3 +67,16 @@ def test_ports_lists_jack_ports(jack_server):
         assert "jack:" in r.stdout and "keys:keyboard" in r.stdout
     finally:
         out.delete()
+
+
+def test_bench_velocity_reports_both_forms_and_regimes(capsys):
+    """The per-note cost bench runs the shipped causal model and prints every figure it promises
+    (a smoke test of the command, not a timing assertion)."""
+    from cadenza.cli import main
+
+    assert main(["bench", "velocity", "--notes", "40", "--gap-ms", "0.5", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for form in ("numpy", "torch"):
+        for regime in ("back_to_back", "live"):
+            r = res[f"{form}_{regime}"]
+            assert 0 < r["features_p50_ms"] and 0 < r["step_p50_ms"] and r["total_p50_ms"] <= r["total_p99_ms"]
