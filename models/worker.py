@@ -71,7 +71,9 @@ class VelocityWorker:
     ``load_model()`` returns an object with ``initial_state(batch)`` and
     ``step(x (B, F), state) -> (velocity (B,), state)``; ``make_features()`` returns a fresh
     per-session featurizer with ``note_on(t, pitch) -> (F,)``, ``note_off(t, pitch)`` and
-    ``pedal(t, value)``.
+    ``pedal(t, value)``. A numpy model (the CPU step) also offers ``inputs``/``recur``/``head``,
+    which let a burst share its input-side and head calls. With ``inline=True`` nothing runs
+    until the owner calls :meth:`flush` on the loop thread.
     """
 
     def __init__(self, *, load_model: Callable[[], Any], make_features: Callable[[], Any], max_batch: int = 64, threads: int = 1,
@@ -111,7 +113,6 @@ class VelocityWorker:
             self.model = self._load_model()
             self._numpy = isinstance(self.model.initial_state(1), np.ndarray)  # the CPU step
             self._warm_up()
-        self._numpy = isinstance(self.model.initial_state(1), np.ndarray)
         self._features.clear()
         self._states.clear()
         self._pending = []
