@@ -251,10 +251,14 @@ async def _run_rate(settings, worker, rate: float, seconds: float) -> dict:
     from cadenza.stream.engine import Engine
 
     sink = _CountingSink()
+    settings = settings.model_copy(update={"engine": settings.engine.model_copy(update={"stats_interval_s": 0})})
     engine = Engine(settings, sinks=[sink], velocity_worker=worker)
     loop = asyncio.get_running_loop()
     engine.bind(loop)
-    task = asyncio.create_task(engine._pump())
+    if not worker.alive:
+        worker.start(loop)  # the previous rate's engine stopped it on its way out
+    task = asyncio.create_task(engine.run())  # the real engine: its tasks, GC policy, shutdown
+    await asyncio.sleep(0.05)
     n = int(rate * seconds)
     rng = np.random.default_rng(1)
     pitches = rng.integers(30, 100, n)
@@ -271,7 +275,8 @@ async def _run_rate(settings, worker, rate: float, seconds: float) -> dict:
             sent += 1
         await asyncio.sleep(tick)
     await engine.drain(30)
-    task.cancel()
+    engine.stop()
+    await task
     c = engine.metrics.counters
     elapsed = loop.time() - t0
     return {
