@@ -185,20 +185,17 @@ class VelocityWorker:
             return
         items, self._pending = self._pending, []
         if not self._alive:
+            _cancel(items)
             return
         try:
             self._process(items)
         except Exception as exc:
             self._crashed(exc)
-            for item in items:
-                if item[4] is not None and not item[4].done():
-                    item[4].cancel()  # the engine answers it with the fallback
+            _cancel(items)
 
     def _fail_pending(self) -> None:
-        for item in self._pending:
-            if item[4] is not None and not item[4].done():
-                item[4].cancel()
-        self._pending = []
+        items, self._pending = self._pending, []
+        _cancel(items)
 
     def _crashed(self, exc: Exception) -> None:
         self.stats.crashes += 1
@@ -208,13 +205,6 @@ class VelocityWorker:
     # ---- the thread ----------------------------------------------------------------------
 
     def _run(self) -> None:
-        try:
-            self._serve()
-        finally:
-            if self._thread is threading.current_thread():  # not a replacement started meanwhile
-                self._alive = False
-
-    def _serve(self) -> None:
         try:
             self._serve()
         finally:
@@ -338,6 +328,14 @@ class VelocityWorker:
         for i, s in enumerate(sessions):
             self._states[s] = new_state.narrow(dim, i, 1)
         return vel.detach().cpu().numpy().tolist()
+
+
+def _cancel(items: list) -> None:
+    """Cancel the unanswered note-on futures among queued requests; the engine then emits those
+    notes at once with the fallback velocity (and counts the misses)."""
+    for item in items:
+        if item[4] is not None and not item[4].done():
+            item[4].cancel()
 
 
 def _resolve(fut: asyncio.Future, value: float) -> None:
