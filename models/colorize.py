@@ -82,12 +82,6 @@ class Colorizer:
                 results[i] = (jobs[i], 0, str(exc))
         return [results[i] for i in range(len(jobs))]
 
-    def file(self, src: Path, dst: Path) -> tuple[MidiFile, np.ndarray]:
-        mf = MidiFile.load(src)
-        v = self.velocities(mf.performance)
-        mf.save_with_velocities(v, dst)
-        return mf, v
-
 
 def collect_jobs(inputs: list[Path], out: Path) -> list[Job]:
     """Input files/directories -> (source, destination) pairs; directories keep relative names."""

@@ -118,26 +118,9 @@ def load_context(path: Path | None = None, device: str = "cpu") -> ContextVeloci
     return load_model("context", ContextVelocityModel, ContextConfig, path, device)
 
 
-def _predict_many(model, x: np.ndarray, onset, offset, pitch, seconds: list[float], chunk: int = READOUT_CHUNK) -> list[np.ndarray]:
-    """One backbone pass, then the readout at each lookahead in ``seconds``."""
-    n = len(onset)
-    if n == 0:
-        return [np.zeros(0) for _ in seconds]
-    out = []
-    with torch.inference_mode():
-        h, e = model.backbone(torch.from_numpy(np.asarray(x, np.float32))[None])
-        on = torch.from_numpy(np.asarray(onset, np.float64))[None]
-        off = torch.from_numpy(np.asarray(offset, np.float64))[None]
-        p = torch.from_numpy(np.asarray(pitch, np.float32))[None]
-        for sec in seconds:
-            s = torch.tensor([float(sec)])
-            v = torch.cat([model.readout(h, e, on, off, p, s, lo, min(lo + chunk, n)) for lo in range(0, n, chunk)], 1)
-            out.append(v[0].clamp(1.0, 127.0).numpy().astype(np.float64))
-    return out
-
-
-def _predict(model, x: np.ndarray, onset, offset, pitch, seconds: float, chunk: int = READOUT_CHUNK) -> np.ndarray:
-    return _predict_many(model, x, onset, offset, pitch, [seconds], chunk)[0]
+def _predict(model, x: np.ndarray, onset, offset, pitch, seconds: float) -> np.ndarray:
+    """One piece at one lookahead."""
+    return predict_context_many(model, [np.asarray(x, np.float32)], [onset], [offset], [pitch], [seconds])[0][0]
 
 
 def predict_lookahead(model: ContextVelocityModel, perf: Performance, seconds: float, features: np.ndarray | None = None) -> np.ndarray:
