@@ -103,7 +103,9 @@ def run_bench_step(args: argparse.Namespace, settings) -> int:
     """Time what one live note-on costs the causal model, as the engine calls it: incremental
     features, then one batch-1 step, on one core. Two regimes: notes back to back (warm caches),
     and notes with an idle gap between them (what a player's notes look like to the CPU). The
-    torch form of the same step is timed beside the numpy form the CPU worker runs."""
+    torch form of the same step is timed beside the numpy form the CPU worker runs, and the numpy
+    form once more with the engine's keep-warm ticks (``velocity.keep_warm_ms``) in the gaps."""
+    import asyncio
     import time
 
     import numpy as np
@@ -112,15 +114,33 @@ def run_bench_step(args: argparse.Namespace, settings) -> int:
 
     from .velocity_causal import NumpyCausalStep, load_causal
     from .velocity_features import LiveVelocityFeatures, replay_events, synthetic_performance
+    from .worker import VelocityWorker
 
     torch.set_num_threads(1)
     model = load_causal(settings.velocity.weights)
     forms = {"numpy": NumpyCausalStep(model), "torch": model}
     events = replay_events(synthetic_performance(args.notes, seed=5))
-    res: dict = {"notes": args.notes, "gap_ms": args.gap_ms}
+    res: dict = {"notes": args.notes, "gap_ms": args.gap_ms, "keep_warm_ms": settings.velocity.keep_warm_ms}
+    loop = asyncio.new_event_loop()
+    warmer = VelocityWorker(load_model=lambda: forms["numpy"], make_features=LiveVelocityFeatures, inline=True)
+    warmer.start(loop)
+    tick = settings.velocity.keep_warm_ms / 1000.0
+    regimes = {"numpy": ("back_to_back", "live", "live_warm"), "torch": ("back_to_back", "live")}
+
+    def idle(gap: float, warm: bool) -> None:
+        if not (warm and tick > 0):
+            time.sleep(gap)
+            return
+        end = time.perf_counter() + gap
+        while (left := end - time.perf_counter()) > 0:
+            time.sleep(min(tick, left))
+            if end - time.perf_counter() > 0:
+                warmer.keep_warm()
+
     with threadpool_limits(1, user_api="blas"), torch.inference_mode():
         for form, step in forms.items():
-            for regime, gap in (("back_to_back", 0.0), ("live", args.gap_ms / 1000.0)):
+            for regime in regimes[form]:
+                gap = 0.0 if regime == "back_to_back" else args.gap_ms / 1000.0
                 feats, state = LiveVelocityFeatures(), step.initial_state(1)
                 tf, ts = [], []
                 for t, kind, val, _ in events:
@@ -139,18 +159,21 @@ def run_bench_step(args: argparse.Namespace, settings) -> int:
                     tf.append(t1 - t0)
                     ts.append(t2 - t1)
                     if gap:
-                        time.sleep(gap)
+                        idle(gap, regime == "live_warm")
                 f, st = np.array(tf) * 1e3, np.array(ts) * 1e3
                 tot = f + st
                 res[f"{form}_{regime}"] = {k: round(float(v), 4) for k, v in (
                     ("features_p50_ms", np.median(f)), ("step_p50_ms", np.median(st)),
                     ("total_p50_ms", np.median(tot)), ("total_p99_ms", np.percentile(tot, 99)))}
+    warmer.stop()
+    loop.close()
     if args.json:
         print(json.dumps(res))
     else:
-        print(f"causal velocity model, batch 1, one core, {args.notes} note-ons per row (live: {args.gap_ms:g} ms idle between notes)")
+        print(f"causal velocity model, batch 1, one core, {args.notes} note-ons per row (live: {args.gap_ms:g} ms idle between notes; "
+              f"live_warm: keep-warm every {settings.velocity.keep_warm_ms:g} ms in the gaps)")
         print(f"  {'':22s} {'features p50':>13s} {'step p50':>9s} {'total p50':>10s} {'total p99':>10s}  (ms)")
-        for key in ("numpy_back_to_back", "numpy_live", "torch_back_to_back", "torch_live"):
+        for key in ("numpy_back_to_back", "numpy_live", "numpy_live_warm", "torch_back_to_back", "torch_live"):
             r = res[key]
             print(f"  {key:22s} {r['features_p50_ms']:13.3f} {r['step_p50_ms']:9.3f} {r['total_p50_ms']:10.3f} {r['total_p99_ms']:10.3f}")
     return 0

@@ -73,6 +73,7 @@ class Engine:
         self._control_map = _control_map(settings)
         self._source_names: dict[int, str] = {}
         self._idle = asyncio.Event()
+        self._last_pump = 0.0  # when the pump last took a batch (monotonic)
         self._idle.set()
 
     # ---- wiring -----------------------------------------------------------------------------
@@ -123,6 +124,7 @@ class Engine:
             out: list[list] = []  # [data, future|None, player_velocity, t_arrival, music_t]
             asked = []
             t_pump = time.monotonic()
+            self._last_pump = t_pump
             self.metrics.observe("input_wait", t_pump - batch[0][0])  # arrival -> the pump has it
             for t, data, kind, source, music_t in batch:
                 entry = self._process(t, data, kind, source, music_t)
@@ -284,6 +286,18 @@ class Engine:
             await asyncio.sleep(0.01)
             self.metrics.observe("loop_lag", max(0.0, loop.time() - t0 - 0.01))
 
+    async def _keep_warm(self) -> None:
+        """Inline CPU worker: a scratch inference whenever the pump has been idle for
+        ``velocity.keep_warm_ms`` (see ``VelocityWorker.keep_warm``)."""
+        worker = self.velocity.worker
+        interval = self.settings.velocity.keep_warm_ms / 1000.0
+        if worker is None or not worker.inline or interval <= 0:
+            return
+        while True:
+            await asyncio.sleep(interval)
+            if time.monotonic() - self._last_pump >= interval and not self._queue:
+                worker.keep_warm()
+
     async def _watchdog(self) -> None:
         worker = self.velocity.worker
         if worker is None:
@@ -318,6 +332,7 @@ class Engine:
                     tg.create_task(self._stats(), name="stats"),
                     tg.create_task(self._loop_lag(), name="loop-lag"),
                     tg.create_task(self._watchdog(), name="watchdog"),
+                    tg.create_task(self._keep_warm(), name="keep-warm"),
                 ]
                 for make in extra_tasks:
                     tasks.append(tg.create_task(make(), name=getattr(make, "__name__", "extra")))
