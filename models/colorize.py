@@ -35,6 +35,7 @@ class Colorizer:
 
     def __init__(self, mode: str, *, seconds: float = 1.0, weights: Path | None = None, context_weights: Path | None = None):
         self.mode, self.seconds = mode, seconds
+        self.refiner = None
         if mode == "causal":
             from .velocity_causal import load_causal
 
@@ -43,6 +44,10 @@ class Colorizer:
             from .velocity_context import load_context
 
             self.model = load_context(context_weights)
+            if mode == "offline":  # the whole piece is known: the bidirectional refiner applies
+                from .velocity_refine import load_refiner
+
+                self.refiner = load_refiner(context_weights)
         else:
             raise CadenzaError(f"unknown colorize mode {mode!r} (causal, lookahead, offline)")
 
@@ -62,7 +67,7 @@ class Colorizer:
 
         sec = math.inf if self.mode == "offline" else self.seconds
         return predict_context_many(self.model, feats, [p.onset for p in perfs], [p.offset for p in perfs],
-                                    [p.pitch for p in perfs], [sec])[0]
+                                    [p.pitch for p in perfs], [sec], refiner=self.refiner)[0]
 
     def files(self, jobs: list[Job]) -> list[tuple[Job, int, str | None]]:
         """Colorize a group of files together; a file that fails gets its error, the rest go on."""

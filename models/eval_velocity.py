@@ -84,6 +84,14 @@ def evaluate(root: Path, split: str = "test", model: str = "all", *, limit: int 
             sweep_rows[f"{sec:g}"] = metrics(data, preds)
         if "1" in sweep_rows:
             rows["context (lookahead 1 s)"] = sweep_rows["1"]
+    if model in ("offline", "all") and weights_path("context").is_file():
+        from .velocity_refine import load_refiner
+
+        refiner = load_refiner()
+        if refiner is not None:
+            t = time.perf_counter()
+            rows["offline (context + refiner)"] = metrics(data, predict_split_context(load_context(), data, math.inf, refiner=refiner))
+            timing["offline"] = time.perf_counter() - t
     if model in ("unet", "all") and weights_path("unet").is_file():
         t = time.perf_counter()
         rows["U-Net (ours)"] = metrics(data, _unet_preds(root, data))

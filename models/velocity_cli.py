@@ -6,12 +6,12 @@ import argparse
 import json
 from pathlib import Path
 
-MODELS = ("causal", "context", "unet")
+MODELS = ("causal", "context", "offline", "unet")
 
 
 def register(groups: dict) -> None:
     p = groups["train"].add_parser("velocity", help="train a velocity model on MAESTRO (train split, selected on validation)")
-    p.add_argument("--model", choices=MODELS, default="causal", help="causal = live GRU; context = lookahead/offline; unet = the paper's baseline")
+    p.add_argument("--model", choices=MODELS, default="causal", help="causal = live GRU; context = lookahead/offline; offline = the bidirectional refiner on the context model (files); unet = the paper's baseline")
     p.add_argument("--epochs", type=int, default=100, help="upper bound; --minutes usually ends training first")
     p.add_argument("--minutes", type=float, default=20.0, help="wall-clock budget; the learning rate anneals to it")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (the machine is shared: 1 by default)")
@@ -67,6 +67,15 @@ def run_train(args: argparse.Namespace, settings) -> int:
                        epochs=args.epochs, command=" ".join(["cadenza"] + sys.argv[1:]),
                        **({"out_dir": args.out.parent} if args.out else {}))
         print(json.dumps({k: v for k, v in m.items() if not isinstance(v, list)}, default=str))
+        return 0
+    if args.model == "offline":
+        from .velocity_refine import train_refiner
+
+        m = train_refiner(settings.data.maestro, minutes=args.minutes, threads=args.threads, seed=args.seed,
+                          batch=args.batch, seq_len=args.seq_len, lr=args.lr, epoch_notes=args.epoch_notes, limit=args.limit,
+                          out=args.out, context=settings.velocity.context_weights)
+        print(f"best validation per-piece MAE {m['val_piece_mae']:.3f} (epoch {m['best_epoch']}; "
+              f"context model alone {m['val_piece_mae_context_alone']:.3f})")
         return 0
     from .train_velocity import train_velocity
 

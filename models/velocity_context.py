@@ -66,13 +66,14 @@ class ContextVelocityModel(nn.Module):
         h, _ = self.gru(e)
         return h, e
 
-    def readout(self, h, e, onset, offset, pitch, seconds, lo: int = 0, hi: int | None = None) -> torch.Tensor:
+    def readout(self, h, e, onset, offset, pitch, seconds, lo: int = 0, hi: int | None = None, hidden: bool = False):
         """Velocities (B, hi-lo) of notes lo..hi-1, from states (B, T, H) and note arrays (B, T).
 
         ``onset``/``offset`` are float64 seconds (offset = inf for a key not yet released),
         ``seconds`` (B,) the lookahead per row (inf = whole piece). Queries lo..hi-1 attend to
         keys klo..khi-1 densely (one matrix product) under a band mask; that is much faster on a
-        CPU than gathering a neighbour window per note.
+        CPU than gathering a neighbour window per note. ``hidden=True`` also returns the output
+        layer's hidden activations (B, hi-lo, head), what the offline refiner builds on.
         """
         B, T, _ = h.shape
         hi = T if hi is None else hi
@@ -106,8 +107,9 @@ class ContextVelocityModel(nn.Module):
         # What the neighbours' pair features say (durations known at the horizon, ...), averaged
         # with the attention weights of all heads: (B, n, h, m) @ (B, n, m, P).
         pctx = (att.transpose(1, 2) @ pair).reshape(B, -1, nh * N_PAIR)
-        y = self.out(torch.cat([h[:, lo:hi], e[:, lo:hi], ctx, pctx], -1)).squeeze(-1)
-        return 64.0 + 32.0 * y
+        z = self.out[1](self.out[0](torch.cat([h[:, lo:hi], e[:, lo:hi], ctx, pctx], -1)))
+        v = 64.0 + 32.0 * self.out[2](z).squeeze(-1)
+        return (v, z) if hidden else v
 
     def forward(self, x, onset, offset, pitch, seconds) -> torch.Tensor:
         h, e = self.backbone(x)
@@ -146,11 +148,14 @@ def predict_window(model: ContextVelocityModel, features: np.ndarray, onset: np.
 
 
 def predict_context_many(model: ContextVelocityModel, features: list[np.ndarray], onset: list, offset: list, pitch: list,
-                         seconds: list[float], batch: int = 16) -> list[list[np.ndarray]]:
+                         seconds: list[float], batch: int = 16, refiner=None) -> list[list[np.ndarray]]:
     """Many pieces at several lookaheads: ``out[s][k]`` is piece k at ``seconds[s]``. Backbones run
     over padded batches of pieces (padding only trails, and the backbone is causal, so the result
-    is exact); the readout runs per piece in chunks of ``READOUT_CHUNK`` notes."""
+    is exact); the readout runs per piece in chunks of ``READOUT_CHUNK`` notes. With a
+    ``refiner`` (``velocity_refine``), the offline (``inf``) results go through it, a padded
+    batch at a time."""
     from .velocity_causal import padded, padded_batches
+    from .velocity_refine import refine_many
 
     model.eval()
     out: list[list] = [[np.zeros(0)] * len(features) for _ in seconds]
@@ -159,6 +164,7 @@ def predict_context_many(model: ContextVelocityModel, features: list[np.ndarray]
             if len(features[ks[-1]]) == 0:
                 continue
             h, e = model.backbone(padded(features, ks))
+            to_refine: dict[int, tuple[int, torch.Tensor]] = {}  # piece -> (lookahead index, vz)
             for r, k in enumerate(ks):
                 n = len(features[k])
                 if n == 0:
@@ -168,18 +174,30 @@ def predict_context_many(model: ContextVelocityModel, features: list[np.ndarray]
                 p = torch.from_numpy(np.asarray(pitch[k], np.float32))[None]
                 for si, sec in enumerate(seconds):
                     st = torch.tensor([float(sec)])
-                    v = torch.cat([model.readout(h[r : r + 1, :n], e[r : r + 1, :n], on, off, p, st, lo, min(lo + READOUT_CHUNK, n))
-                                   for lo in range(0, n, READOUT_CHUNK)], 1)
+                    refine = refiner is not None and math.isinf(sec)
+                    parts = [model.readout(h[r : r + 1, :n], e[r : r + 1, :n], on, off, p, st, lo, min(lo + READOUT_CHUNK, n), hidden=refine)
+                             for lo in range(0, n, READOUT_CHUNK)]
+                    if refine:
+                        v = torch.cat([a for a, _ in parts], 1)[0]
+                        z = torch.cat([b for _, b in parts], 1)[0]
+                        to_refine[k] = (si, torch.cat([((v - 64.0) / 32.0)[:, None], z], 1))
+                        continue
+                    v = torch.cat(parts, 1)
                     out[si][k] = v[0].clamp(1.0, 127.0).numpy().astype(np.float64)
+            if to_refine:
+                ids = list(to_refine)
+                ys = refine_many(refiner, [to_refine[k][1] for k in ids], [features[k] for k in ids])
+                for k, y in zip(ids, ys):
+                    out[to_refine[k][0]][k] = y.clamp(1.0, 127.0).numpy().astype(np.float64)
     return out
 
 
-def predict_split_context(model: ContextVelocityModel, data, seconds: float | list[float], batch: int = 16):
+def predict_split_context(model: ContextVelocityModel, data, seconds: float | list[float], batch: int = 16, refiner=None):
     """Every piece of a preprocessed split (``velocity_data.SplitData``) at one lookahead (a list
     of arrays) or at several (a list per lookahead)."""
     many = isinstance(seconds, (list, tuple))
     secs = list(seconds) if many else [seconds]
     pieces = [data.piece(k) for k in range(data.n_pieces)]
     out = predict_context_many(model, [data.features[s] for s in pieces], [data.onset[s] for s in pieces],
-                               [data.offset[s] for s in pieces], [data.pitch[s] for s in pieces], secs, batch)
+                               [data.offset[s] for s in pieces], [data.pitch[s] for s in pieces], secs, batch, refiner)
     return out if many else out[0]
