@@ -117,9 +117,11 @@ def atomic_path(out: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=suffix or out.suffix, dir=out.parent)
     os.close(fd)
     tmp_path = Path(tmp)
-    os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs get the usual permissions
     try:
         yield tmp_path
+        # mkstemp makes 0600, and some writers (safetensors) recreate the file: give the output
+        # the usual permissions once it is written.
+        os.chmod(tmp_path, 0o666 & ~_UMASK)
         os.replace(tmp_path, out)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
