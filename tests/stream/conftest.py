@@ -149,7 +149,9 @@ def running_service(mode: str, **sections):
 @pytest.fixture(params=["inline", "thread"])
 def colorize_service(jack_server, request):
     """The colorize service with the model run inline on the loop (the CPU default) and in its
-    own thread (the GPU default): both must behave the same."""
+    own thread (the GPU default): both must behave the same. The inline one runs with keep-warm
+    ticks on (they must not change any answer)."""
     # A generous deadline: these tests check what comes out, not how fast, on a busy CI machine.
-    with running_service("colorize", velocity={"deadline_ms": 20.0, "worker": request.param}) as parts:
+    velocity = {"deadline_ms": 20.0, "worker": request.param, "keep_warm_ms": 1.0 if request.param == "inline" else 0.0}
+    with running_service("colorize", velocity=velocity) as parts:
         yield parts
