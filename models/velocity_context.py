@@ -147,43 +147,59 @@ def predict_window(model: ContextVelocityModel, features: np.ndarray, onset: np.
     return v[np.asarray(targets)]
 
 
-def predict_context_many(model: ContextVelocityModel, features: list[np.ndarray], onset: list, offset: list, pitch: list,
-                         seconds: list[float], batch: int = 16, refiner=None) -> list[list[np.ndarray]]:
-    """Many pieces at several lookaheads: ``out[s][k]`` is piece k at ``seconds[s]``. Backbones run
-    over padded batches of pieces (padding only trails, and the backbone is causal, so the result
-    is exact); the readout runs per piece in chunks of ``READOUT_CHUNK`` notes. With a
-    ``refiner`` (``velocity_refine``), the offline (``inf``) results go through it, a padded
-    batch at a time."""
+def readout_groups(model: ContextVelocityModel, features: list[np.ndarray], onset: list, offset: list, pitch: list, batch: int = 16):
+    """Yield, per padded batch of pieces, ``[(k, read)]``: ``read(seconds)`` is piece k's readout
+    (velocities (n,), unclamped) at that lookahead; ``read(seconds, hidden=True)`` is (n, 1 + head),
+    (velocity - 64) / 32 beside the readout's hidden layer, what the offline refiner reads.
+    Backbones run over padded batches of pieces (padding only trails, and the backbone is causal,
+    so the result is exact); the readout runs per piece in chunks of ``READOUT_CHUNK`` notes.
+    Call it under ``torch.inference_mode()``."""
     from .velocity_causal import padded, padded_batches
-    from .velocity_refine import refine_many
 
     model.eval()
+    for ks in padded_batches([len(f) for f in features], batch):
+        if len(features[ks[-1]]) == 0:
+            continue
+        h, e = model.backbone(padded(features, ks))
+        group = []
+        for r, k in enumerate(ks):
+            n = len(features[k])
+            if n == 0:
+                continue
+            on = torch.from_numpy(np.asarray(onset[k], np.float64))[None]
+            off = torch.from_numpy(np.asarray(offset[k], np.float64))[None]
+            p = torch.from_numpy(np.asarray(pitch[k], np.float32))[None]
+
+            def read(sec: float, hidden: bool = False, h=h, e=e, r=r, n=n, on=on, off=off, p=p) -> torch.Tensor:
+                st = torch.tensor([float(sec)])
+                parts = [model.readout(h[r : r + 1, :n], e[r : r + 1, :n], on, off, p, st, lo, min(lo + READOUT_CHUNK, n), hidden=hidden)
+                         for lo in range(0, n, READOUT_CHUNK)]
+                if not hidden:
+                    return torch.cat(parts, 1)[0]
+                v = torch.cat([a for a, _ in parts], 1)[0]
+                return torch.cat([((v - 64.0) / 32.0)[:, None], torch.cat([z for _, z in parts], 1)[0]], 1)
+
+            group.append((k, read))
+        yield group
+
+
+def predict_context_many(model: ContextVelocityModel, features: list[np.ndarray], onset: list, offset: list, pitch: list,
+                         seconds: list[float], batch: int = 16, refiner=None) -> list[list[np.ndarray]]:
+    """Many pieces at several lookaheads: ``out[s][k]`` is piece k at ``seconds[s]`` (see
+    :func:`readout_groups`). With a ``refiner`` (``velocity_refine``), the offline (``inf``)
+    results go through it, a padded batch at a time."""
+    from .velocity_refine import refine_many
+
     out: list[list] = [[np.zeros(0)] * len(features) for _ in seconds]
     with torch.inference_mode():
-        for ks in padded_batches([len(f) for f in features], batch):
-            if len(features[ks[-1]]) == 0:
-                continue
-            h, e = model.backbone(padded(features, ks))
-            to_refine: dict[int, tuple[int, torch.Tensor]] = {}  # piece -> (lookahead index, vz)
-            for r, k in enumerate(ks):
-                n = len(features[k])
-                if n == 0:
-                    continue
-                on = torch.from_numpy(np.asarray(onset[k], np.float64))[None]
-                off = torch.from_numpy(np.asarray(offset[k], np.float64))[None]
-                p = torch.from_numpy(np.asarray(pitch[k], np.float32))[None]
+        for group in readout_groups(model, features, onset, offset, pitch, batch):
+            to_refine: dict[int, tuple[int, torch.Tensor]] = {}  # piece -> (lookahead index, refiner input)
+            for k, read in group:
                 for si, sec in enumerate(seconds):
-                    st = torch.tensor([float(sec)])
-                    refine = refiner is not None and math.isinf(sec)
-                    parts = [model.readout(h[r : r + 1, :n], e[r : r + 1, :n], on, off, p, st, lo, min(lo + READOUT_CHUNK, n), hidden=refine)
-                             for lo in range(0, n, READOUT_CHUNK)]
-                    if refine:
-                        v = torch.cat([a for a, _ in parts], 1)[0]
-                        z = torch.cat([b for _, b in parts], 1)[0]
-                        to_refine[k] = (si, torch.cat([((v - 64.0) / 32.0)[:, None], z], 1))
-                        continue
-                    v = torch.cat(parts, 1)
-                    out[si][k] = v[0].clamp(1.0, 127.0).numpy().astype(np.float64)
+                    if refiner is not None and math.isinf(sec):
+                        to_refine[k] = (si, read(sec, hidden=True))
+                    else:
+                        out[si][k] = read(sec).clamp(1.0, 127.0).numpy().astype(np.float64)
             if to_refine:
                 ids = list(to_refine)
                 ys = refine_many(refiner, [to_refine[k][1] for k in ids], [features[k] for k in ids])

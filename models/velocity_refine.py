@@ -24,10 +24,8 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from cadenza.errors import ModelError
-
 from .velocity_features import N_FEATURES
-from .velocity_weights import load_weights, weights_path
+from .velocity_weights import build_model, load_weights, weights_path
 
 log = logging.getLogger(__name__)
 
@@ -84,12 +82,7 @@ def load_refiner(context_path: Path | None = None, path: Path | None = None, dev
     if doc.get("context_sha256") != file_sha256(context_path):
         log.warning("%s was trained on other context weights than %s; offline runs without it", path.name, context_path.name)
         return None
-    model = OfflineRefiner(RefinerConfig(**doc["config"]))
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:
-        raise ModelError(f"offline refiner weights do not match their config ({str(exc).splitlines()[0]})") from None
-    return model.to(device).eval()
+    return build_model("offline refiner", OfflineRefiner, RefinerConfig, state, doc, device)
 
 
 def refine_many(refiner: OfflineRefiner, vz: list[torch.Tensor], x: list[np.ndarray]) -> list[torch.Tensor]:
@@ -111,25 +104,15 @@ def context_inputs(model, data, batch: int = 16) -> np.ndarray:
     (velocity - 64) / 32, unclamped, and its readout hidden layer — what the refiner reads."""
     import math
 
-    from .velocity_causal import padded, padded_batches
-    from .velocity_context import READOUT_CHUNK
+    from .velocity_context import readout_groups
 
     out = np.zeros((len(data.onset), 1 + model.cfg.head), np.float16)
-    feats = [data.features[data.piece(k)] for k in range(data.n_pieces)]
-    model.eval()
+    pieces = [data.piece(k) for k in range(data.n_pieces)]
     with torch.inference_mode():
-        for ks in padded_batches([len(f) for f in feats], batch):
-            h, e = model.backbone(padded(feats, ks))
-            for r, k in enumerate(ks):
-                s = data.piece(k)
-                n = s.stop - s.start
-                on, off = torch.from_numpy(data.onset[s])[None], torch.from_numpy(data.offset[s])[None]
-                p = torch.from_numpy(data.pitch[s].astype(np.float32))[None]
-                st = torch.tensor([math.inf])
-                parts = [model.readout(h[r : r + 1, :n], e[r : r + 1, :n], on, off, p, st, lo, min(lo + READOUT_CHUNK, n), hidden=True)
-                         for lo in range(0, n, READOUT_CHUNK)]
-                out[s, 0] = ((torch.cat([v for v, _ in parts], 1)[0] - 64.0) / 32.0).numpy()
-                out[s, 1:] = torch.cat([z for _, z in parts], 1)[0].numpy()
+        for group in readout_groups(model, [data.features[s] for s in pieces], [data.onset[s] for s in pieces],
+                                    [data.offset[s] for s in pieces], [data.pitch[s] for s in pieces], batch):
+            for k, read in group:
+                out[pieces[k]] = read(math.inf, hidden=True).numpy()
     return out
 
 

@@ -58,9 +58,15 @@ def load_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
 def load_model(name: str, model_cls, config_cls, path: Path | None = None, device: str = "cpu") -> torch.nn.Module:
     """Build ``model_cls(config_cls(**config))`` from ``velocity_<name>`` weights, in eval mode."""
     state, doc = load_weights(Path(path) if path else weights_path(name))
+    return build_model(f"{name} velocity", model_cls, config_cls, state, doc, device)
+
+
+def build_model(what: str, model_cls, config_cls, state: dict, doc: dict, device: str = "cpu") -> torch.nn.Module:
+    """``model_cls(config_cls(**doc["config"]))`` with ``state`` loaded, in eval mode; a one-line
+    ModelError naming ``what`` when they do not fit."""
     model = model_cls(config_cls(**doc["config"]))
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
-        raise ModelError(f"{name} velocity weights do not match their config ({str(exc).splitlines()[0]})") from None
+        raise ModelError(f"{what} weights do not match their config ({str(exc).splitlines()[0]})") from None
     return model.to(device).eval()

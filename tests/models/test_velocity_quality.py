@@ -43,15 +43,20 @@ def _score(maestro_root, predict):
     return float(np.mean(model_mae)), float(np.mean(const_mae))
 
 
+def _keeps_half_its_gain(maestro_root, key: str, predict) -> None:
+    """The rule of the module docstring for the model whose full-test figure is FULL_TEST[key]."""
+    mae, const = _score(maestro_root, predict)
+    gain = CONST_FULL - FULL_TEST[key]
+    assert mae <= const - gain / 2, f"{key} {mae:.2f} vs constant-64 {const:.2f} on the five pieces"
+
+
 @pytest.mark.maestro
 def test_causal_beats_constant(maestro_root):
     from cadenza.models.velocity_causal import load_causal, predict_causal
 
     torch.set_num_threads(1)
     model = load_causal()
-    mae, const = _score(maestro_root, lambda p: predict_causal(model, p))
-    gain = CONST_FULL - FULL_TEST["causal"]
-    assert mae <= const - gain / 2, f"causal {mae:.2f} vs constant-64 {const:.2f} on the five pieces"
+    _keeps_half_its_gain(maestro_root, "causal", lambda p: predict_causal(model, p))
 
 
 @pytest.mark.maestro
@@ -61,9 +66,7 @@ def test_context_offline_beats_constant(maestro_root):
 
     torch.set_num_threads(1)
     model = load_context()
-    mae, const = _score(maestro_root, lambda p: predict_offline(model, p))
-    gain = CONST_FULL - FULL_TEST["context"]
-    assert mae <= const - gain / 2, f"context offline {mae:.2f} vs constant-64 {const:.2f} on the five pieces"
+    _keeps_half_its_gain(maestro_root, "context", lambda p: predict_offline(model, p))
 
 
 @pytest.mark.maestro
@@ -74,6 +77,4 @@ def test_offline_with_refiner_beats_constant(maestro_root):
     torch.set_num_threads(1)
     colorizer = Colorizer("offline")
     assert colorizer.refiner is not None
-    mae, const = _score(maestro_root, colorizer.velocities)
-    gain = CONST_FULL - FULL_TEST["offline"]
-    assert mae <= const - gain / 2, f"offline {mae:.2f} vs constant-64 {const:.2f} on the five pieces"
+    _keeps_half_its_gain(maestro_root, "offline", colorizer.velocities)
