@@ -29,3 +29,7 @@ class ModelError(CadenzaError):
 
 class AudioError(CadenzaError):
     """No SoundFont, or the audio device cannot be opened."""
+
+
+class BrokerError(CadenzaError):
+    """The MQTT broker cannot be reached."""

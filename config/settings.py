@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 from cadenza.errors import ConfigError
@@ -112,6 +112,24 @@ class AudioSettings(_Section):
     gain: float = Field(0.5, gt=0, le=5)
 
 
+class MqttSettings(_Section):
+    """The headless daemon's transport (``cadenza serve --transport mqtt``) and the bridge's."""
+
+    host: str = Field("localhost", min_length=1, description="MQTT broker host")
+    port: int = Field(1883, ge=1, le=65535, description="MQTT broker port")
+    username: str | None = Field(None, description="broker user name (none: anonymous)")
+    password: SecretStr | None = Field(None, description="broker password; set it through CADENZA_MQTT__PASSWORD rather than a file")
+    topic_prefix: str = Field("cadenza", pattern=r"^[A-Za-z0-9_.\-/]+$", description="first topic level(s): PREFIX/SESSION/in, /out, /bye")
+    client_id: str | None = Field(None, description="MQTT client id (default: cadenza-HOST-PID)")
+    keepalive_s: int = Field(30, ge=5, le=3600, description="MQTT keepalive; a silent peer is declared gone after 1.5x this")
+    out_qos: int = Field(0, ge=0, le=1, description="QoS of outgoing MIDI (0: lowest latency)")
+    max_sessions: int = Field(256, ge=1, le=100_000, description="sessions beyond this many are refused (their input dropped and counted)")
+    session_idle_s: float = Field(300.0, ge=0, description="a session with no input for this long is ended (notes released, state freed); 0 = never")
+    max_payload_bytes: int = Field(262_144, ge=16, le=1 << 24, description="larger payloads are dropped and counted")
+    reconnect_interval_s: float = Field(2.0, gt=0, le=300, description="wait between reconnection attempts after the broker is lost")
+    connect_timeout_s: float = Field(5.0, gt=0, le=120, description="how long the first connection may take before the command fails")
+
+
 class DataSettings(_Section):
     root: Path = Field(default_factory=lambda: _default_data_root(), description="folder holding maestro-v2.0.0/ and pop909/")
 
@@ -144,6 +162,7 @@ class Settings(BaseSettings):
     continuation: ContinueSettings = ContinueSettings()
     controls: ControlSettings = ControlSettings()
     audio: AudioSettings = AudioSettings()
+    mqtt: MqttSettings = MqttSettings()
     data: DataSettings = DataSettings()
 
     @classmethod
@@ -224,7 +243,9 @@ def to_toml(settings: Settings) -> str:
         lines.append("")
         lines.append(f"[{section}]")
         for k, v in values.items():
-            if v is None:
+            if isinstance(getattr(getattr(settings, section), k), SecretStr):
+                lines.append(f"# {k} = (set, not shown)")
+            elif v is None:
                 lines.append(f"# {k} = (unset)")
             else:
                 lines.append(f"{k} = {_toml_value(v)}")

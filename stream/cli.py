@@ -28,8 +28,22 @@ def register(groups) -> None:
     s.add_argument("--deadline-ms", type=float, help="per-note model deadline")
     s.add_argument("--lookahead", type=float, metavar="SECONDS", help="with --mode lookahead: delay output by exactly this much")
     s.add_argument("--audio", action="store_true", help="also play the output through FluidSynth")
+    s.add_argument("--transport", choices=["ports", "mqtt"], default="ports", help="ports: one performer on MIDI ports (default); mqtt: the headless daemon, sessions from `cadenza bridge` over an MQTT broker")
+    s.add_argument("--mqtt-host", metavar="HOST", help="MQTT broker host (mqtt.host)")
+    s.add_argument("--mqtt-port", type=int, metavar="PORT", help="MQTT broker port (mqtt.port)")
     s.add_argument("--metrics-json", metavar="FILE", help="write the final metrics here on exit (used by `cadenza bench`)")
     s.set_defaults(func=_serve, prepare=_serve_overrides)
+
+    b = root.add_parser("bridge", help="connect local MIDI ports to a session of a `serve --transport mqtt` daemon")
+    b.add_argument("--session", required=True, metavar="NAME", help="session name (1-64 of A-Z a-z 0-9 _ . -), unique per performer")
+    b.add_argument("--mqtt-host", metavar="HOST", help="MQTT broker host (mqtt.host)")
+    b.add_argument("--mqtt-port", type=int, metavar="PORT", help="MQTT broker port (mqtt.port)")
+    b.add_argument("--in", dest="in_port", metavar="NAME", help="input port: a virtual port name, or with --attach-in an existing port (name or /regex/)")
+    b.add_argument("--out", dest="out_port", metavar="NAME", help="output port name (virtual, or existing with --attach-out)")
+    b.add_argument("--attach-in", action="store_true", default=None, help="attach to an existing input port instead of creating one")
+    b.add_argument("--attach-out", action="store_true", default=None, help="attach to an existing output port instead of creating one")
+    b.add_argument("--midi-api", choices=["auto", "alsa", "jack", "coremidi", "winmm"], help="MIDI backend (default: auto)")
+    b.set_defaults(func=_bridge, prepare=_bridge_overrides)
 
 
 def _ports(args, settings) -> int:
@@ -55,7 +69,29 @@ def _ports(args, settings) -> int:
     return 0
 
 
+def _mqtt_overrides(args) -> None:
+    add_override(args, "mqtt", "host", args.mqtt_host)
+    add_override(args, "mqtt", "port", args.mqtt_port)
+
+
+def _bridge_overrides(args) -> None:
+    for key, value in (("in_port", args.in_port), ("out_port", args.out_port), ("attach_in", args.attach_in), ("attach_out", args.attach_out), ("api", args.midi_api)):
+        add_override(args, "midi", key, value)
+    _mqtt_overrides(args)
+
+
+def _bridge(args, settings) -> int:
+    import sys
+
+    from cadenza.stream.mqtt import run_bridge
+
+    counts = asyncio.run(run_bridge(settings, args.session))
+    print("cadenza: bridge summary: " + ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in counts.items()), file=sys.stderr)
+    return 0
+
+
 def _serve_overrides(args) -> None:
+    _mqtt_overrides(args)
     for key, value in (("in_port", args.in_port), ("out_port", args.out_port), ("attach_in", args.attach_in), ("attach_out", args.attach_out), ("api", args.midi_api)):
         add_override(args, "midi", key, value)
     add_override(args, "velocity", "mode", args.velocity_mode)
@@ -67,7 +103,15 @@ def _serve_overrides(args) -> None:
 def _serve(args, settings) -> int:
     from cadenza.stream.serve import print_summary, serve
 
-    snapshot = asyncio.run(serve(settings, mode=args.mode, audio=args.audio))
+    if args.transport == "mqtt":
+        from cadenza.errors import ConfigError
+        from cadenza.stream.mqtt import serve_mqtt
+
+        if args.audio:
+            raise ConfigError("--audio plays one performer's output; with --transport mqtt each bridge plays its own")
+        snapshot = asyncio.run(serve_mqtt(settings, mode=args.mode))
+    else:
+        snapshot = asyncio.run(serve(settings, mode=args.mode, audio=args.audio))
     print_summary(snapshot)
     if args.metrics_json:
         import json

@@ -36,6 +36,9 @@ log = logging.getLogger(__name__)
 
 
 class Sink(Protocol):
+    """Where output goes. A sink that serves several sources (the MQTT transport, one topic per
+    session) sets ``routed = True`` and gets ``send_from(source, data)`` instead of ``send``."""
+
     name: str
 
     def send(self, data: bytes) -> None: ...
@@ -57,7 +60,8 @@ class Engine:
         self.settings = settings
         self.sinks = list(sinks)
         self.metrics = Metrics()
-        self.ledger = NoteLedger()
+        self.ledger = NoteLedger()  # source 0's (the ports'); other sources get their own
+        self._ledgers: dict[int, NoteLedger] = {0: self.ledger}
         self.clock = MidiClock()
         self.velocity = VelocityStage(settings.velocity, velocity_worker)
         self.realtime = realtime
@@ -121,7 +125,7 @@ class Engine:
             while self._queue and len(batch) < 256:
                 batch.append(self._queue.popleft())
             self.metrics.gauge("queue_depth", len(self._queue))
-            out: list[list] = []  # [data, future|None, player_velocity, t_arrival, music_t]
+            out: list[list] = []  # [data, future|None, player_velocity, t_arrival, music_t, source]
             asked = []
             t_pump = time.monotonic()
             self._last_pump = t_pump
@@ -144,7 +148,7 @@ class Engine:
                 timeout = max(0.0, earliest + self.velocity.deadline_s - t_submit)
                 await asyncio.wait(waiting, timeout=timeout)
                 self.metrics.observe("model", loop.time() - t_submit)
-            for data, fut, player_vel, t, music_t in out:
+            for data, fut, player_vel, t, music_t, source in out:
                 if fut is not None:
                     value = None
                     if not is_down(fut) and fut.done() and not fut.cancelled():
@@ -153,7 +157,7 @@ class Engine:
                         # no answer in time (or an inline answer that took longer than the deadline)
                         self.metrics.inc("deadline_miss")
                     data = bytes((data[0], data[1], self.velocity.combine(player_vel, value)))
-                self._emit(music_t, data, None)
+                self._emit(music_t, data, None, source)
                 self.metrics.observe("internal", time.monotonic() - t)
 
     def _session(self, source: int, channel: int) -> ChannelState:
@@ -168,9 +172,9 @@ class Engine:
         """Update state for one input message; return its output entry, or None if consumed."""
         if kind is Kind.CLOCK or kind is Kind.TRANSPORT or (kind is Kind.COMMON and data[0] == 0xF2):
             self.clock.handle(music_t, data)
-            return [data, None, 0, t, music_t]
+            return [data, None, 0, t, music_t, source]
         if kind > Kind.PITCH_BEND:
-            return [data, None, 0, t, music_t]
+            return [data, None, 0, t, music_t, source]
         ch = data[0] & 0x0F
         session = (source, ch)
         st = self._session(source, ch)
@@ -185,13 +189,13 @@ class Engine:
             if cr is not None:
                 cr.performer_note_on(music_t)
             fut = self.velocity.request(session, music_t, data[1], data[2])
-            return [data, fut, data[2], t, music_t]
+            return [data, fut, data[2], t, music_t, source]
         if kind is Kind.NOTE_OFF:
             st.roll.note_off(music_t, data[1])
             self.velocity.note_off(session, music_t, data[1])
             if cr is not None:
                 cr.performer_event(music_t, data, note_off=True)
-            return [data, None, 0, t, music_t]
+            return [data, None, 0, t, music_t, source]
         if kind is Kind.CONTROL:
             handler = self._control_map.get(data[1])
             ctl_ch = self.settings.controls.channel
@@ -207,7 +211,7 @@ class Engine:
                     cr.performer_event(music_t, data)
             elif cr is not None and cr.is_end_cc(data):
                 cr.end_call(music_t)
-        return [data, None, 0, t, music_t]
+        return [data, None, 0, t, music_t, source]
 
     def _is_control(self, data: bytes, kind: Kind, ch: int) -> bool:
         ctl_ch = self.settings.controls.channel
@@ -229,10 +233,12 @@ class Engine:
 
     # ---- output -----------------------------------------------------------------------------
 
-    def _emit(self, music_t: float, data: bytes, tag: object) -> None:
-        for sink in self.sinks:
-            sink.send(data)
-        self.ledger.track(data)
+    def _emit(self, music_t: float, data: bytes, tag: object, source: int = 0) -> None:
+        self._send(source, data)
+        ledger = self.ledger if source == 0 else self._ledgers.get(source)
+        if ledger is None:
+            ledger = self._ledgers[source] = NoteLedger()
+        ledger.track(data)
         self.metrics.inc("out")
         for hook in self.emit_hooks:
             hook(music_t, data, tag)
@@ -252,19 +258,41 @@ class Engine:
                 return
         self._emit(due, data, tag)
 
-    def panic(self, reason: str) -> None:
-        """Release every sounding note (matching note-offs, then CC 123) and cancel responses."""
-        if self.call_response is not None:
-            self.call_response.cancel_response(release=False)
-        owed = self.ledger.release_all()
-        if owed:
-            log.info("panic (%s): releasing %d", reason, sum(1 for d in owed if d[0] & 0xF0 == 0x80))
-        for data in owed:
-            for sink in self.sinks:
+    def _send(self, source: int, data: bytes) -> None:
+        for sink in self.sinks:
+            if getattr(sink, "routed", False):
+                sink.send_from(source, data)
+            else:
                 sink.send(data)
-            for hook in self.emit_hooks:
-                hook(self.now_music(), data, "panic")
+
+    def panic(self, reason: str, source: int | None = None) -> None:
+        """Release every sounding note (matching note-offs, then CC 123) and cancel responses;
+        with ``source``, only what that source's notes left sounding."""
+        if self.call_response is not None and source in (None, 0):
+            self.call_response.cancel_response(release=False)
+        released = 0
+        for src, ledger in list(self._ledgers.items()):
+            if source is not None and src != source:
+                continue
+            owed = ledger.release_all()
+            released += sum(1 for d in owed if d[0] & 0xF0 == 0x80)
+            for data in owed:
+                self._send(src, data)
+                for hook in self.emit_hooks:
+                    hook(self.now_music(), data, "panic")
+        if released:
+            log.info("panic (%s): releasing %d", reason, released)
         self.metrics.inc("panics")
+
+    def forget_source(self, source: int, reason: str) -> None:
+        """A source went away (a remote session said goodbye or timed out): release what its
+        notes left sounding and drop its per-channel state, model state included."""
+        self.panic(reason, source=source)
+        if source != 0:
+            self._ledgers.pop(source, None)
+        for key in [k for k in self._channels if k[0] == source]:
+            del self._channels[key]
+            self.velocity.forget(key)
 
     def now_music(self) -> float:
         return self._loop.time() if self._loop is not None else time.monotonic()

@@ -94,3 +94,28 @@ def note_off(ch: int, pitch: int) -> bytes:
 
 def control(ch: int, cc: int, value: int) -> bytes:
     return bytes((0xB0 | ch, cc, value))
+
+
+def split_messages(payload: bytes) -> list[bytes]:
+    """Cut a byte stream of complete messages (status byte each, no running status) into
+    messages. Nothing is validated here: a stray run of data bytes, or a message cut short by
+    the next status byte, comes out as its own chunk, which :func:`classify` then rejects — so
+    a malformed stretch costs one counted drop and the messages after it still get through."""
+    out: list[bytes] = []
+    i, n = 0, len(payload)
+    while i < n:
+        status = payload[i]
+        j = i + 1
+        if status < 0x80 or status == 0xF0:  # stray data bytes, or SysEx up to its F7
+            while j < n and payload[j] < 0x80:
+                j += 1
+            if status == 0xF0 and j < n and payload[j] == 0xF7:
+                j += 1
+        else:
+            spec = _CHANNEL.get(status & 0xF0) if status < 0xF0 else _SYSTEM.get(status)
+            end = i + (spec[1] if spec else 1)
+            while j < min(end, n) and payload[j] < 0x80:
+                j += 1
+        out.append(payload[i:j])
+        i = j
+    return out

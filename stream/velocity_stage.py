@@ -74,6 +74,12 @@ class VelocityStage:
         if self.worker is not None and self.worker.alive:
             self.worker.pedal(session, t, value)
 
+    def forget(self, session: Any) -> None:
+        """Drop everything kept for a session that has ended."""
+        self._recent.pop(session, None)
+        if self.worker is not None and self.worker.alive:
+            self.worker.reset(session)
+
 
 class _Down:
     """Marker: the worker is down, use the fallback at once (counted as a miss)."""
