@@ -117,6 +117,7 @@ class CallResponse:
         self._cancel: threading.Event | None = None
         self._phrase_end_wall: float | None = None
         self._sounding: set[tuple[int, int]] = set()
+        self._pedal: set[int] = set()  # channels where the answer holds the sustain pedal down
         self._ducked = False
         self._start_t = 0.0
         self._shift: float | None = None  # first note's sampled delay, removed from the answer
@@ -258,6 +259,11 @@ class CallResponse:
                 self._phrase_end_wall = None
         elif kind == 0x80 or kind == 0x90:
             self._sounding.discard((data[0] & 0x0F, data[1]))
+        elif kind == 0xB0 and data[1] == 64:
+            if data[2] >= 64:
+                self._pedal.add(data[0] & 0x0F)
+            else:
+                self._pedal.discard(data[0] & 0x0F)
         return data
 
     def _on_done(self, gen_id: int) -> None:
@@ -283,7 +289,8 @@ class CallResponse:
         self.cancel_response(release=True)
 
     def cancel_response(self, *, release: bool) -> None:
-        """Stop the response in flight; with ``release``, send note-offs for its sounding notes."""
+        """Stop the response in flight; with ``release``, send note-offs for its sounding notes
+        and lift the pedal if it pressed it (a cut-short answer never gets its own release)."""
         if self._gen is None:
             return
         gen_id = self._gen
@@ -293,7 +300,10 @@ class CallResponse:
         if release:
             for ch, pitch in sorted(self._sounding):
                 self.engine._emit(self.engine.now_music(), bytes((0x80 | ch, pitch, 0)), "release")
+            for ch in sorted(self._pedal):
+                self.engine._emit(self.engine.now_music(), bytes((0xB0 | ch, 64, 0)), "release")
         self._sounding.clear()
+        self._pedal.clear()
         self._finish()
 
     # ---- performer controls -----------------------------------------------------------------

@@ -20,6 +20,15 @@ def test_ledger_releases_exactly_what_sounds():
     assert led.sounding == 0 and led.release_all() == []
 
 
+def test_ledger_lifts_a_pedal_left_down():
+    led = NoteLedger()
+    for d in (b"\xb1\x40\x7f", b"\x91\x3c\x40", b"\x81\x3c\x00", b"\xb2\x40\x7f", b"\xb2\x40\x00"):
+        led.track(d)
+    # the note is released but rings on under channel 1's pedal; channel 2's pedal is up already
+    assert led.release_all() == [b"\xb1\x40\x00", b"\xb1\x7b\x00", b"\xb2\x7b\x00"]
+    assert led.release_all() == []
+
+
 def test_history_ring_keeps_the_last_events_in_order():
     h = EventHistory(capacity=8)
     for i in range(20):

@@ -74,6 +74,17 @@ def sounding(messages: list[bytes]) -> dict[tuple[int, int], int]:
     return {k: v for k, v in on.items() if v}
 
 
+def pedal_down(messages: list[bytes]) -> set[int]:
+    """Channels whose sustain pedal (CC 64) is left down after a message stream."""
+    down: set[int] = set()
+    for m in messages:
+        if m[0] & 0xF0 == 0xB0 and len(m) == 3 and m[1] == 64:
+            (down.add if m[2] >= 64 else down.discard)(m[0] & 15)
+        elif m[0] & 0xF0 == 0xB0 and len(m) == 3 and m[1] == 121:
+            down.discard(m[0] & 15)
+    return down
+
+
 class LiveService:
     """`serve` running in a thread of this process (its own event loop)."""
 

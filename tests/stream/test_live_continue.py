@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from .conftest import Listener, Player, running_service, sounding
+from .conftest import Listener, Player, pedal_down, running_service, sounding
 
 pytestmark = pytest.mark.jack
 
@@ -45,7 +45,7 @@ def test_phrase_in_answer_out_without_stuck_notes(continue_service):
     assert (0xB0, STATE_CC, 127) in [tuple(m) for m in listener.messages()]
     snap = svc.stop()
     assert snap["latency"]["ttfn"]["n"] == 1
-    assert sounding(listener.messages()) == {}
+    assert sounding(listener.messages()) == {} and pedal_down(listener.messages()) == set()
 
 
 def test_barge_in_stops_the_answer_and_releases_its_notes(continue_service):
@@ -54,6 +54,12 @@ def test_barge_in_stops_the_answer_and_releases_its_notes(continue_service):
     t_end = time.monotonic()
     assert listener.wait_for(lambda ms: _response_note_ons(listener, t_end), 5.0)
     time.sleep(0.3)
+    # The answer presses the sustain pedal (an event of the answer, played by the scheduler like
+    # the model's own): a cut-short answer must lift it, or everything after it rings on.
+    eng = svc.engine
+    svc.call(lambda: eng.scheduler.schedule(eng.now_music(), bytes((0xB0, 64, 127)), eng.call_response._gen))
+    assert listener.wait_for(lambda ms: bytes((0xB0, 64, 127)) in ms, 2.0)
+    assert pedal_down(listener.messages()) == {0}
     t_barge = time.monotonic()
     player.send((0x90, 72, 90))  # the performer plays again: the answer yields
     time.sleep(0.5)
@@ -62,6 +68,7 @@ def test_barge_in_stops_the_answer_and_releases_its_notes(continue_service):
     after = [m for t, m in listener.got if t > t_barge + 0.05]
     assert not [m for m in after if m[0] & 0xF0 == 0x90 and m[2] > 0 and m[1] != 72]
     assert set(sounding(listener.messages())) == {(0, 72)}
+    assert pedal_down(listener.messages()) == set()
     player.send((0x80, 72, 0))
     time.sleep(0.1)
     svc.stop()
