@@ -69,6 +69,10 @@ def main(argv: list[str] | None = None) -> int:
     except CadenzaError as exc:
         print(f"cadenza: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:  # an output folder that is not writable, a disk that is full...
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"cadenza: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
 

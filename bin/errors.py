@@ -31,5 +31,9 @@ class AudioError(CadenzaError):
     """No SoundFont, or the audio device cannot be opened."""
 
 
+class OutputError(CadenzaError):
+    """An output file cannot be written (nothing is left under its name)."""
+
+
 class BrokerError(CadenzaError):
     """The MQTT broker cannot be reached."""

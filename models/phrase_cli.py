@@ -50,7 +50,7 @@ def register(groups) -> None:
         _sampling_flags(p)
         if name == "generate":  # a continuation plays on the input's own channel
             p.add_argument("--channel", type=int, default=0, help="MIDI channel of the generated notes (0-15)")
-        p.set_defaults(func=_continue if name == "continue" else _generate)
+        p.set_defaults(func=_continue if name == "continue" else _generate, prepare=_sampling_overrides)
 
     p = groups["bench"].add_parser("continue", help="phrase model speed: cached tokens/s, speedup over re-running, time to first note")
     p.add_argument("--weights", type=Path)
@@ -69,6 +69,14 @@ def _sampling_flags(p) -> None:
     p.add_argument("--top-p", type=float)
     p.add_argument("--seed", type=int)
     p.add_argument("--weights", type=Path)
+
+
+def _sampling_overrides(args) -> None:
+    """Sampling flags are settings overrides, so a bad value fails with the config's one line."""
+    from cadenza.cli import add_override
+
+    for key in ("temperature", "top_k", "top_p", "seed", "weights"):
+        add_override(args, "continuation", key, getattr(args, key))
 
 
 def _train(args, settings) -> int:
@@ -107,9 +115,8 @@ def _continue(args, settings) -> int:
     from cadenza.models.phrase_files import continue_file
 
     c = settings.continuation
-    n = continue_file(args.input, args.output, seconds=args.seconds, temperature=_pick(args.temperature, c.temperature),
-                      top_k=_pick(args.top_k, c.top_k), top_p=_pick(args.top_p, c.top_p), seed=_pick(args.seed, c.seed),
-                      weights=args.weights or c.weights)
+    n = continue_file(args.input, args.output, seconds=args.seconds, temperature=c.temperature, top_k=c.top_k, top_p=c.top_p,
+                      seed=c.seed, weights=c.weights)
     print(f"{args.output}: input kept, {n} generated notes appended as a new track ({args.seconds:g} s)")
     return 0
 
@@ -118,15 +125,10 @@ def _generate(args, settings) -> int:
     from cadenza.models.phrase_files import generate_file
 
     c = settings.continuation
-    n = generate_file(args.output, seconds=args.seconds, temperature=_pick(args.temperature, c.temperature),
-                      top_k=_pick(args.top_k, c.top_k), top_p=_pick(args.top_p, c.top_p), seed=_pick(args.seed, c.seed),
-                      weights=args.weights or c.weights, channel=args.channel)
+    n = generate_file(args.output, seconds=args.seconds, temperature=c.temperature, top_k=c.top_k, top_p=c.top_p,
+                      seed=c.seed, weights=c.weights, channel=args.channel)
     print(f"{args.output}: {n} notes, {args.seconds:g} s")
     return 0
-
-
-def _pick(flag, default):
-    return default if flag is None else flag
 
 
 def _bench(args, settings) -> int:

@@ -20,7 +20,7 @@ from typing import Iterator
 
 import numpy as np
 
-from cadenza.errors import MidiFileError
+from cadenza.errors import MidiFileError, OutputError
 
 SUSTAIN_CC = 64
 _UMASK = os.umask(0)
@@ -113,8 +113,11 @@ def atomic_path(out: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     Nothing half-written is ever left under the final name.
     """
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=suffix or out.suffix, dir=out.parent)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=suffix or out.suffix, dir=out.parent)
+    except OSError as exc:
+        raise OutputError(f"cannot write {out}: {exc.strerror or exc}") from None
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -123,9 +126,11 @@ def atomic_path(out: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
         # the usual permissions once it is written.
         os.chmod(tmp_path, 0o666 & ~_UMASK)
         os.replace(tmp_path, out)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
+        if isinstance(exc, OSError) and exc.filename in (str(tmp_path), str(out)):  # disk full, out is a folder...
+            raise OutputError(f"cannot write {out}: {exc.strerror or exc}") from None
         raise
 
 

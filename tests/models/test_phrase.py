@@ -185,6 +185,26 @@ def test_corrupt_input_gives_one_line_error_and_no_output(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.mid"]
 
 
+@pytest.mark.parametrize("flags", [["--temperature", "0"], ["--top-p", "2"], ["--top-k", "-1"]])
+def test_bad_sampling_flags_are_one_line(tmp_path, capsys, flags):
+    from cadenza.cli import main
+
+    assert main(["generate", "-o", str(tmp_path / "g.mid"), "--seconds", "1", *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "invalid config value continuation." in err[0]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unwritable_output_is_one_line_and_leaves_nothing(tmp_path, capsys):
+    from cadenza.cli import main
+
+    (tmp_path / "taken.mid").mkdir()  # the output name is a folder
+    assert main(["generate", "-o", str(tmp_path / "taken.mid"), "--seconds", "1", "--seed", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot write" in err[0] and "taken.mid" in err[0], err
+    assert [p.name for p in tmp_path.iterdir()] == ["taken.mid"] and list((tmp_path / "taken.mid").iterdir()) == []
+
+
 def test_bench_cached_and_naive_generate_the_same_tokens():
     from cadenza.models.phrase_bench import _cached, _naive, synthetic_prompt
 
