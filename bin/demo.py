@@ -24,7 +24,7 @@ def register(groups) -> None:
     p.add_argument("--out", default="demo-out", metavar="DIR", help="output folder (default demo-out/)")
     p.add_argument("--fast", action="store_true", help="run as fast as possible instead of in real time")
     p.add_argument("--audio", action="store_true", help="also play through the sound card while it runs")
-    p.add_argument("--continue-seconds", type=float, default=8.0, help="length of the continuation (default 8)")
+    p.add_argument("--continue-seconds", type=float, default=6.0, help="length of the continuation (default 6)")
     p.add_argument("--input", metavar="MIDI", help="use this file instead of the shipped excerpt")
     p.set_defaults(func=run)
 
@@ -48,12 +48,13 @@ def run(args, settings) -> int:
 
 
 async def _demo(settings, source_path: Path, out: Path, *, realtime: bool, audio: bool, seconds: float) -> dict:
-    from cadenza.stream.audio import midi_file_events, render_events
+    from cadenza.stream.audio import find_soundfont, midi_file_events, render_events
     from cadenza.stream.engine import Engine
     from cadenza.stream.serve import build_call_response, build_velocity_worker
     from cadenza.stream.smf import MidiFile, write_performance
     from cadenza.stream.sources import FileSource, Recorder, events_to_performance
 
+    find_soundfont(settings.audio.soundfont)  # the WAV needs one: fail now, not after the run
     midi = MidiFile.load(source_path)
     original = midi.performance
     if len(original) == 0:
@@ -73,6 +74,7 @@ async def _demo(settings, source_path: Path, out: Path, *, realtime: bool, audio
     worker = build_velocity_worker(settings)
     await asyncio.to_thread(worker.start, loop)
     sinks = []
+    audio_report = None
     if audio:
         from cadenza.stream.audio_sink import AudioSink
 
@@ -97,6 +99,7 @@ async def _demo(settings, source_path: Path, out: Path, *, realtime: bool, audio
         engine.stop()
         await run_task
         for sink in sinks:
+            audio_report = sink.latency_report()
             sink.close()
 
     # ---- files ------------------------------------------------------------------------------
@@ -140,6 +143,7 @@ async def _demo(settings, source_path: Path, out: Path, *, realtime: bool, audio
         "mae_vs_performer": round(float(err.mean()), 2),
         "velocity_sd": round(float(np.std(vel)), 2),
         "wav_seconds": wav["duration_s"],
+        "audio_latency": audio_report,
         "out": str(out),
     }
 
@@ -157,6 +161,8 @@ async def _wait_until(pred, timeout: float) -> None:
 
 
 def _summary_text(s: dict) -> str:
+    from cadenza.stream.serve import format_audio_latency
+
     i, ttfn = s["internal"], s["ttfn"]
     lines = [
         f"Cadenza demo ({s['mode']}): {s['source']}",
@@ -166,6 +172,7 @@ def _summary_text(s: dict) -> str:
         f"velocity vs performer:  MAE {s['mae_vs_performer']:.2f}, SD of colorized velocities {s['velocity_sd']:.1f}",
         f"continuation:           {s['continuation_notes']} notes over {s['continuation_seconds']:.1f} s, first note {ttfn.get('p50_ms', float('nan')):.1f} ms after the phrase ended",
         f"audio:                  result.wav, {s['wav_seconds']:.1f} s",
+        *([f"sound card:             {format_audio_latency(s['audio_latency'])}"] if s.get("audio_latency") else []),
         f"files in {s['out']}/:   input_flat.mid colorized.mid continuation.mid result.wav pianoroll.png summary.txt",
         f"wall time:              {s['wall_s']} s",
     ]

@@ -120,6 +120,7 @@ class AudioSink:
         self._closed = False
         self._callbacks = 0
         self._underflows = 0
+        self._played = 0  # messages the synth has taken (in the audio callback)
         self._dac_delay = np.zeros(2048)  # ring of per-callback output delays, seconds
         sd = _sd()
         index = select_output_device(audio.device)
@@ -172,6 +173,7 @@ class AudioSink:
                     pos = offset
             pending.popleft()
             handle(msg)
+            self._played += 1
         if pos < frames:
             render(out[pos:])
 
@@ -200,6 +202,7 @@ class AudioSink:
             "timing": self.timing if self._delay is not None or self.timing == "asap" else "asap (no stream clock)",
             "scheduled_latency_ms": 1e3 * self._delay if self._delay is not None else None,
             "callbacks": self._callbacks,
+            "played": self._played,
             "underflows": self._underflows,
             "late": self.late,
             "dropped": self.dropped,

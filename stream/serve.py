@@ -104,17 +104,22 @@ async def serve(settings: Settings, *, mode: str, audio: bool = False, ready=Non
         out = MidiOutputPort(api, client_name=settings.midi.client_name, name=settings.midi.out_port, attach=settings.midi.attach_out)
         opened.callback(out.close)
         sinks: list[Any] = [out]
-        if audio:
-            from cadenza.stream.audio_sink import AudioSink
-
-            sink = AudioSink(settings.audio)
-            opened.callback(sink.close)
-            sinks.append(sink)
         engine = Engine(settings, sinks=sinks, velocity_worker=worker)
         engine.bind(loop)
         engine.lookahead = lookahead
         inp = MidiInputPort(api, client_name=settings.midi.client_name, name=settings.midi.in_port, attach=settings.midi.attach_in, deliver=engine.deliver)
         opened.callback(inp.close)  # closed before the output
+        audio_sink = None
+        if audio:
+            # Opened after the MIDI ports: on a JACK server in sync mode, a new JACK client
+            # (rtmidi holds the GIL while it connects) waits for the audio client's cycle, whose
+            # Python callback waits for the GIL — a 5 s stall and a refused client.
+            from cadenza.stream.audio_sink import AudioSink
+
+            audio_sink = AudioSink(settings.audio)
+            opened.callback(audio_sink.close)
+            engine.sinks.append(audio_sink)
+            log.info("audio: %s", format_audio_latency(audio_sink.latency_report()))
         tasks = [PortSupervisor(engine, inp, out, settings.midi.reattach_interval_s).run]
         if mode in ("continue", "both"):
             cr = build_call_response(engine, settings)
@@ -130,7 +135,17 @@ async def serve(settings: Settings, *, mode: str, audio: bool = False, ready=Non
         if ready is not None:
             ready(engine)
         await engine.run(*tasks)
-        return engine.metrics.snapshot()
+        snapshot = engine.metrics.snapshot()
+        if audio_sink is not None:
+            snapshot["audio"] = audio_sink.latency_report()
+        return snapshot
+
+
+def format_audio_latency(r: dict) -> str:
+    """One line on the audio output: device, block, configured and measured latency."""
+    measured = "not measured yet" if r["measured_latency_ms_p50"] is None else f"measured p50 {r['measured_latency_ms_p50']:.1f} ms (max {r['measured_latency_ms_max']:.1f})"
+    return (f"{r['device']} ({r['host_api']}), {r['block_size']} frames at {r['sample_rate']} Hz = {r['block_ms']:.1f} ms blocks; "
+            f"output latency configured {r['configured_latency_ms']:.1f} ms, {measured}; {r['underflows']} underflows")
 
 
 def print_summary(snapshot: dict, file=sys.stderr) -> None:
@@ -142,4 +157,6 @@ def print_summary(snapshot: dict, file=sys.stderr) -> None:
         if s and s.get("n"):
             parts.append(f"{name} p50 {s['p50_ms']:.2f} ms p99 {s['p99_ms']:.2f} ms")
     print("cadenza: summary: " + "; ".join(parts), file=file)
+    if "audio" in snapshot:
+        print("cadenza: audio: " + format_audio_latency(snapshot["audio"]), file=file)
     logging.getLogger(__name__).debug("final metrics %s", json.dumps(snapshot))

@@ -52,3 +52,14 @@ def test_continuation_and_audio(demo_out):
     # excerpt + silence before the answer + answer + render tail, give or take
     assert flat.end + 1.0 < seconds < flat.end + 6.0 + 4.0
     assert np.abs(audio).max() > 1000
+
+
+def test_demo_without_a_soundfont_fails_at_once_in_one_line(tmp_path):
+    import os
+
+    env = dict(os.environ, CADENZA_AUDIO__SOUNDFONT=str(tmp_path / "missing.sf2"))
+    r = subprocess.run([sys.executable, "-m", "cadenza", "demo", "--fast", "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "missing.sf2" in lines[0] and "not found" in lines[0], r.stderr
+    assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
