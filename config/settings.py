@@ -41,6 +41,7 @@ class EngineSettings(_Section):
     history_events: int = Field(4096, ge=64, description="events kept per channel in the event history ring")
     input_queue: int = Field(16384, ge=16, description="bound of the input queue; when full, note-ons are dropped (counted), note-offs/pedal/clock never")
     stats_interval_s: float = Field(10.0, ge=0, description="period of the one-line stats log (0 = off)")
+    beats_per_bar: int = Field(4, ge=1, le=32, description="the meter, for bar positions from MIDI clock (clock carries none)")
 
 
 class VelocitySettings(_Section):
@@ -64,6 +65,9 @@ class VelocitySettings(_Section):
 class ContinueSettings(_Section):
     silence_ms: float = Field(600.0, ge=50, description="a phrase ends after this long with no key down")
     end_cc: int | None = Field(None, ge=0, le=127, description="a CC number that ends the phrase at once (value >= 64)")
+    grid: Literal["bar", "beat", "none"] = Field(
+        "bar", description="with MIDI clock running: the phrase ends on the first bar line (or beat) with no key down, and the answer starts "
+        "there; none = ignore the clock (silence ends the phrase, the answer starts at once)")
     length_mode: Literal["seconds", "bars", "call"] = Field("call", description="response length: fixed seconds, bars (needs clock), or as long as the call")
     response_seconds: float = Field(4.0, gt=0, le=60)
     response_bars: int = Field(2, ge=1, le=32)

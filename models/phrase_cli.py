@@ -30,7 +30,7 @@ def register(groups) -> None:
 
     p = groups["eval"].add_parser("phrase", help="NLL and generation statistics of the phrase model on MAESTRO")
     p.add_argument("--split", default="test", choices=["train", "validation", "test"])
-    p.add_argument("--limit", type=int, default=None, help="score only the first N pieces")
+    p.add_argument("--limit", type=int, default=None, help="score only N pieces, evenly spaced over the split (default: all)")
     p.add_argument("--prompts", type=int, default=20, help="prompts for the generation statistics")
     p.add_argument("--seconds", type=float, default=10.0, help="length of each generated continuation")
     p.add_argument("--ngram", type=int, default=4, help="order of the n-gram baseline")

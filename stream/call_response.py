@@ -25,6 +25,7 @@ from cadenza.config.settings import ContinueSettings, ControlSettings
 log = logging.getLogger(__name__)
 
 IDLE, LISTENING, RESPONDING = 0, 64, 127
+GRID_LEAD_S = 0.03  # on the clock, the call ends this long before the grid line its answer starts on
 _FEED, _RESPOND, _STOP, _SYNC = range(4)
 
 
@@ -176,32 +177,56 @@ class CallResponse:
     def is_end_cc(self, data: bytes) -> bool:
         return self.settings.end_cc is not None and data[1] == self.settings.end_cc and data[2] >= 64
 
+    def _grid_beats(self) -> float | None:
+        """Grid unit in beats while MIDI clock runs and the grid is on; None otherwise."""
+        clock, grid = self.engine.clock, self.settings.grid
+        if grid == "none" or not clock.running or clock.seconds_per_beat is None:
+            return None
+        return float(clock.beats_per_bar) if grid == "bar" else 1.0
+
     def _arm_silence(self) -> None:
         loop = self.engine._loop
         if self._silence is not None:
             self._silence.cancel()
-        delay = self.settings.silence_ms / 1000.0
-        if self.engine.realtime:
-            self._silence = loop.call_later(delay, self._silence_elapsed)
+            self._silence = None
+        if not self.engine.realtime:
+            return
+        unit = self._grid_beats()
+        if unit is None:
+            self._silence = loop.call_later(self.settings.silence_ms / 1000.0, self._silence_elapsed)
+            return
+        # On the clock the phrase ends on the first grid line at least a sixteenth after the
+        # last key went up (a key down there keeps the phrase going). The call ends a little
+        # before the line, so the first answering note can be ready on it.
+        now = self.engine.now_music()
+        spb = self.engine.clock.seconds_per_beat
+        line = self.engine.clock.next_grid_time(now + spb / 4, unit_beats=unit)
+        self._silence = loop.call_at(max(now, line - GRID_LEAD_S), self._grid_line, line)
 
     def _silence_elapsed(self) -> None:
         self._silence = None
         if not self._keys_down and self._call_start is not None:
             self.end_call(self._last_activity + self.settings.silence_ms / 1000.0)
 
+    def _grid_line(self, line: float) -> None:
+        self._silence = None
+        if not self._keys_down and self._call_start is not None:
+            self.end_call(line, start=line)
+
     # ---- the response -----------------------------------------------------------------------
 
-    def end_call(self, t: float) -> None:
-        """The phrase is over at music time ``t``: answer it (now, or on the next bar line)."""
+    def end_call(self, t: float, start: float | None = None) -> None:
+        """The phrase is over at music time ``t``: answer it from ``start`` (default: now, or
+        the next grid line while MIDI clock runs)."""
         if self._call_start is None or not self.enabled or self.state == RESPONDING:
             return
         self._phrase_end_wall = time.monotonic()
         call_len = max(0.5, t - self._call_start)
         clock = self.engine.clock
-        start = t
         spb = clock.seconds_per_beat
-        if clock.running and spb is not None:
-            start = clock.next_grid_time(self.engine.now_music(), unit_beats=clock.beats_per_bar)
+        if start is None:
+            unit = self._grid_beats()
+            start = t if unit is None else clock.next_grid_time(self.engine.now_music(), unit_beats=unit)
         s = self.settings
         if self.length_s is not None:
             seconds = self.length_s

@@ -62,7 +62,7 @@ class Engine:
         self.metrics = Metrics()
         self.ledger = NoteLedger()  # source 0's (the ports'); other sources get their own
         self._ledgers: dict[int, NoteLedger] = {0: self.ledger}
-        self.clock = MidiClock()
+        self.clock = MidiClock(beats_per_bar=settings.engine.beats_per_bar)
         self.velocity = VelocityStage(settings.velocity, velocity_worker)
         self.realtime = realtime
         self.call_response = None  # set by serve for --mode continue|both

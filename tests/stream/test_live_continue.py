@@ -75,7 +75,7 @@ def test_barge_in_stops_the_answer_and_releases_its_notes(continue_service):
     assert sounding(listener.messages()) == {}
 
 
-def test_with_midi_clock_the_answer_starts_on_a_bar_line(continue_service):
+def test_with_midi_clock_the_phrase_ends_on_the_next_bar_line_and_the_answer_starts_there(continue_service):
     import threading
 
     svc, player, listener = continue_service
@@ -95,7 +95,9 @@ def test_with_midi_clock_the_answer_starts_on_a_bar_line(continue_service):
     th = threading.Thread(target=clock, daemon=True)
     th.start()
     try:
-        time.sleep(0.3)
+        # the phrase ends 0.35 s before the bar line at 2 s: sooner than the 0.4 s silence that
+        # ends a phrase without clock, so waiting for silence would push the answer to 4 s
+        time.sleep(max(0.0, t_start + 1.25 - time.monotonic()))
         _phrase(player, notes=(60, 64, 67, 72))
         t_end = time.monotonic()
         assert listener.wait_for(lambda ms: _response_note_ons(listener, t_end), 6.0), "no answer"
@@ -104,7 +106,28 @@ def test_with_midi_clock_the_answer_starts_on_a_bar_line(continue_service):
         th.join()
         clock_out.close()
     first = _response_note_ons(listener, t_end)[0][0]
-    phase = ((first - t_start) / 2.0) % 1.0
-    assert min(phase, 1.0 - phase) * 2.0 < 0.05, f"answer started {phase * 2:.3f} s into the bar"
+    assert abs(first - t_start - 2.0) < 0.05, f"answer started at {first - t_start:.3f} s, not on the bar line at 2 s"
     svc.stop()
     assert sounding(listener.messages()) == {}
+
+
+def test_end_call_cc_answers_at_once_and_duck_mode_keeps_the_answer_quieter(jack_server):
+    answer = {"silence_ms": 5000, "end_cc": 85, "barge_in": "duck", "duck_factor": 0.25, "length_mode": "seconds",
+              "response_seconds": 3.0, "seed": 3, "temperature": 1.0}
+    with running_service("continue", continuation=answer) as (svc, player, listener):
+        _phrase(player)
+        t_end = time.monotonic()
+        player.send((0xB0, 85, 127))  # end of call: no 5 s silence needed
+        assert listener.wait_for(lambda ms: _response_note_ons(listener, t_end), 2.0), "no answer after the end-call CC"
+        assert _response_note_ons(listener, t_end)[0][0] - t_end < 1.0
+        time.sleep(0.3)
+        t_duck = time.monotonic()
+        player.send((0x90, 40, 90))  # the performer plays: the answer ducks instead of stopping
+        time.sleep(1.0)
+        after = [m for t, m in _response_note_ons(listener, t_duck + 0.05) if m[1] != 40]
+        assert svc.call(lambda: svc.engine.metrics.counters["barge_in"]) >= 1
+        assert after, "duck mode stopped the answer"
+        assert max(m[2] for m in after) <= int(127 * 0.25), after  # every answer note after the barge-in, ducked
+        player.send((0x80, 40, 0))
+        svc.stop()
+    assert sounding(listener.messages()) == {} and pedal_down(listener.messages()) == set()
