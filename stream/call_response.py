@@ -43,6 +43,7 @@ class PhraseWorker:
     def start(self) -> None:
         """Load the model and warm it up (blocking; call via ``asyncio.to_thread``)."""
         self.live = self._make_live()
+        self.live.warm_up()
         self._thread = threading.Thread(target=self._run, name="phrase-worker", daemon=True)
         self._thread.start()
 

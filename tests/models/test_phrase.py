@@ -108,6 +108,18 @@ def test_feed_and_respond_give_balanced_midi(shipped):
     assert list(again.respond(start_t=start, seconds=4.0, temperature=1.0, top_k=0, top_p=0.95, seed=3)) == ev  # seeded
 
 
+def test_warm_up_leaves_no_trace(shipped):
+    warmed = LivePhrase(shipped)
+    assert warmed.warm_up() > 0  # it did answer its scratch phrase
+    assert warmed.context_tokens == 1 and warmed.hist == [warmed.hist[0]]  # back to BOS alone
+    fresh = LivePhrase(shipped)
+    answers = []
+    for live in (warmed, fresh):
+        end = _phrase(live)
+        answers.append(list(live.respond(start_t=end + 0.6, seconds=2.0, temperature=1.0, top_p=0.95, seed=5)))
+    assert answers[0] == answers[1]
+
+
 def test_early_close_leaves_a_consistent_context(shipped):
     live = LivePhrase(shipped, max_context=200)  # small: sliding happens too
     t = _phrase(live)
