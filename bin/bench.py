@@ -43,6 +43,9 @@ def register(groups) -> None:
     t.add_argument("--rates", default="200,500,1000,2000,5000,10000,20000", help="note rates to try, comma separated")
     t.add_argument("--json", action="store_true")
     t.set_defaults(func=_throughput)
+    from cadenza.bench_mqtt import register as register_mqtt
+
+    register_mqtt(b)
 
 
 # --------------------------------------------------------------------------------------------

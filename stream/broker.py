@@ -39,7 +39,9 @@ class MosquittoBroker:
             raise BrokerError("mosquitto not found: install it (Debian/Ubuntu: apt-get install mosquitto)")
         self._dir = tempfile.TemporaryDirectory(prefix="cadenza-mosquitto-")
         conf = Path(self._dir.name) / "mosquitto.conf"
-        conf.write_text(f"listener {self.port} {self.host}\nallow_anonymous true\npersistence false\n")
+        # set_tcp_nodelay: MIDI messages are tiny packets, and Nagle's algorithm would hold each
+        # one back until the previous one is acknowledged (tens of milliseconds).
+        conf.write_text(f"listener {self.port} {self.host}\nallow_anonymous true\npersistence false\nset_tcp_nodelay true\n")
         out = open(self.log, "wb") if self.log else subprocess.DEVNULL
         self._proc = subprocess.Popen([exe, "-c", str(conf)], stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + timeout

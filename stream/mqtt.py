@@ -41,6 +41,11 @@ from cadenza.stream.messages import split_messages
 
 log = logging.getLogger(__name__)
 
+# Small packets must leave at once: with Nagle's algorithm on, a 3-byte note waits for the ACK of
+# the previous packet, which the peer delays by up to 40 ms (the broker needs `set_tcp_nodelay
+# true` in mosquitto.conf for its side of the same problem).
+NODELAY = ((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),)
+
 SESSION_RE = re.compile(r"^[A-Za-z0-9.\-][A-Za-z0-9_.\-]{0,63}$")
 
 
@@ -48,6 +53,22 @@ def _aiomqtt():
     import aiomqtt
 
     return aiomqtt
+
+
+class _StampingQueue(asyncio.Queue):
+    """aiomqtt's incoming queue, stamping each message with the moment the socket delivered
+    it: that, not when the receive task gets to it, is the note's arrival time. The instance
+    is kept (``latest``) so the receiver can drain everything that has arrived at once."""
+
+    latest: "_StampingQueue | None" = None
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        type(self).latest = self
+
+    def put_nowait(self, item) -> None:
+        item.arrived = time.monotonic()
+        super().put_nowait(item)
 
 
 def client_id(settings: MqttSettings, role: str) -> str:
@@ -62,8 +83,13 @@ def check_session(name: str) -> str:
 
 async def connect(settings: MqttSettings, *, identifier: str, will_topic: str, will_payload: bytes, retain_will: bool) -> tuple[Any, contextlib.AsyncExitStack]:
     """An open aiomqtt client (and the stack that closes it); BrokerError in one line if the
-    broker does not answer within ``connect_timeout_s``."""
+    broker does not answer within ``connect_timeout_s``. ``client.incoming`` is its queue of
+    received messages."""
     aiomqtt = _aiomqtt()
+
+    class Incoming(_StampingQueue):
+        pass
+
     password = settings.password.get_secret_value() if settings.password is not None else None
     client = aiomqtt.Client(
         settings.host,
@@ -75,7 +101,10 @@ async def connect(settings: MqttSettings, *, identifier: str, will_topic: str, w
         timeout=settings.connect_timeout_s,
         will=aiomqtt.Will(will_topic, will_payload, qos=1, retain=retain_will),
         logger=logging.getLogger("cadenza.mqtt.client"),
+        socket_options=NODELAY,
+        queue_type=Incoming,
     )
+    client.incoming = Incoming.latest
     stack = contextlib.AsyncExitStack()
     try:
         await asyncio.wait_for(stack.enter_async_context(client), settings.connect_timeout_s)
@@ -93,8 +122,11 @@ class _Outbox:
     def __init__(self) -> None:
         self._items: deque[tuple[str, bytes]] = deque()
         self._wake = asyncio.Event()
+        self.first_put = 0.0  # when the oldest item still queued was put
 
     def put(self, topic: str, data: bytes) -> None:
+        if not self._items:
+            self.first_put = time.monotonic()
         self._items.append((topic, data))
         self._wake.set()
 
@@ -123,8 +155,13 @@ class _Outbox:
 
 
 async def _publish_all(client, payloads: dict[str, bytes], qos: int) -> None:
-    for topic, payload in payloads.items():
+    """Hand every payload to the client at once (packets queue in order on the one socket);
+    waiting for each write before queueing the next cost a loop round trip per session."""
+    if len(payloads) == 1:
+        topic, payload = next(iter(payloads.items()))
         await client.publish(topic, payload, qos=qos)
+    elif payloads:
+        await asyncio.gather(*(client.publish(t, p, qos=qos) for t, p in payloads.items()))
 
 
 # ---- the daemon side ------------------------------------------------------------------------
@@ -147,6 +184,7 @@ class MqttTransport:
         self.status_topic = f"{self.prefix}/_daemon/{self.identifier}/status"
         self.stats_interval = engine_settings.stats_interval_s
         self.engine = None
+        self.on_online: Callable[[], None] | None = None  # called once, when sessions are first taken
         self.client = None
         self._stack: contextlib.AsyncExitStack | None = None
         self._outbox = _Outbox()
@@ -160,10 +198,18 @@ class MqttTransport:
     # ---- connection ---------------------------------------------------------------------
 
     async def connect(self) -> None:
+        """Connect (BrokerError in one line if the broker does not answer); sessions are taken
+        only once :meth:`run` starts, when the engine and its model are ready."""
         self.client, self._stack = await connect(self.settings, identifier=self.identifier, will_topic=self.status_topic, will_payload=b"offline", retain_will=True)
+        log.info("mqtt: connected to %s:%d as %s", self.settings.host, self.settings.port, self.identifier)
+
+    async def _go_online(self) -> None:
         await self.client.subscribe([(f"{self.prefix}/+/in", 0), (f"{self.prefix}/+/bye", 1)])
         await self.client.publish(self.status_topic, b"online", qos=1, retain=True)
-        log.info("mqtt: connected to %s:%d as %s; sessions on %s/+/in", self.settings.host, self.settings.port, self.identifier, self.prefix)
+        log.info("mqtt: online; sessions on %s/+/in", self.prefix)
+        on_online, self.on_online = self.on_online, None
+        if on_online is not None:
+            on_online()
 
     async def _drop_connection(self) -> None:
         stack, self._stack, self.client = self._stack, None, None
@@ -186,19 +232,27 @@ class MqttTransport:
                 # released now, as for a MIDI port that comes back.
                 self.engine.panic("mqtt reconnected")
             try:
+                await self._go_online()
+            except (aiomqtt.MqttError, OSError) as exc:
+                await self._lost(exc)
+                continue
+            try:
                 async with asyncio.TaskGroup() as tg:
                     tg.create_task(self._receive(), name="mqtt-receive")
                     tg.create_task(self._publish(), name="mqtt-publish")
                     tg.create_task(self._expire(), name="mqtt-expire")
                     tg.create_task(self._stats(), name="mqtt-stats")
             except* (aiomqtt.MqttError, OSError) as group:
-                self.engine.metrics.inc("mqtt_disconnects")
-                log.warning("mqtt: lost the broker (%s); reconnecting", group.exceptions[0])
-                await self._drop_connection()
-                lost = self._outbox.clear()
-                if lost:
-                    self.engine.metrics.inc("mqtt_out_lost", lost)
-                await asyncio.sleep(self.settings.reconnect_interval_s)
+                await self._lost(group.exceptions[0])
+
+    async def _lost(self, exc: BaseException) -> None:
+        self.engine.metrics.inc("mqtt_disconnects")
+        log.warning("mqtt: lost the broker (%s); reconnecting", exc)
+        await self._drop_connection()
+        lost = self._outbox.clear()
+        if lost:
+            self.engine.metrics.inc("mqtt_out_lost", lost)
+        await asyncio.sleep(self.settings.reconnect_interval_s)
 
     async def close(self, timeout: float = 3.0) -> None:
         """Publish what is still queued (the shutdown's note-offs), say offline, disconnect."""
@@ -214,30 +268,40 @@ class MqttTransport:
     # ---- input --------------------------------------------------------------------------
 
     async def _receive(self) -> None:
+        # Everything that has arrived is handed to the engine in one go, so the pump sees a
+        # chord (or notes of several sessions) as one batch and one model call, instead of a
+        # loop round and a model call per message.
+        incoming = self.client.incoming
+        async for message in self.client.messages:
+            self._take(message)
+            while not incoming.empty():
+                self._take(incoming.get_nowait())
+
+    def _take(self, message) -> None:
         engine = self.engine
         metrics = engine.metrics
-        async for message in self.client.messages:
-            parts = message.topic.value.split("/")
-            name, verb = parts[-2], parts[-1]
-            payload = message.payload if isinstance(message.payload, (bytes, bytearray)) else b""
-            if verb == "bye":
-                source = self._sources.get(name)
-                if source is not None:
-                    self._end(source, "session said bye")
-                continue
-            source = self._source(name)
-            if source is None:
-                metrics.inc("dropped")
-                metrics.inc("dropped_session")
-                continue
-            if not payload or len(payload) > self.settings.max_payload_bytes:
-                metrics.inc("dropped")
-                metrics.inc("dropped_payload_size")
-                continue
-            now = time.monotonic()
-            self._last_input[source] = now
-            for data in split_messages(bytes(payload)):
-                engine.deliver_now(now, data, source=source)
+        parts = message.topic.value.split("/")
+        name, verb = parts[-2], parts[-1]
+        payload = message.payload if isinstance(message.payload, (bytes, bytearray)) else b""
+        if verb == "bye":
+            source = self._sources.get(name)
+            if source is not None:
+                self._end(source, "session said bye")
+            return
+        source = self._source(name)
+        if source is None:
+            metrics.inc("dropped")
+            metrics.inc("dropped_session")
+            return
+        if not payload or len(payload) > self.settings.max_payload_bytes:
+            metrics.inc("dropped")
+            metrics.inc("dropped_payload_size")
+            return
+        now = getattr(message, "arrived", None) or time.monotonic()
+        metrics.observe("mqtt_in_wait", time.monotonic() - now)  # socket -> the engine has it
+        self._last_input[source] = now
+        for data in split_messages(bytes(payload)):
+            engine.deliver_now(now, data, source=source)
 
     def _source(self, name: str) -> int | None:
         source = self._sources.get(name)
@@ -295,9 +359,12 @@ class MqttTransport:
 
     async def _publish(self) -> None:
         qos = self.settings.out_qos
+        observe = self.engine.metrics.observe
         while True:
             await self._outbox.wait()
+            t0 = self._outbox.first_put
             await _publish_all(self.client, self._outbox.take(), qos)
+            observe("mqtt_out", time.monotonic() - t0)  # emitted -> written to the socket
 
     async def _stats(self) -> None:
         if self.stats_interval <= 0:
@@ -336,7 +403,7 @@ async def serve_mqtt(settings: Settings, *, mode: str = "colorize", ready: Calla
                     loop.add_signal_handler(sig, engine.stop)
             log.info("serving sessions over MQTT (model on %s); Ctrl-C to stop", pick_device(settings.velocity.device))
             if ready is not None:
-                ready(engine, transport)
+                transport.on_online = lambda: ready(engine, transport)
             try:
                 await engine.run(transport.run)
             finally:
