@@ -39,6 +39,7 @@ SOUNDFONT_CANDIDATES: tuple[str, ...] = (
     "/usr/local/share/fluid-synth/sf2/*.sf2",  # Homebrew (Intel)
     "/opt/homebrew/share/soundfonts/*.sf2",
     "/usr/local/share/soundfonts/*.sf2",
+    "~/Library/Audio/Sounds/Banks/*.sf2",  # macOS: where users keep SoundFonts
 )
 
 INSTALL_HINT = "install one (Debian/Ubuntu: apt-get install timgm6mb-soundfont; macOS: brew install fluid-synth and put a GM .sf2 in /opt/homebrew/share/soundfonts) or set audio.soundfont"
@@ -52,6 +53,7 @@ def find_soundfont(configured: Path | str | None = None, *, candidates: Sequence
             raise AudioError(f"SoundFont {str(path)!r} not found")
         return path
     for cand in candidates:
+        cand = os.path.expanduser(cand)
         for hit in sorted(glob.glob(cand)) if any(c in cand for c in "*?[") else [cand]:
             if Path(hit).is_file():
                 return Path(hit)
