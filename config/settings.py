@@ -79,6 +79,7 @@ class ContinueSettings(_Section):
     top_k: int = Field(0, ge=0, description="0 = off")
     top_p: float = Field(0.95, gt=0, le=1)
     seed: int | None = Field(None, description="fixed sampling seed (default: random)")
+    style: Literal["classical", "pop"] = Field("classical", description="style of the answers: classical (MAESTRO) or pop (POP909)")
     weights: Path | None = Field(None, description="phrase model weights; default: the shipped ones")
     device: Literal["auto", "cpu", "cuda"] = Field("auto")
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cadenza.errors import CadenzaError
 from cadenza.models import tokens as tk
 from cadenza.models.ngram import NGram
 from cadenza.models.phrase import load_phrase
@@ -36,7 +37,7 @@ def _pick(ts: TokenSplit, limit: int | None) -> list[int]:
 
 
 @torch.inference_mode()
-def model_log_probs(model, piece: np.ndarray) -> np.ndarray:
+def model_log_probs(model, piece: np.ndarray, style: int = 0) -> np.ndarray:
     """ln p(token_i | previous tokens of the piece, up to the context length), i = 1..n-1."""
     T = model.config.block_size
     n = len(piece)
@@ -45,7 +46,7 @@ def model_log_probs(model, piece: np.ndarray) -> np.ndarray:
     while True:
         end = min(begin + T, n)
         x = torch.from_numpy(piece[begin:end].astype(np.int64))[None]
-        lp = torch.log_softmax(model(x)[0, :-1].float(), -1)  # predicts positions begin+1 .. end-1
+        lp = torch.log_softmax(model(x, style=style)[0, :-1].float(), -1)  # predicts positions begin+1 .. end-1
         tgt = x[0, 1:]
         vals = lp.gather(1, tgt[:, None])[:, 0].numpy()
         out[scored - 1 : end - 1] = vals[scored - begin - 1 :]
@@ -194,7 +195,7 @@ def _pair(msgs, end):
 
 
 def evaluate(maestro_root: Path, *, split: str, limit: int | None, prompts: int, seconds: float, ngram_order: int,
-             weights: Path | None, seed: int, threads: int, sampling) -> dict:
+             weights: Path | None, seed: int, threads: int, sampling, pop909_root: Path | None = None) -> dict:
     torch.set_num_threads(threads)
     t_start = time.monotonic()
     model = load_phrase(weights)
@@ -215,7 +216,9 @@ def evaluate(maestro_root: Path, *, split: str, limit: int | None, prompts: int,
         count += len(piece) - 1
         secs += float(ts.seconds[i])
     gen = generation_stats(model, ng, ts, prompts=prompts, seconds=seconds, seed=seed, sampling=sampling)
+    styles = pop909_by_style(model, ng, pop909_root, split, limit) if pop909_root is not None and model.config.n_styles > 1 else None
     return {
+        "pop909_by_style": styles,
         "split": split, "pieces": len(picked), "tokens": count, "music_seconds": round(secs, 1),
         "model": {"nll_per_token": m_nll / count, "nll_per_second": m_nll / secs, "params": model.num_params()},
         f"ngram{ngram_order}": {"nll_per_token": n_nll / count, "nll_per_second": n_nll / secs},
@@ -223,6 +226,28 @@ def evaluate(maestro_root: Path, *, split: str, limit: int | None, prompts: int,
         "sampling": {"temperature": sampling.temperature, "top_k": sampling.top_k, "top_p": sampling.top_p},
         "elapsed_s": round(time.monotonic() - t_start, 1),
     }
+
+
+def pop909_by_style(model, ng, root: Path, split: str, limit: int | None) -> dict | None:
+    """NLL per token of the POP909 split with each style vector (does the style help?), and the
+    MAESTRO-trained n-gram for reference; None when POP909 is not there."""
+    from cadenza.models.phrase import STYLES
+    from cadenza.models.phrase_data import load_pop909
+
+    try:
+        ts = load_pop909(root, split, progress=False)
+    except CadenzaError:
+        return None
+    picked = _pick(ts, limit)
+    nll = {s: 0.0 for s in STYLES}
+    n_nll, count = 0.0, 0
+    for i in picked:
+        piece = ts.piece(i)
+        for k, s in enumerate(STYLES):
+            nll[s] -= model_log_probs(model, piece, style=k).sum()
+        n_nll -= ng.log_probs(piece).sum()
+        count += len(piece) - 1
+    return {"pieces": len(picked), "tokens": count, **{f"nll_per_token_{s}": nll[s] / count for s in STYLES}, "ngram_nll_per_token": n_nll / count}
 
 
 def format_report(r: dict) -> str:
@@ -238,5 +263,9 @@ def format_report(r: dict) -> str:
     lines.append(f"{'':16}" + "".join(f"{s:>12}" for s in STATS + ("mean",)))
     for k in ("model", "ngram", "previous_real"):
         lines.append(f"{k:16}" + "".join(f"{g[k][s]:>12.3f}" for s in STATS + ("mean",)))
+    p = r.get("pop909_by_style")
+    if p:
+        lines.append(f"POP909 {r['split']} ({p['pieces']} songs, {p['tokens']:,} tokens), NLL/token: pop style {p['nll_per_token_pop']:.4f}, "
+                     f"classical style {p['nll_per_token_classical']:.4f}, {ng} (MAESTRO-trained) {p['ngram_nll_per_token']:.4f}")
     lines.append(f"({r['elapsed_s']:.0f} s)")
     return "\n".join(lines)

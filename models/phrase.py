@@ -27,6 +27,8 @@ from cadenza.errors import ModelError
 from cadenza.models.tokens import VOCAB_SIZE
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+# Styles the model can be asked for (a learned vector added at every position; index = id).
+STYLES = ("classical", "pop")
 DEFAULT_WEIGHTS = WEIGHTS_DIR / "phrase.safetensors"
 
 
@@ -38,6 +40,7 @@ class PhraseConfig:
     n_head: int = 4
     n_embd: int = 256
     dropout: float = 0.0
+    n_styles: int = 0  # 0: no style conditioning (weights from before styles load as they were)
 
 
 class KVCache:
@@ -122,6 +125,7 @@ class PhraseModel(nn.Module):
         self.config = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
+        self.wse = nn.Embedding(cfg.n_styles, cfg.n_embd) if cfg.n_styles else None
         self.drop = nn.Dropout(cfg.dropout)
         self.h = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)])
         self.ln_f = nn.LayerNorm(cfg.n_embd)
@@ -131,6 +135,8 @@ class PhraseModel(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):  # GPT-2's scaled init of residual projections
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+        if self.wse is not None:  # no style = the unconditioned model (what extending starts from)
+            nn.init.zeros_(self.wse.weight)
 
     @staticmethod
     def _init_weights(m):
@@ -144,15 +150,22 @@ class PhraseModel(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, idx: torch.Tensor, cache: KVCache | None = None, *, last_only: bool = False) -> torch.Tensor:
-        """Logits (B, T, vocab) for tokens ``idx`` (B, T); with a cache, ``idx`` continues it."""
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None, *, last_only: bool = False, style: torch.Tensor | int | None = None) -> torch.Tensor:
+        """Logits (B, T, vocab) for tokens ``idx`` (B, T); with a cache, ``idx`` continues it.
+
+        ``style``: an index into :data:`STYLES` (or one per row); default 0. A cached context
+        must keep one style (its keys and values carry it)."""
         B, T = idx.shape
         p0 = cache.pos if cache is not None else 0
         limit = cache.max_len if cache is not None else self.config.block_size
         if p0 + T > limit:
             raise ValueError(f"context of {p0 + T} tokens exceeds {limit}")
         pos = torch.arange(p0, p0 + T, device=idx.device)
-        x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
+        x = self.wte(idx) + self.wpe(pos)  # (B, T, C)
+        if self.wse is not None:
+            s = torch.as_tensor(0 if style is None else style, device=idx.device, dtype=torch.long).reshape(-1)
+            x = x + self.wse(s)[:, None, :]
+        x = self.drop(x)
         for i, block in enumerate(self.h):
             x = block(x, i, cache)
         if cache is not None:
@@ -179,6 +192,34 @@ class PhraseModel(nn.Module):
         meta = {"config": asdict(self.config), **(extra or {})}
         with atomic_path(path.with_suffix(".json")) as tmp:
             tmp.write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def style_index(model: PhraseModel, style: str) -> int:
+    """The index of a style name; ConfigError if unknown or the model has no styles."""
+    from cadenza.errors import ConfigError
+
+    if style not in STYLES:
+        raise ConfigError(f"unknown style {style!r}; choose one of {', '.join(STYLES)}")
+    i = STYLES.index(style)
+    if i and i >= model.config.n_styles:
+        raise ConfigError(f"these phrase weights know no style {style!r} (trained without styles)")
+    return i
+
+
+def with_styles(model: PhraseModel, n_styles: int) -> PhraseModel:
+    """The same network with ``n_styles`` style vectors (new ones zero: behaves as before)."""
+    if model.config.n_styles >= n_styles:
+        return model
+    cfg = PhraseConfig(**{**asdict(model.config), "n_styles": n_styles})
+    new = PhraseModel(cfg)
+    state = model.state_dict()
+    if model.wse is not None:
+        w = new.wse.weight.detach().clone()
+        w[: model.config.n_styles] = state.pop("wse.weight")
+        state["wse.weight"] = w
+    missing, unexpected = new.load_state_dict(state, strict=False)
+    assert not unexpected and set(missing) <= {"wse.weight"}, (missing, unexpected)
+    return new.to(model.wte.weight.device)
 
 
 def load_phrase(path: str | Path | None = None, device: str = "cpu") -> PhraseModel:

@@ -24,6 +24,7 @@ def register(groups) -> None:
     p.add_argument("--width", type=int, default=128, help="embedding width")
     p.add_argument("--eval-every", type=float, default=150.0, metavar="SECONDS")
     p.add_argument("--init", type=Path, help="continue training from these weights")
+    p.add_argument("--pop909", type=float, default=0.0, metavar="SHARE", help="share of each batch from POP909 train, learned as the pop style (default 0)")
     p.add_argument("-o", "--out", type=Path, help="where to write the weights (default: the shipped ones)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_train)
@@ -68,6 +69,7 @@ def _sampling_flags(p) -> None:
     p.add_argument("--top-k", type=int)
     p.add_argument("--top-p", type=float)
     p.add_argument("--seed", type=int)
+    p.add_argument("--style", choices=["classical", "pop"], help="classical (MAESTRO, the default) or pop (POP909)")
     p.add_argument("--weights", type=Path)
 
 
@@ -75,7 +77,7 @@ def _sampling_overrides(args) -> None:
     """Sampling flags are settings overrides, so a bad value fails with the config's one line."""
     from cadenza.cli import add_override
 
-    for key in ("temperature", "top_k", "top_p", "seed", "weights"):
+    for key in ("temperature", "top_k", "top_p", "seed", "style", "weights"):
         add_override(args, "continuation", key, getattr(args, key))
 
 
@@ -85,6 +87,7 @@ def _train(args, settings) -> int:
     opt = TrainOptions(
         minutes=args.minutes, threads=args.threads, seed=args.seed, batch=args.batch, seq_len=args.seq_len, lr=args.lr,
         n_layer=args.layers, n_head=args.heads, n_embd=args.width, eval_every_s=args.eval_every, init=args.init,
+        pop909=args.pop909, pop909_root=settings.data.pop909,
     )
     if args.out:
         opt.out = args.out
@@ -101,7 +104,7 @@ def _eval(args, settings) -> int:
     result = evaluate(
         settings.data.maestro, split=args.split, limit=args.limit, prompts=args.prompts, seconds=args.seconds,
         ngram_order=args.ngram, weights=args.weights or settings.continuation.weights, seed=args.seed, threads=args.threads,
-        sampling=settings.continuation,
+        sampling=settings.continuation, pop909_root=settings.data.pop909,
     )
     if args.save:
         from cadenza.stream.smf import write_atomic
@@ -116,7 +119,7 @@ def _continue(args, settings) -> int:
 
     c = settings.continuation
     n = continue_file(args.input, args.output, seconds=args.seconds, temperature=c.temperature, top_k=c.top_k, top_p=c.top_p,
-                      seed=c.seed, weights=c.weights)
+                      seed=c.seed, weights=c.weights, style=c.style)
     print(f"{args.output}: input kept, {n} generated notes appended as a new track ({args.seconds:g} s)")
     return 0
 
@@ -126,7 +129,7 @@ def _generate(args, settings) -> int:
 
     c = settings.continuation
     n = generate_file(args.output, seconds=args.seconds, temperature=c.temperature, top_k=c.top_k, top_p=c.top_p,
-                      seed=c.seed, weights=c.weights, channel=args.channel)
+                      seed=c.seed, weights=c.weights, channel=args.channel, style=c.style)
     print(f"{args.output}: {n} notes, {args.seconds:g} s")
     return 0
 

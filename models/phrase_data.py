@@ -52,6 +52,35 @@ def maestro_files(root: Path, split: str) -> list[Path]:
     return [Path(root) / r["midi_filename"] for r in rows]
 
 
+# POP909 has no official split: songs 001-809 train, 810-859 validation, 860-909 test.
+POP909_SPLITS = {"train": range(1, 810), "validation": range(810, 860), "test": range(860, 910)}
+
+
+def pop909_files(root: Path, split: str) -> list[Path]:
+    if split not in POP909_SPLITS:
+        raise ConfigError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    files = [Path(root) / f"{i:03d}" / f"{i:03d}.mid" for i in POP909_SPLITS[split]]
+    files = [f for f in files if f.is_file()]
+    if not files:
+        raise ConfigError(f"POP909 not found under {root} (set data.root / CADENZA_DATA__ROOT)")
+    return files
+
+
+def load_pop909(root: Path, split: str, *, cache_dir: Path = CACHE_DIR, progress: bool = True) -> TokenSplit:
+    """Tokens of a POP909 split (melody, bridge and piano tracks as one piano part), cached
+    like MAESTRO's."""
+    path = Path(cache_dir) / f"pop909-{split}-{_tokenizer_tag()}.npz"
+    if path.is_file():
+        with np.load(path) as z:
+            return TokenSplit(z["tokens"], z["starts"], z["seconds"], list(z["names"]))
+    ts = _tokenize(pop909_files(root, split), progress=progress)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path, suffix=".npz") as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, tokens=ts.tokens, starts=ts.starts, seconds=ts.seconds, names=np.asarray(ts.names))
+    return ts
+
+
 def _tokenizer_tag() -> str:
     spec = f"{tk.QUANTUM_S}|{tk.MAX_SHIFT}|{tk.VELOCITY_BINS}|{tk.VOCAB_SIZE}|{tk.PEDAL_THRESHOLD}|v2"
     return hashlib.sha1(spec.encode()).hexdigest()[:10]

@@ -18,7 +18,7 @@ from cadenza.models import tokens as tk
 from cadenza.stream.smf import MidiFile, Performance, atomic_path, write_performance
 
 
-def _live(weights, seed):
+def _live(weights, seed, style="classical"):
     import torch
 
     from cadenza.models.phrase import load_phrase
@@ -26,7 +26,7 @@ def _live(weights, seed):
 
     if seed is not None:
         torch.manual_seed(seed)
-    return LivePhrase(load_phrase(weights))
+    return LivePhrase(load_phrase(weights), style=style)
 
 
 def performance_messages(perf: Performance) -> list[tuple[float, bytes]]:
@@ -65,13 +65,13 @@ def messages_to_performance(msgs: list[tuple[float, bytes]]) -> Performance:
 
 
 def generate_file(out: Path, *, seconds: float, temperature: float, top_k: int, top_p: float, seed: int | None,
-                  weights: Path | None = None, channel: int = 0) -> int:
+                  weights: Path | None = None, channel: int = 0, style: str = "classical") -> int:
     """Unconditioned generation of ``seconds`` into ``out``; returns the number of notes."""
     if seconds <= 0:
         raise MidiFileError(f"--seconds must be positive (got {seconds:g})")
     if not 0 <= channel <= 15:
         raise MidiFileError(f"--channel must be 0-15 (got {channel})")
-    live = _live(weights, seed)
+    live = _live(weights, seed, style)
     msgs = list(live.respond(start_t=0.0, seconds=seconds, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, channel=channel))
     perf = messages_to_performance(msgs)
     write_performance(perf, out)
@@ -79,7 +79,7 @@ def generate_file(out: Path, *, seconds: float, temperature: float, top_k: int, 
 
 
 def continue_file(inp: Path, out: Path, *, seconds: float, temperature: float, top_k: int, top_p: float, seed: int | None,
-                  weights: Path | None = None) -> int:
+                  weights: Path | None = None, style: str = "classical") -> int:
     """Append ``seconds`` of continuation to ``inp`` as a new track in ``out``; returns notes added."""
     if seconds <= 0:
         raise MidiFileError(f"--seconds must be positive (got {seconds:g})")
@@ -90,7 +90,7 @@ def continue_file(inp: Path, out: Path, *, seconds: float, temperature: float, t
         raise MidiFileError(f"{inp}: format 2 (independent patterns) cannot be continued")
     msgs = performance_messages(perf)
     channel = int(np.bincount(perf.channel.astype(np.int64)).argmax()) if len(perf) else 0
-    live = _live(weights, seed)
+    live = _live(weights, seed, style)
     live.feed_many(msgs)
     start = msgs[-1][0] if msgs else 0.0
     gen = list(live.respond(start_t=start, seconds=seconds, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, channel=channel))

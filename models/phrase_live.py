@@ -36,10 +36,15 @@ MAX_VOICES = 10  # at most this many response keys down at once
 class LivePhrase:
     """Appendable context + streaming response for one performer (one worker thread)."""
 
-    def __init__(self, model: PhraseModel, *, max_context: int | None = None, keep: int | None = None):
+    def __init__(self, model: PhraseModel, *, max_context: int | None = None, keep: int | None = None, style: str = "classical"):
         """``max_context``: tokens held in the cache (≤ the model's block size); when it is full
-        the most recent ``keep`` tokens (default 3/4 of it) are re-prefilled and work goes on."""
+        the most recent ``keep`` tokens (default 3/4 of it) are re-prefilled and work goes on.
+        ``style``: one of :data:`~cadenza.models.phrase.STYLES` the weights were trained with."""
+        from cadenza.models.phrase import style_index
+
         self.model = model
+        self.style = style
+        self._style = style_index(model, style)
         self.max_context = min(max_context or model.config.block_size, model.config.block_size)
         self.keep = max(1, min(keep or self.max_context * 3 // 4, self.max_context - 1))
         self.reserve = min(64, (self.max_context - self.keep) // 2)  # slots kept free for a response's start
@@ -179,7 +184,7 @@ class LivePhrase:
     @torch.inference_mode()
     def _forward(self, toks: list[int]) -> None:
         idx = torch.tensor([toks], dtype=torch.long, device=self.device)
-        self._logits = self.model(idx, self.cache, last_only=True)[0, -1].float().cpu()
+        self._logits = self.model(idx, self.cache, last_only=True, style=self._style)[0, -1].float().cpu()
 
     # ---- response -----------------------------------------------------------------------------
     def respond(self, *, start_t: float, seconds: float, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,

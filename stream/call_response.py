@@ -360,6 +360,6 @@ def _default_live(settings: ContinueSettings) -> Callable[[], Any]:
         from cadenza.models.phrase_live import LivePhrase, load_phrase
         from cadenza.models.worker import pick_device
 
-        return LivePhrase(load_phrase(settings.weights, device=pick_device(settings.device)))
+        return LivePhrase(load_phrase(settings.weights, device=pick_device(settings.device)), style=settings.style)
 
     return make

@@ -37,6 +37,32 @@ def test_cached_logits_equal_full_forward(static):
     torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=1e-4)
 
 
+def test_style_vectors_condition_every_position_and_survive_the_cache(tmp_path):
+    from cadenza.errors import ConfigError
+    from cadenza.models.phrase import with_styles
+
+    plain = _tiny(2)
+    styled = with_styles(plain, 2)  # new style vectors start at zero: the same model
+    x = torch.randint(0, tk.VOCAB_SIZE, (1, 40))
+    with torch.no_grad():
+        torch.testing.assert_close(styled(x, style=1), plain(x))
+        styled.wse.weight[1].normal_(0, 0.5)
+        assert not torch.allclose(styled(x, style=1), styled(x, style=0))
+        torch.testing.assert_close(styled(x, style=0), plain(x))
+        cache = styled.new_cache()
+        parts = [styled(x[:, :10], cache, style=1)] + [styled(x[:, i : i + 1], cache, style=1) for i in range(10, 40)]
+        torch.testing.assert_close(torch.cat(parts, 1), styled(x, style=1), atol=1e-5, rtol=1e-4)
+    styled.save(tmp_path / "s.safetensors")
+    again = load_phrase(tmp_path / "s.safetensors")
+    assert again.config.n_styles == 2
+    with torch.no_grad():
+        torch.testing.assert_close(again(x, style=1), styled(x, style=1))
+    with pytest.raises(ConfigError, match="no style 'pop'"):
+        LivePhrase(plain, style="pop")  # weights trained without styles
+    with pytest.raises(ConfigError, match="unknown style"):
+        LivePhrase(styled, style="jazz")
+
+
 def test_context_overflow_is_refused():
     model = _tiny()
     cache = model.new_cache(max_len=10)
