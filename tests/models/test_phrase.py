@@ -268,3 +268,36 @@ def test_guard_rails_limit_hold_time_and_voices(shipped):
             assert len(down) <= 2
         elif m[0] & 0xF0 == 0x80:
             assert t - down.pop(m[1]) <= 0.3 + 1e-6
+
+
+def test_shipped_weights_answer_in_both_styles(tmp_path):
+    from cadenza.cli import main
+
+    assert load_phrase().config.n_styles == 2
+    outs = {}
+    for style in ("classical", "pop"):
+        out = tmp_path / f"{style}.mid"
+        assert main(["generate", "-o", str(out), "--seconds", "3", "--seed", "4", "--style", style]) == 0
+        perf = MidiFile.load(out).performance
+        assert len(perf) > 0 and perf.end <= 3.0 + 0.02
+        outs[style] = (perf.pitch.tolist(), perf.onset.round(2).tolist())
+    assert outs["classical"] != outs["pop"]  # same seed, different style vector
+
+
+@pytest.mark.maestro
+def test_each_style_fits_its_own_music_best(settings, maestro_root, shipped):
+    """On held-out songs, POP909 is likelier under the pop style and MAESTRO under the classical
+    one: the style vector carries what the two corpora differ in."""
+    from cadenza.models.eval_phrase import model_log_probs
+    from cadenza.models.phrase_data import load_pop909, load_split
+
+    try:
+        pop = load_pop909(settings.data.pop909, "test", progress=False)
+    except Exception as exc:  # noqa: BLE001  (data not there)
+        pytest.skip(f"POP909 not available: {exc}")
+    classical = load_split(maestro_root, "test", limit=3, progress=False)
+    for ts, own in ((pop, 1), (classical, 0)):
+        for i in range(3):
+            piece = ts.piece(i)[:2048]
+            nll = [-model_log_probs(shipped, piece, style=s).mean() for s in (0, 1)]
+            assert nll[own] < nll[1 - own], (ts.names[i], nll)
