@@ -36,6 +36,7 @@ def register(groups) -> None:
     p.add_argument("--seconds", type=float, default=20.0, help="length of each played pass (default 20)")
     p.add_argument("--rate", type=float, default=12.0, help="note-ons per second in the pattern (default 12, chords included)")
     p.add_argument("--period", type=int, default=64, help="JACK period in frames when starting our own server (default 64 at 48 kHz)")
+    p.add_argument("--pin", action="store_true", help="give the service a core of its own (the last one) and run JACK and the player on the others, as on a machine where nothing else competes with it")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_latency)
     t = b.add_parser("throughput", help="highest sustained note rate with < 1 % deadline misses")
@@ -160,6 +161,12 @@ def _stats_ms(x: list[float]) -> dict:
 def _latency(args, settings) -> int:
     from cadenza.stream.jackserver import JackServer, jack_running
 
+    cores = sorted(os.sched_getaffinity(0))
+    pin = args.pin and len(cores) >= 2
+    if args.pin and not pin:
+        raise PortError("bench: --pin needs at least 2 CPU cores")
+    if pin:  # this process, and the JACK server it starts, stay off the service's core
+        os.sched_setaffinity(0, cores[:-1])
     own = None
     if not jack_running():
         own = JackServer(period=args.period).start()
@@ -171,7 +178,8 @@ def _latency(args, settings) -> int:
             metrics_path = Path(tmp) / "metrics.json"
             env = dict(os.environ, CADENZA_MIDI__API="jack", CADENZA_ENGINE__STATS_INTERVAL_S="0")
             cmd = [sys.executable, "-m", "cadenza"] + (["--config", args.config] if args.config else []) + ["serve", "--mode", "colorize", "--metrics-json", str(metrics_path)]
-            proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                    preexec_fn=(lambda: os.sched_setaffinity(0, cores[-1:])) if pin else None)
             try:
                 _wait_for_port("cadenza in", proc)
                 service = through_service(events)
@@ -189,6 +197,7 @@ def _latency(args, settings) -> int:
     c = metrics["counters"]
     result = {
         "jack_period_ms": round(period_ms, 3) if period_ms else None,
+        "service_core": cores[-1] if pin else None,
         "messages": len(events),
         "note_ons": sum(1 for _, m in events if m[0] == 0x90),
         "baseline_loopback": b,
