@@ -174,26 +174,16 @@ def _latency(args, settings) -> int:
     try:
         events = pattern(args.seconds, args.rate)
         baseline = direct_loopback(events)
-        with tempfile.TemporaryDirectory() as tmp:
-            metrics_path = Path(tmp) / "metrics.json"
-            env = dict(os.environ, CADENZA_MIDI__API="jack", CADENZA_ENGINE__STATS_INTERVAL_S="0")
-            cmd = [sys.executable, "-m", "cadenza"] + (["--config", args.config] if args.config else []) + ["serve", "--mode", "colorize", "--metrics-json", str(metrics_path)]
-            proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                                    preexec_fn=(lambda: os.sched_setaffinity(0, cores[-1:])) if pin else None)
-            try:
-                _wait_for_port("cadenza in", proc)
-                service = through_service(events)
-            finally:
-                proc.send_signal(signal.SIGTERM)
-                _, err = proc.communicate(timeout=30)
-            if proc.returncode != 0 or not metrics_path.is_file():
-                raise PortError(f"bench: cadenza serve failed: {err.strip().splitlines()[-1] if err.strip() else proc.returncode}")
-            metrics = json.loads(metrics_path.read_text())
+        service, metrics = run_service(
+            args, ["--mode", "colorize"], {"CADENZA_MIDI__API": "jack"},
+            ready=lambda proc: _wait_for_port("cadenza in", proc), play=lambda: through_service(events), error=PortError,
+            preexec_fn=(lambda: os.sched_setaffinity(0, cores[-1:])) if pin else None,
+        )
     finally:
         if own is not None:
             own.stop()
     b, s = _stats_ms(baseline), _stats_ms(service)
-    added = {k: round(s[k] - b[k], 3) for k in ("p50_ms", "p95_ms", "p99_ms", "max_ms") if k in s and k in b}
+    added = added_ms(b, s)
     c = metrics["counters"]
     result = {
         "jack_period_ms": round(period_ms, 3) if period_ms else None,
@@ -211,15 +201,46 @@ def _latency(args, settings) -> int:
         "lost_in_transit": len(events) - s["n"],
         "service_histograms": metrics["latency"],
     }
+    print_paths(args, result, f"{result['note_ons']} notes, {result['messages']} messages, JACK period {result['jack_period_ms']} ms", "baseline_loopback")
+    return 0
+
+
+def run_service(args, serve_args: list[str], env: dict, *, ready, play, error, preexec_fn=None) -> tuple:
+    """``cadenza serve SERVE_ARGS`` in its own process (``--config`` passed on): wait until
+    ``ready(proc)``, measure with ``play()``, stop it with SIGTERM; return what ``play`` returned
+    and the service's final metrics. A service that fails is ``error`` with its last line."""
+    with tempfile.TemporaryDirectory() as tmp:
+        metrics_path = Path(tmp) / "metrics.json"
+        env = dict(os.environ, CADENZA_ENGINE__STATS_INTERVAL_S="0", **env)
+        cmd = [sys.executable, "-m", "cadenza"] + (["--config", args.config] if args.config else [])
+        cmd += ["serve", *serve_args, "--metrics-json", str(metrics_path)]
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, preexec_fn=preexec_fn)
+        try:
+            ready(proc)
+            measured = play()
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            _, err = proc.communicate(timeout=30)
+        if proc.returncode != 0 or not metrics_path.is_file():
+            raise error(f"bench: cadenza serve failed: {err.strip().splitlines()[-1] if err.strip() else proc.returncode}")
+        return measured, json.loads(metrics_path.read_text())
+
+
+def added_ms(baseline: dict, service: dict) -> dict:
+    """Service percentiles minus baseline percentiles (what the service adds)."""
+    return {k: round(service[k] - baseline[k], 3) for k in ("p50_ms", "p95_ms", "p99_ms", "max_ms") if k in service and k in baseline}
+
+
+def print_paths(args, result: dict, header: str, baseline: str) -> None:
+    """The result as one JSON object (``--json``), or a header and a line per measured path."""
     if args.json:
         print(json.dumps(result))
-    else:
-        print(f"{result['note_ons']} notes, {result['messages']} messages, JACK period {result['jack_period_ms']} ms")
-        for name in ("baseline_loopback", "service_path", "added", "internal", "loop_lag"):
-            r = result[name]
-            print(f"  {name:18s} p50 {r.get('p50_ms', float('nan')):7.3f}  p95 {r.get('p95_ms', float('nan')):7.3f}  p99 {r.get('p99_ms', float('nan')):7.3f}  max {r.get('max_ms', float('nan')):7.3f} ms")
-        print(f"  deadline misses {result['deadline_misses']}, dropped {result['dropped']}, lost in transit {result['lost_in_transit']}")
-    return 0
+        return
+    print(header)
+    for name in (baseline, "service_path", "added", "internal", "loop_lag"):
+        r = result[name]
+        print(f"  {name:18s} p50 {r.get('p50_ms', float('nan')):7.3f}  p95 {r.get('p95_ms', float('nan')):7.3f}  p99 {r.get('p99_ms', float('nan')):7.3f}  max {r.get('max_ms', float('nan')):7.3f} ms")
+    print(f"  deadline misses {result['deadline_misses']}, dropped {result['dropped']}, lost in transit {result['lost_in_transit']}")
 
 
 def _wait_for_port(name: str, proc: subprocess.Popen, timeout: float = 90.0) -> None:

@@ -16,16 +16,10 @@ the two passes; the daemon's own internal latency comes from its metrics.
 from __future__ import annotations
 
 import asyncio
-import json
 import multiprocessing
-import os
-import signal
 import subprocess
-import sys
-import tempfile
 import time
 from collections import defaultdict, deque
-from pathlib import Path
 
 from cadenza.errors import BrokerError
 from cadenza.stream.mqtt import NODELAY
@@ -90,7 +84,7 @@ async def _play(host: str, port: int, sessions: dict[str, list], ready_wait: flo
 
 
 def _bench(args, settings) -> int:
-    from cadenza.bench import _stats_ms, pattern
+    from cadenza.bench import _stats_ms, added_ms, pattern, print_paths, run_service
     from cadenza.stream.broker import MosquittoBroker
 
     broker = MosquittoBroker().start() if args.broker == "own" else None
@@ -107,27 +101,16 @@ def _bench(args, settings) -> int:
         finally:
             relay.terminate()
             relay.join(5)
-        with tempfile.TemporaryDirectory() as tmp:
-            metrics_path = Path(tmp) / "metrics.json"
-            env = dict(os.environ, CADENZA_ENGINE__STATS_INTERVAL_S="0", CADENZA_MQTT__HOST=host, CADENZA_MQTT__PORT=str(port))
-            cmd = [sys.executable, "-m", "cadenza"] + (["--config", args.config] if args.config else [])
-            cmd += ["serve", "--transport", "mqtt", "--metrics-json", str(metrics_path)]
-            proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-            try:
-                _wait_online(host, port, proc)
-                service = asyncio.run(_play(host, port, sessions))
-            finally:
-                proc.send_signal(signal.SIGTERM)
-                _, err = proc.communicate(timeout=30)
-            if proc.returncode != 0 or not metrics_path.is_file():
-                raise BrokerError(f"bench: cadenza serve failed: {err.strip().splitlines()[-1] if err.strip() else proc.returncode}")
-            metrics = json.loads(metrics_path.read_text())
+        service, metrics = run_service(
+            args, ["--transport", "mqtt"], {"CADENZA_MQTT__HOST": host, "CADENZA_MQTT__PORT": str(port)},
+            ready=lambda proc: _wait_online(host, port, proc), play=lambda: asyncio.run(_play(host, port, sessions)), error=BrokerError,
+        )
     finally:
         if broker is not None:
             broker.stop()
     n_msgs = sum(len(e) for e in sessions.values())
     b, s = _stats_ms(baseline), _stats_ms(service)
-    added = {k: round(s[k] - b[k], 3) for k in ("p50_ms", "p95_ms", "p99_ms", "max_ms") if k in s and k in b}
+    added = added_ms(b, s)
     c = metrics["counters"]
     result = {
         "sessions": args.sessions,
@@ -143,14 +126,7 @@ def _bench(args, settings) -> int:
         "lost_in_transit": n_msgs - s.get("n", 0),
         "service_histograms": metrics["latency"],
     }
-    if args.json:
-        print(json.dumps(result))
-    else:
-        print(f"{result['sessions']} sessions, {result['note_ons']} notes, {result['messages']} messages through MQTT at {host}:{port}")
-        for name in ("baseline_relay", "service_path", "added", "internal", "loop_lag"):
-            r = result[name]
-            print(f"  {name:15s} p50 {r.get('p50_ms', float('nan')):7.3f}  p95 {r.get('p95_ms', float('nan')):7.3f}  p99 {r.get('p99_ms', float('nan')):7.3f}  max {r.get('max_ms', float('nan')):7.3f} ms")
-        print(f"  deadline misses {result['deadline_misses']}, dropped {result['dropped']}, lost in transit {result['lost_in_transit']}")
+    print_paths(args, result, f"{result['sessions']} sessions, {result['note_ons']} notes, {result['messages']} messages through MQTT at {host}:{port}", "baseline_relay")
     return 0
 
 

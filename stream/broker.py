@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from cadenza.errors import BrokerError
+from cadenza.stream.jackserver import stop_process
 
 
 def free_port() -> int:
@@ -60,13 +61,7 @@ class MosquittoBroker:
 
     def stop(self) -> None:
         proc, self._proc = self._proc, None
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
+        stop_process(proc)
         if self._dir is not None:
             self._dir.cleanup()
             self._dir = None

@@ -68,13 +68,7 @@ class JackServer:
 
     def stop(self) -> None:
         proc, self._proc = self._proc, None
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
+        stop_process(proc)
         if self._old_env is None:
             os.environ.pop("JACK_DEFAULT_SERVER", None)
         else:
@@ -86,6 +80,17 @@ class JackServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def stop_process(proc: subprocess.Popen | None) -> None:
+    """SIGTERM a server we started, SIGKILL it if it has not gone within 5 s."""
+    if proc is not None and proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
 
 
 def _server_answers(name: str) -> bool:

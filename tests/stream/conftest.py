@@ -141,6 +141,37 @@ class LiveService:
 
 
 @contextlib.contextmanager
+def served_process(*serve_args: str):
+    """`cadenza serve SERVE_ARGS` as its own process on the current JACK server, with a player
+    on its input and a listener on its output; yields (process, player, listener). The test
+    stops the process itself (to check how it stops); anything left running is killed."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, CADENZA_MIDI__API="jack", CADENZA_ENGINE__STATS_INTERVAL_S="0")
+    proc = subprocess.Popen([sys.executable, "-m", "cadenza", "serve", *serve_args], env=env, stderr=subprocess.PIPE, text=True)
+    player = listener = None
+    try:
+        end = time.monotonic() + 60
+        while time.monotonic() < end and proc.poll() is None:
+            try:
+                player, listener = Player("cadenza in"), Listener("cadenza out")
+                break
+            except StopIteration:
+                time.sleep(0.2)
+        assert player is not None, f"serve did not open its ports: {proc.poll()} {proc.stderr.read() if proc.poll() is not None else ''}"
+        time.sleep(0.2)
+        yield proc, player, listener
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for x in (player, listener):
+            if x is not None:
+                x.close()
+
+
+@contextlib.contextmanager
 def running_service(mode: str, **sections):
     """A service in ``mode`` on the current JACK server, a player on its input and a listener
     on its output. ``sections`` override settings (``continuation={...}``)."""

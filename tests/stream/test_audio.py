@@ -168,27 +168,12 @@ def test_serve_with_audio_plays_what_goes_to_the_port_and_reports_latency(jack_s
     # A separate process, as in use: in one process a new JACK client (the test's player) would
     # wait on the audio client's cycle while holding the GIL its Python callback needs.
     import json
-    import os
     import signal
-    import subprocess
-    import sys
 
-    from .conftest import Listener, Player, sounding
+    from .conftest import served_process, sounding
 
     metrics = tmp_path / "metrics.json"
-    env = dict(os.environ, CADENZA_MIDI__API="jack", CADENZA_ENGINE__STATS_INTERVAL_S="0")
-    proc = subprocess.Popen([sys.executable, "-m", "cadenza", "serve", "--audio", "--metrics-json", str(metrics)], env=env, stderr=subprocess.PIPE, text=True)
-    player = listener = None
-    try:
-        end = time.monotonic() + 60
-        while time.monotonic() < end and proc.poll() is None:
-            try:
-                player, listener = Player("cadenza in"), Listener("cadenza out")
-                break
-            except StopIteration:
-                time.sleep(0.2)
-        assert player is not None, f"serve did not open its ports: {proc.poll()}"
-        time.sleep(0.2)
+    with served_process("--audio", "--metrics-json", str(metrics)) as (proc, player, listener):
         player.send((0x90, 60, 64), (0x90, 64, 64))
         time.sleep(0.2)
         player.send((0x80, 60, 0), (0x80, 64, 0))
@@ -197,12 +182,6 @@ def test_serve_with_audio_plays_what_goes_to_the_port_and_reports_latency(jack_s
         proc.send_signal(signal.SIGTERM)
         code, err = proc.wait(20), proc.stderr.read()
         assert code == 0, err
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        for x in (player, listener):
-            if x is not None:
-                x.close()
     assert sounding(listener.messages()) == {}
     audio = json.loads(metrics.read_text())["audio"]
     # the four notes (and the shutdown's All Notes Off) reached the synth

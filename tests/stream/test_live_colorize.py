@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import random
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
 
-from .conftest import Listener, Player, sounding
+from .conftest import Player, served_process, sounding
 
 pytestmark = pytest.mark.jack
 
@@ -121,19 +118,7 @@ def test_burst_of_ten_thousand_messages(colorize_service):
 
 
 def test_sigterm_mid_chord_releases_every_note(jack_server, tmp_path):
-    env = dict(os.environ, CADENZA_MIDI__API="jack", CADENZA_ENGINE__STATS_INTERVAL_S="0")
-    proc = subprocess.Popen([sys.executable, "-m", "cadenza", "serve", "--mode", "colorize"], env=env, stderr=subprocess.PIPE, text=True)
-    try:
-        player = listener = None
-        end = time.monotonic() + 60
-        while time.monotonic() < end:
-            try:
-                player, listener = Player("cadenza in"), Listener("cadenza out")
-                break
-            except StopIteration:
-                time.sleep(0.2)
-        assert player is not None, f"serve did not open its ports: {proc.poll()} {proc.stderr.read() if proc.poll() is not None else ''}"
-        time.sleep(0.2)
+    with served_process("--mode", "colorize") as (proc, player, listener):
         player.send((0x90, 48, 64), (0x90, 52, 64), (0x90, 55, 64), (0x90, 60, 64))
         assert listener.wait_for(lambda ms: len(sounding(ms)) == 4)
         proc.send_signal(signal.SIGTERM)
@@ -142,12 +127,6 @@ def test_sigterm_mid_chord_releases_every_note(jack_server, tmp_path):
         assert code == 0, err
         assert listener.wait_for(lambda ms: sounding(ms) == {}, 2), f"notes left sounding after SIGTERM: {sounding(listener.messages())}"
         assert "summary" in err
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        for x in (player, listener):
-            if x is not None:
-                x.close()
 
 
 def test_vanished_output_port_gets_its_notes_released_when_back(jack_server):
