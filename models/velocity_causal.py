@@ -77,11 +77,20 @@ class NumpyCausalStep:
     (more when the caches are cold between notes). So the constants are folded in advance — input
     normalisation into the first layer, GRU biases summed, the sigmoid's 1/2 into the r/z weights
     (sigmoid(x) = (1 + tanh(x/2)) / 2), the head's scale into its last layer — and GELU is
-    ``a * Phi(a)`` with Phi read from a table by ``np.interp`` (|error| < 1e-6). A step is ~25
-    calls. The worker splits it (:meth:`inputs`, :meth:`recur`, :meth:`head`) so that a burst of
-    notes — a chord, or many sessions — shares one input-side and one head call, and only the
-    recurrence runs once per note position (batched across sessions). Velocities match the torch model to ~1e-4 (tests hold
-    both forms to the file pass). States are numpy (B, H) arrays, batch along dim 0.
+    ``a * Phi(a)`` with Phi read from a table by ``np.interp`` (|error| < 1e-6).
+
+    The step is split so that the worker can put as little as possible between a note and its
+    answer:
+
+    * :meth:`inputs` — everything that depends on the note alone: the embedding and, in one
+      product, both the GRU's input-side gates and the head's input-side half. A burst of notes
+      (a chord, many sessions) shares one call.
+    * :meth:`hidden_side` — everything that depends on the state alone (``h @ W_h``): the worker
+      computes it right *after* a note has been answered, ready for the session's next note.
+    * :meth:`recur` — the gates; :meth:`head` — the velocity from the new state.
+
+    Velocities match the torch model to ~1e-4 (tests hold both forms to the file pass). States
+    are numpy (B, H) arrays, batch along dim 0.
     """
 
     state_batch_dim = 0
@@ -95,46 +104,55 @@ class NumpyCausalStep:
         self.w_x = np.ascontiguousarray(w_in.T, f32)
         self.b_x = (sd["inp.bias"] - w_in @ sd["feat_mean"]).astype(f32)
         # Gates r, z, n. Pre-activations of r and z are halved (for the tanh form of the
-        # sigmoid) and carry both biases; n's hidden-side part is halved too (see _recur).
+        # sigmoid) and carry both biases; n's hidden-side part is halved too (see recur).
         half = np.ones(3 * H)
         half[: 2 * H] = 0.5
         b_g = sd["gru.bias_ih_l0"].copy()
         b_g[: 2 * H] += sd["gru.bias_hh_l0"][: 2 * H]
-        self.w_g = np.ascontiguousarray(sd["gru.weight_ih_l0"].T * half, f32)
-        self.b_g = (b_g * half).astype(f32)
+        w_1 = sd["head.0.weight"].T  # (2H, head) on [h, e]
+        # e -> [input-side gates (3H) | the head's e half (head)], one product per burst
+        self.w_e = np.ascontiguousarray(np.concatenate([sd["gru.weight_ih_l0"].T * half, w_1[H:]], 1), f32)
+        self.b_e = np.concatenate([b_g * half, sd["head.0.bias"]]).astype(f32)
         self.w_h = np.ascontiguousarray(sd["gru.weight_hh_l0"].T * 0.5, f32)
         self.b_hn = (0.5 * sd["gru.bias_hh_l0"][2 * H :]).astype(f32)
-        self.w_1 = np.ascontiguousarray(sd["head.0.weight"].T, f32)  # (2H, head) on [h, e]
-        self.b_1 = sd["head.0.bias"].astype(f32)
+        self.w_1h = np.ascontiguousarray(w_1[:H], f32)
         self.w_2 = np.ascontiguousarray(32.0 * sd["head.2.weight"][0], f32)
         self.b_2 = f32(64.0 + 32.0 * sd["head.2.bias"][0])
 
     def initial_state(self, batch: int) -> np.ndarray:
         return np.zeros((batch, self.hidden), np.float32)
 
-    def inputs(self, x) -> tuple[np.ndarray, np.ndarray]:
-        """The state-independent part for any number of notes: x (N, F) -> (embeddings (N, H),
-        input-side gate pre-activations (N, 3H))."""
+    def inputs(self, x) -> np.ndarray:
+        """The note-only part for any number of notes: x (N, F) -> (N, 3H + head): the GRU's
+        input-side gate pre-activations, then the head's input-side pre-activation."""
         e = np.asarray(x, np.float32) @ self.w_x
         e += self.b_x
         np.maximum(e, 0.0, out=e)
-        g = e @ self.w_g
-        g += self.b_g
-        return e, g
+        g = e @ self.w_e
+        g += self.b_e
+        return g
 
-    def recur(self, g: np.ndarray, state: np.ndarray) -> np.ndarray:
-        """One GRU update of B sessions: g (B, 3H) from :meth:`inputs`, state (B, H) -> new state."""
-        H = self.hidden
+    def hidden_side(self, state: np.ndarray) -> np.ndarray:
+        """The state-only part of the next GRU update: state (B, H) -> (B, 3H); consumed (written
+        over) by :meth:`recur`."""
         gh = state @ self.w_h  # r, z halved; n halved: 0.5 * (W_hn h)
+        gh[:, 2 * self.hidden :] += self.b_hn
+        return gh
+
+    def recur(self, g: np.ndarray, state: np.ndarray, gh: np.ndarray | None = None) -> np.ndarray:
+        """One GRU update of B sessions: g (B, >= 3H) from :meth:`inputs`, state (B, H), and
+        ``hidden_side(state)`` if it is already known -> new state."""
+        H = self.hidden
+        if gh is None:
+            gh = self.hidden_side(state)
         ghn = gh[:, 2 * H :]
-        ghn += self.b_hn
         t = gh[:, : 2 * H]
         t += g[:, : 2 * H]
         np.tanh(t, out=t)  # r = (1 + t_r) / 2, z = (1 + t_z) / 2
         # n = tanh(g_n + r * (W_hn h + b_hn)) = tanh(g_n + (1 + t_r) * ghn)
         n = t[:, :H] * ghn
         n += ghn
-        n += g[:, 2 * H :]
+        n += g[:, 2 * H : 3 * H]
         np.tanh(n, out=n)
         # h' = n + z * (h - n)
         d = state - n
@@ -145,10 +163,11 @@ class NumpyCausalStep:
         d += n
         return d
 
-    def head(self, h: np.ndarray, e: np.ndarray) -> np.ndarray:
-        """Velocities (N,) in [1, 127] from states after each note (N, H) and embeddings (N, H)."""
-        a = np.concatenate([h, e], 1) @ self.w_1
-        a += self.b_1
+    def head(self, h: np.ndarray, g: np.ndarray) -> np.ndarray:
+        """Velocities (N,) in [1, 127] from states after each note (N, H) and the notes'
+        :meth:`inputs` (N, 3H + head)."""
+        a = h @ self.w_1h
+        a += g[:, 3 * self.hidden :]
         a *= np.interp(a, _PHI_X, _PHI_Y)  # GELU = a * Phi(a)
         v = a @ self.w_2
         v += self.b_2
@@ -156,9 +175,9 @@ class NumpyCausalStep:
 
     def step(self, x, state: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """One note-on per row: x (B, F), state (B, H) -> (velocities (B,) in [1, 127], new state)."""
-        e, g = self.inputs(x)
+        g = self.inputs(x)
         h = self.recur(g, state)
-        return self.head(h, e), h
+        return self.head(h, g), h
 
 
 # Phi, the standard normal CDF, tabulated for GELU (linear interpolation error < 1e-6; it is

@@ -48,6 +48,7 @@ class WorkerStats:
     batches: int = 0
     max_batch: int = 0
     crashes: int = 0
+    prepared: int = 0  # notes whose hidden side was computed after the session's previous note
     infer_s: list = field(default_factory=list)  # per-round model time, bounded below
 
     def record_round(self, n: int, dt: float) -> None:
@@ -94,6 +95,10 @@ class VelocityWorker:
         self._alive = False
         self._features: dict[Any, Any] = {}
         self._states: dict[Any, Any] = {}
+        # numpy model: each session's next hidden-side product, computed once its note has gone
+        # out (state it belongs to, product); see _prepare_next
+        self._next: dict[Any, tuple] = {}
+        self._to_prepare: set = set()
         self._scratch: tuple | None = None  # keep_warm's featurizer and state
         self._scratch_n = 0
 
@@ -117,6 +122,8 @@ class VelocityWorker:
             self._warm_up()
         self._features.clear()
         self._states.clear()
+        self._next.clear()
+        self._to_prepare.clear()
         self._pending = []
         self._alive = True
         if self.inline:
@@ -208,9 +215,9 @@ class VelocityWorker:
             self._scratch_n = 0
         feats, state = self._scratch
         x = feats.note_on(0.125 * self._scratch_n, 48 + (self._scratch_n * 7) % 36)
-        e, g = self.model.inputs(x[None])
-        h = self.model.recur(g, state)
-        self.model.head(h, e)
+        g = self.model.inputs(x[None])
+        h = self.model.recur(g, state, self.model.hidden_side(state))
+        self.model.head(h, g)
         self._scratch = (feats, h)
         self._scratch_n += 1
 
@@ -269,6 +276,7 @@ class VelocityWorker:
                 notes = []
                 self._features.pop(session, None)
                 self._states.pop(session, None)
+                self._next.pop(session, None)
         self._infer_burst(notes)
         return True
 
@@ -296,20 +304,9 @@ class VelocityWorker:
             return
         t0 = time.perf_counter()
         sessions = [s for s, _, _ in notes]
-        rounds = self._rounds(sessions)
+        rounds = self._rounds(sessions) if len(notes) > 1 else [[0]]
         if self._numpy:
-            # Input side and head once for the whole burst; the recurrence once per round,
-            # batched across the round's sessions.
-            e, g = self.model.inputs(np.stack([x for _, x, _ in notes]))
-            h = np.empty_like(e)
-            for rnd in rounds:
-                ss = [sessions[i] for i in rnd]
-                state = self._state(ss[0]) if len(ss) == 1 else np.concatenate([self._state(s) for s in ss])
-                new = self.model.recur(g[rnd], state)
-                h[rnd] = new
-                for j, s in enumerate(ss):
-                    self._states[s] = new[j : j + 1]
-            values = self.model.head(h, e).tolist()
+            values = self._infer_numpy(notes, sessions, rounds)
         else:
             values = [0.0] * len(notes)
             for rnd in rounds:
@@ -318,6 +315,60 @@ class VelocityWorker:
         self.stats.requests += len(notes)
         self.stats.record_round(len(notes), time.perf_counter() - t0)
         self._answer([fut for _, _, fut in notes], values)
+
+    def _infer_numpy(self, notes: list, sessions: list, rounds: list[list[int]]) -> list[float]:
+        """Note side once for the whole burst; the recurrence once per round, batched across the
+        round's sessions; the head once. A session's hidden side is usually ready from after its
+        previous note (:meth:`_prepare_next`), which leaves the gates and the head between a note
+        and its answer."""
+        model = self.model
+        if len(notes) == 1:  # the common case, without the bookkeeping
+            s = sessions[0]
+            g = model.inputs(notes[0][1][None])
+            state = self._state(s)
+            h = self._states[s] = model.recur(g, state, self._ready_next(s, state))
+            values = model.head(h, g).tolist()
+        else:
+            g = model.inputs(np.stack([x for _, x, _ in notes]))
+            h = np.empty((len(notes), model.hidden), np.float32)
+            for rnd in rounds:
+                ss = [sessions[i] for i in rnd]
+                states = [self._state(s) for s in ss]
+                ready = [self._ready_next(s, st) for s, st in zip(ss, states)]
+                if len(ss) == 1:
+                    new = model.recur(g[rnd], states[0], ready[0])
+                else:
+                    gh = np.concatenate(ready) if all(r is not None for r in ready) else None
+                    new = model.recur(g[rnd], np.concatenate(states), gh)
+                h[rnd] = new
+                for j, s in enumerate(ss):
+                    self._states[s] = new[j : j + 1]
+            values = model.head(h, g).tolist()
+        if self.inline:
+            # after the pump has sent these notes (it does so before it yields to the loop)
+            if not self._to_prepare:
+                self._loop.call_soon(self._prepare_next)
+            self._to_prepare.update(sessions)
+        return values
+
+    def _ready_next(self, session: Any, state: np.ndarray) -> np.ndarray | None:
+        """The session's precomputed hidden side, if it belongs to this very state."""
+        ready = self._next.pop(session, None)
+        if ready is None or ready[0] is not state:
+            return None
+        self.stats.prepared += 1
+        return ready[1]
+
+    def _prepare_next(self) -> None:
+        """Inline numpy worker, on the loop after the notes went out: each session's next
+        hidden-side product, so that its next note does not wait for it."""
+        sessions, self._to_prepare = self._to_prepare, set()
+        if not self._alive:
+            return
+        for s in sessions:
+            state = self._states.get(s)
+            if state is not None:
+                self._next[s] = (state, self.model.hidden_side(state))
 
     def _answer(self, futures: list, values: list) -> None:
         if self.inline:
