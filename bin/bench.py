@@ -37,6 +37,7 @@ def register(groups) -> None:
     p.add_argument("--rate", type=float, default=12.0, help="note-ons per second in the pattern (default 12, chords included)")
     p.add_argument("--period", type=int, default=64, help="JACK period in frames when starting our own server (default 64 at 48 kHz)")
     p.add_argument("--pin", action="store_true", help="give the service a core of its own (the last one) and run JACK and the player on the others, as on a machine where nothing else competes with it")
+    p.add_argument("--busy-poll", action="store_true", help="serve with --busy-poll (engine.busy_poll: the loop never sleeps; best with --pin)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_latency)
     t = b.add_parser("throughput", help="highest sustained note rate with < 1 % deadline misses")
@@ -175,7 +176,7 @@ def _latency(args, settings) -> int:
         events = pattern(args.seconds, args.rate)
         baseline = direct_loopback(events)
         service, metrics = run_service(
-            args, ["--mode", "colorize"], {"CADENZA_MIDI__API": "jack"},
+            args, ["--mode", "colorize"] + (["--busy-poll"] if args.busy_poll else []), {"CADENZA_MIDI__API": "jack"},
             ready=lambda proc: _wait_for_port("cadenza in", proc), play=lambda: through_service(events), error=PortError,
             preexec_fn=(lambda: os.sched_setaffinity(0, cores[-1:])) if pin else None,
         )
@@ -188,6 +189,7 @@ def _latency(args, settings) -> int:
     result = {
         "jack_period_ms": round(period_ms, 3) if period_ms else None,
         "service_core": cores[-1] if pin else None,
+        "busy_poll": bool(args.busy_poll),
         "messages": len(events),
         "note_ons": sum(1 for _, m in events if m[0] == 0x90),
         "baseline_loopback": b,

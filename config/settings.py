@@ -42,6 +42,9 @@ class EngineSettings(_Section):
     input_queue: int = Field(16384, ge=16, description="bound of the input queue; when full, note-ons are dropped (counted), note-offs/pedal/clock never")
     stats_interval_s: float = Field(10.0, ge=0, description="period of the one-line stats log (0 = off)")
     beats_per_bar: int = Field(4, ge=1, le=32, description="the meter, for bar positions from MIDI clock (clock carries none)")
+    busy_poll: bool = Field(
+        False, description="serve: the event loop never sleeps and reads MIDI input itself (no input thread, no wake-up, the core stays "
+        "awake): lowest latency, at the price of one core at 100 percent while serving; for a machine with a core to spare")
 
 
 class VelocitySettings(_Section):
@@ -56,7 +59,8 @@ class VelocitySettings(_Section):
         "auto", description="run the model in its own thread, or inline on the event loop right after each input burst; auto = inline on CPU, thread on CUDA")
     keep_warm_ms: float = Field(
         0.0, ge=0, le=100, description="inline worker: while no notes come, run a scratch inference this often (e.g. 1) so that the "
-        "model's weights and code stay in the CPU caches (a note after an idle pause costs ~2x a warm one; about 15 percent of a core while idle); 0 = off")
+        "model's weights and code stay in the CPU caches (a note after an idle pause costs ~2x a warm one; about 15 percent of a core while idle); 0 = off "
+        "(with engine.busy_poll, 0 means every 0.5 ms: that core is busy anyway)")
     weights: Path | None = Field(None, description="causal model weights (.safetensors); default: the shipped ones")
     context_weights: Path | None = Field(None, description="full-context model weights; default: the shipped ones")
     lookahead_s: float = Field(0.0, ge=0, le=10, description="lookahead mode: output is delayed by exactly this much")

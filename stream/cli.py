@@ -28,6 +28,7 @@ def register(groups) -> None:
     s.add_argument("--deadline-ms", type=float, help="per-note model deadline")
     s.add_argument("--lookahead", type=float, metavar="SECONDS", help="with --mode lookahead: delay output by exactly this much")
     s.add_argument("--audio", action="store_true", help="also play the output through FluidSynth")
+    s.add_argument("--busy-poll", action="store_true", default=None, help="the event loop never sleeps (engine.busy_poll): lowest latency, one core at 100 %%")
     s.add_argument("--transport", choices=["ports", "mqtt"], default="ports", help="ports: one performer on MIDI ports (default); mqtt: the headless daemon, sessions from `cadenza bridge` over an MQTT broker")
     s.add_argument("--mqtt-host", metavar="HOST", help="MQTT broker host (mqtt.host)")
     s.add_argument("--mqtt-port", type=int, metavar="PORT", help="MQTT broker port (mqtt.port)")
@@ -94,6 +95,7 @@ def _serve_overrides(args) -> None:
     _mqtt_overrides(args)
     for key, value in (("in_port", args.in_port), ("out_port", args.out_port), ("attach_in", args.attach_in), ("attach_out", args.attach_out), ("api", args.midi_api)):
         add_override(args, "midi", key, value)
+    add_override(args, "engine", "busy_poll", args.busy_poll)
     add_override(args, "velocity", "mode", args.velocity_mode)
     add_override(args, "velocity", "strength", args.strength)
     add_override(args, "velocity", "deadline_ms", args.deadline_ms)
@@ -102,6 +104,7 @@ def _serve_overrides(args) -> None:
 
 def _serve(args, settings) -> int:
     from cadenza.stream.serve import print_summary, serve
+    from cadenza.stream.spin import spin_runner
 
     if args.transport == "mqtt":
         from cadenza.errors import ConfigError
@@ -109,9 +112,11 @@ def _serve(args, settings) -> int:
 
         if args.audio:
             raise ConfigError("--audio plays one performer's output; with --transport mqtt each bridge plays its own")
-        snapshot = asyncio.run(serve_mqtt(settings, mode=args.mode))
+        main = serve_mqtt(settings, mode=args.mode)
     else:
-        snapshot = asyncio.run(serve(settings, mode=args.mode, audio=args.audio))
+        main = serve(settings, mode=args.mode, audio=args.audio)
+    with spin_runner() if settings.engine.busy_poll else asyncio.Runner() as runner:
+        snapshot = runner.run(main)
     print_summary(snapshot)
     if args.metrics_json:
         import json

@@ -203,13 +203,19 @@ class _Port:
 
 
 class MidiInputPort(_Port):
-    """An rtmidi input; every message goes to ``deliver(time, bytes)`` from the poller thread."""
+    """An rtmidi input; every message goes to ``deliver(time, bytes)``.
+
+    By default from the poller thread. With ``poll_on`` (a :class:`~cadenza.stream.spin.SpinEventLoop`)
+    there is no thread: the busy-polling loop drains the queue itself between its other work, and
+    ``deliver`` is called on the loop thread.
+    """
 
     _kind = "input"
 
-    def __init__(self, api: int, *, client_name: str, name: str, attach: bool, deliver: Callable[[float, bytes], None]) -> None:
+    def __init__(self, api: int, *, client_name: str, name: str, attach: bool, deliver: Callable[[float, bytes], None], poll_on=None) -> None:
         self._deliver = deliver
-        self._poller: InputPoller | None = None
+        self._poll_on = poll_on
+        self._poller: InputPoller | Callable[[], bool] | None = None
         super().__init__(api, client_name=client_name, name=name, attach=attach)
 
     def _rtmidi(self):
@@ -218,12 +224,29 @@ class MidiInputPort(_Port):
         return midi
 
     def _opened(self, midi) -> None:
-        self._poller = InputPoller(midi, self._deliver)
+        if self._poll_on is None:
+            self._poller = InputPoller(midi, self._deliver)
+            return
+        get, deliver = midi.get_message, self._deliver
+
+        def drain() -> bool:
+            msg = get()
+            if msg is None:
+                return False
+            while msg is not None:
+                deliver(time.monotonic(), bytes(msg[0]))
+                msg = get()
+            return True
+
+        self._poller = drain
+        self._poll_on.add_poller(drain)
 
     def _closing(self) -> None:
-        if self._poller is not None:
-            self._poller.stop()
-            self._poller = None
+        poller, self._poller = self._poller, None
+        if isinstance(poller, InputPoller):
+            poller.stop()
+        elif poller is not None:
+            self._poll_on.remove_poller(poller)
 
 
 class MidiOutputPort(_Port):

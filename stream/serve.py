@@ -15,6 +15,7 @@ from cadenza.errors import ConfigError
 from cadenza.models.worker import VelocityWorker, pick_device
 from cadenza.stream.engine import Engine
 from cadenza.stream.ports import MidiInputPort, MidiOutputPort, api_name, resolve_api
+from cadenza.stream.spin import SpinEventLoop
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +108,9 @@ async def serve(settings: Settings, *, mode: str, audio: bool = False, ready=Non
         engine = Engine(settings, sinks=sinks, velocity_worker=worker)
         engine.bind(loop)
         engine.lookahead = lookahead
-        inp = MidiInputPort(api, client_name=settings.midi.client_name, name=settings.midi.in_port, attach=settings.midi.attach_in, deliver=engine.deliver)
+        spinning = isinstance(loop, SpinEventLoop)  # busy polling: the loop reads the input itself
+        inp = MidiInputPort(api, client_name=settings.midi.client_name, name=settings.midi.in_port, attach=settings.midi.attach_in,
+                            deliver=engine.deliver_now if spinning else engine.deliver, poll_on=loop if spinning else None)
         opened.callback(inp.close)  # closed before the output
         audio_sink = None
         if audio:
@@ -131,7 +134,8 @@ async def serve(settings: Settings, *, mode: str, audio: bool = False, ready=Non
                 loop.add_signal_handler(sig, engine.stop)
                 opened.callback(loop.remove_signal_handler, sig)
         device = pick_device(settings.velocity.device) if (worker or lookahead) else "-"
-        log.info("listening on %r -> %r (%s, mode %s, model on %s); Ctrl-C to stop", inp.name, out.name, api_name(api), mode, device)
+        log.info("listening on %r -> %r (%s, mode %s, model on %s%s); Ctrl-C to stop", inp.name, out.name, api_name(api), mode, device,
+                 ", busy polling: one core at 100 %" if spinning else "")
         if ready is not None:
             ready(engine)
         await engine.run(*tasks)

@@ -12,6 +12,7 @@ import rtmidi
 
 from cadenza.config.settings import load_settings
 from cadenza.stream.ports import InputPoller
+from cadenza.stream.spin import SpinEventLoop
 
 
 class Listener:
@@ -101,7 +102,8 @@ class LiveService:
             ready.set()
 
         def run():
-            loop = asyncio.new_event_loop()
+            # engine.busy_poll: the spinning loop `cadenza serve --busy-poll` runs on
+            loop = SpinEventLoop() if settings.engine.busy_poll else asyncio.new_event_loop()
             self.loop = loop
             try:
                 self.snapshot = loop.run_until_complete(serve(settings, mode=mode, ready=on_ready, install_signals=False))
@@ -188,12 +190,14 @@ def running_service(mode: str, **sections):
         listener.close()
 
 
-@pytest.fixture(params=["inline", "thread"])
+@pytest.fixture(params=["inline", "thread", "busy"])
 def colorize_service(jack_server, request):
-    """The colorize service with the model run inline on the loop (the CPU default) and in its
-    own thread (the GPU default): both must behave the same. The inline one runs with keep-warm
+    """The colorize service with the model run inline on the loop (the CPU default), in its
+    own thread (the GPU default), and inline on a busy-polling loop that reads the input port
+    itself (``engine.busy_poll``): all must behave the same. The inline ones run with keep-warm
     ticks on (they must not change any answer)."""
     # A generous deadline: these tests check what comes out, not how fast, on a busy CI machine.
-    velocity = {"deadline_ms": 20.0, "worker": request.param, "keep_warm_ms": 1.0 if request.param == "inline" else 0.0}
-    with running_service("colorize", velocity=velocity) as parts:
+    worker = "thread" if request.param == "thread" else "inline"
+    velocity = {"deadline_ms": 20.0, "worker": worker, "keep_warm_ms": 0.0 if worker == "thread" else 1.0}
+    with running_service("colorize", velocity=velocity, engine={"stats_interval_s": 0, "busy_poll": request.param == "busy"}) as parts:
         yield parts

@@ -7,6 +7,7 @@ import signal
 import time
 
 import pytest
+import rtmidi
 
 from .conftest import Player, served_process, sounding
 
@@ -117,8 +118,9 @@ def test_burst_of_ten_thousand_messages(colorize_service):
     assert sounding(listener.messages()) == {}
 
 
-def test_sigterm_mid_chord_releases_every_note(jack_server, tmp_path):
-    with served_process("--mode", "colorize") as (proc, player, listener):
+@pytest.mark.parametrize("busy", [False, True], ids=["sleeping", "busy-poll"])
+def test_sigterm_mid_chord_releases_every_note(jack_server, tmp_path, busy):
+    with served_process("--mode", "colorize", *(["--busy-poll"] if busy else [])) as (proc, player, listener):
         player.send((0x90, 48, 64), (0x90, 52, 64), (0x90, 55, 64), (0x90, 60, 64))
         assert listener.wait_for(lambda ms: len(sounding(ms)) == 4)
         proc.send_signal(signal.SIGTERM)
@@ -167,3 +169,43 @@ def test_vanished_output_port_gets_its_notes_released_when_back(jack_server):
     svc.stop()
     poll2.stop()
     back.delete()
+
+
+@pytest.mark.parametrize("busy", [False, True], ids=["sleeping", "busy-poll"])
+def test_vanished_input_port_releases_its_notes_and_is_reattached(jack_server, busy):
+    """An attached keyboard goes away mid-chord and comes back (with busy polling, the loop's
+    input poller is removed with the port and added again with it)."""
+    from cadenza.config.settings import load_settings
+
+    from .conftest import Listener, LiveService
+
+    def keyboard():
+        kb = rtmidi.MidiOut(rtmidi.API_UNIX_JACK, "keyboard")
+        kb.open_virtual_port("keys")
+        return kb
+
+    kb = keyboard()
+    settings = load_settings(overrides={"midi": {"api": "jack", "attach_in": True, "in_port": "keys", "reattach_interval_s": 0.1},
+                                        "engine": {"stats_interval_s": 0, "busy_poll": busy}})
+    svc = LiveService(settings, "colorize")
+    listener = Listener("cadenza out")
+    try:
+        time.sleep(0.1)
+        kb.send_message((0x90, 60, 64))
+        kb.send_message((0x90, 64, 64))
+        assert listener.wait_for(lambda ms: len(sounding(ms)) == 2)
+        kb.delete()
+        assert listener.wait_for(lambda ms: sounding(ms) == {}, 5), sounding(listener.messages())
+        assert svc.call(lambda: svc.engine.metrics.counters["port_lost"]) == 1
+        kb = keyboard()
+        end = time.monotonic() + 5
+        while time.monotonic() < end and not svc.call(lambda: svc.engine.metrics.counters.get("in", 0) > 2):
+            kb.send_message((0x90, 67, 64))  # until the service has attached again
+            time.sleep(0.2)
+        kb.send_message((0x80, 67, 0))
+        assert listener.wait_for(lambda ms: any(m[0] == 0x90 and m[1] == 67 for m in ms))
+        assert listener.wait_for(lambda ms: sounding(ms) == {})
+    finally:
+        svc.stop()
+        listener.close()
+        kb.delete()
