@@ -304,34 +304,44 @@ class VelocityWorker:
             return
         t0 = time.perf_counter()
         sessions = [s for s, _, _ in notes]
-        rounds = self._rounds(sessions) if len(notes) > 1 else [[0]]
         if self._numpy:
-            values = self._infer_numpy(notes, sessions, rounds)
+            values = self._infer_numpy(notes, sessions)
         else:
             values = [0.0] * len(notes)
-            for rnd in rounds:
+            for rnd in self._rounds(sessions):
                 for i, v in zip(rnd, self._infer_round([notes[i] for i in rnd])):
                     values[i] = v
         self.stats.requests += len(notes)
         self.stats.record_round(len(notes), time.perf_counter() - t0)
         self._answer([fut for _, _, fut in notes], values)
 
-    def _infer_numpy(self, notes: list, sessions: list, rounds: list[list[int]]) -> list[float]:
+    def _infer_numpy(self, notes: list, sessions: list) -> list[float]:
         """Note side once for the whole burst; the recurrence once per round, batched across the
         round's sessions; the head once. A session's hidden side is usually ready from after its
         previous note (:meth:`_prepare_next`), which leaves the gates and the head between a note
         and its answer."""
         model = self.model
-        if len(notes) == 1:  # the common case, without the bookkeeping
-            s = sessions[0]
-            g = model.inputs(notes[0][1][None])
+        s = sessions[0]
+        if len(notes) == 1 or sessions.count(s) == len(sessions):
+            # one player: a note, or a chord on one channel — without the rounds' bookkeeping
+            g = model.inputs(notes[0][1][None] if len(notes) == 1 else np.stack([x for _, x, _ in notes]))
             state = self._state(s)
-            h = self._states[s] = model.recur(g, state, self._ready_next(s, state))
+            gh = self._ready_next(s, state)
+            if len(notes) == 1:
+                h = state = model.recur(g, state, gh)
+            else:
+                rows = []
+                for i in range(len(notes)):  # note by note: each needs the state the last one left
+                    state = model.recur(g[i : i + 1], state, gh)
+                    gh = None
+                    rows.append(state)
+                h = np.concatenate(rows)
+            self._states[s] = state
             values = model.head(h, g).tolist()
         else:
             g = model.inputs(np.stack([x for _, x, _ in notes]))
             h = np.empty((len(notes), model.hidden), np.float32)
-            for rnd in rounds:
+            for rnd in self._rounds(sessions):
                 ss = [sessions[i] for i in rnd]
                 states = [self._state(s) for s in ss]
                 ready = [self._ready_next(s, st) for s, st in zip(ss, states)]

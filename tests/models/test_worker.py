@@ -15,13 +15,13 @@ from cadenza.models.velocity_features import LiveVelocityFeatures
 from cadenza.models.worker import VelocityWorker
 
 
-def _burst(seed: int = 0, n: int = 300):
-    """(kind, session, t, arg) events: 5 sessions, chords of up to 4, releases in between."""
+def _burst(seed: int = 0, n: int = 300, sessions: int = 5):
+    """(kind, session, t, arg) events: chords of up to 4, releases in between."""
     rng = np.random.default_rng(seed)
-    ev, held, t = [], {s: [] for s in range(5)}, 0.0
+    ev, held, t = [], {s: [] for s in range(sessions)}, 0.0
     for _ in range(n):
         t += float(rng.choice([0.0, 0.0, 0.01, 0.2]))
-        s = int(rng.integers(0, 5))
+        s = int(rng.integers(0, sessions))
         if held[s] and rng.random() < 0.4:
             ev.append(("off", s, t, held[s].pop(0)))
         else:
@@ -46,9 +46,9 @@ def _one_at_a_time(events) -> list[float]:
 
 
 @pytest.mark.parametrize("inline", [True, False])
-@pytest.mark.parametrize("max_batch,burst", [(64, 37), (2, 37), (64, 1)])
-def test_bursts_equal_one_note_at_a_time(inline, max_batch, burst):
-    events = _burst()
+@pytest.mark.parametrize("max_batch,burst,sessions", [(64, 37, 5), (2, 37, 5), (64, 1, 5), (64, 37, 1)])
+def test_bursts_equal_one_note_at_a_time(inline, max_batch, burst, sessions):
+    events = _burst(sessions=sessions)
     expected = _one_at_a_time(events)
 
     async def run():
