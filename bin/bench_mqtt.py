@@ -31,6 +31,7 @@ def register(b) -> None:
     p.add_argument("--sessions", type=int, default=4, help="performers playing at once (default 4)")
     p.add_argument("--rate", type=float, default=12.0, help="note-ons per second per session (default 12)")
     p.add_argument("--broker", choices=["own", "configured"], default="own", help="a private Mosquitto (default) or mqtt.host/port")
+    p.add_argument("--busy-poll", action="store_true", help="serve with --busy-poll (engine.busy_poll: the loop never sleeps)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_bench)
 
@@ -102,7 +103,7 @@ def _bench(args, settings) -> int:
             relay.terminate()
             relay.join(5)
         service, metrics = run_service(
-            args, ["--transport", "mqtt"], {"CADENZA_MQTT__HOST": host, "CADENZA_MQTT__PORT": str(port)},
+            args, ["--transport", "mqtt"] + (["--busy-poll"] if args.busy_poll else []), {"CADENZA_MQTT__HOST": host, "CADENZA_MQTT__PORT": str(port)},
             ready=lambda proc: _wait_online(host, port, proc), play=lambda: asyncio.run(_play(host, port, sessions)), error=BrokerError,
         )
     finally:
@@ -114,6 +115,7 @@ def _bench(args, settings) -> int:
     c = metrics["counters"]
     result = {
         "sessions": args.sessions,
+        "busy_poll": bool(args.busy_poll),
         "messages": n_msgs,
         "note_ons": sum(1 for e in sessions.values() for _, m in e if m[0] == 0x90),
         "baseline_relay": b,
