@@ -348,8 +348,12 @@ class VelocityWorker:
                 if len(ss) == 1:
                     new = model.recur(g[rnd], states[0], ready[0])
                 else:
-                    gh = np.concatenate(ready) if all(r is not None for r in ready) else None
-                    new = model.recur(g[rnd], np.concatenate(states), gh)
+                    missing = [j for j, r in enumerate(ready) if r is None]
+                    if missing:  # only those not prepared after their session's last note
+                        fresh = model.hidden_side(np.concatenate([states[j] for j in missing]))
+                        for k, j in enumerate(missing):
+                            ready[j] = fresh[k : k + 1]
+                    new = model.recur(g[rnd], np.concatenate(states), np.concatenate(ready))
                 h[rnd] = new
                 for j, s in enumerate(ss):
                     self._states[s] = new[j : j + 1]
@@ -375,10 +379,14 @@ class VelocityWorker:
         sessions, self._to_prepare = self._to_prepare, set()
         if not self._alive:
             return
-        for s in sessions:
-            state = self._states.get(s)
-            if state is not None:
-                self._next[s] = (state, self.model.hidden_side(state))
+        ready = [(s, st) for s in sessions if (st := self._states.get(s)) is not None]
+        if len(ready) == 1:
+            s, state = ready[0]
+            self._next[s] = (state, self.model.hidden_side(state))
+        elif ready:  # many sessions: one product for all of them
+            gh = self.model.hidden_side(np.concatenate([st for _, st in ready]))
+            for i, (s, state) in enumerate(ready):
+                self._next[s] = (state, gh[i : i + 1])
 
     def _answer(self, futures: list, values: list) -> None:
         if self.inline:
