@@ -2,7 +2,7 @@
 
 Why: on an idle core every note starts cold. Measured on the 2-core CI VM, one causal-model step
 takes ~0.1 ms back to back but ~0.55 ms after 5 ms of idle — and not because of the caches: every
-numpy call is ~5x slower, the tiniest ones included (a 20x256 product: 3 µs warm, 60 µs after
+numpy call is ~5x slower, the tiniest ones included (the 29 x 256 input layer: 3 µs warm, 60 µs after
 idle), the signature of a core or vCPU that has dropped its clock or been given to someone else.
 On top of that, the loop has to be woken from ``epoll_wait`` by the input thread (~0.15 ms p50).
 
