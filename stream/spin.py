@@ -1,16 +1,18 @@
 """A busy-polling asyncio event loop, for a machine with a core to spare (``engine.busy_poll``).
 
-Why: on an idle core every note starts cold. Measured on the 2-core CI VM, one causal-model step
-takes ~0.1 ms back to back but ~0.55 ms after 5 ms of idle — and not because of the caches: every
-numpy call is ~5x slower, the tiniest ones included (the 29 x 256 input layer: 3 µs warm, 60 µs after
-idle), the signature of a core or vCPU that has dropped its clock or been given to someone else.
-On top of that, the loop has to be woken from ``epoll_wait`` by the input thread (~0.15 ms p50).
+Why: measured on the 2-core CI VM, one causal-model step takes ~0.1 ms back to back but ~0.55 ms
+after 5 ms of anything else — sleeping, or spinning on other work alike — and every numpy call is
+~5x slower then, the tiniest ones included (the 29 x 256 input layer: 3 µs warm, 60 µs after
+5 ms), so it is not only the weights leaving the cache but the core's state as a whole (on a
+shared VM, most likely other tenants on the same physical core); after 0.5 ms it is ~0.16 ms. On top of
+that, a sleeping loop has to be woken from ``epoll_wait`` by the input thread (~0.15 ms p50).
 
 This loop never sleeps. Its selector polls with a zero timeout until the loop has something to
 do, and between polls it calls the registered *pollers*: functions that drain an input (an rtmidi
 queue) straight onto the loop and say whether they found anything. So input is read by the loop
-thread itself — no input thread, no wake-up — and the core stays awake, at the price of one core
-at 100 % for as long as the service runs. That is the usual trade of low-latency systems (busy
+thread itself — no input thread, no wake-up — and the engine runs the keep-warm scratch note
+every 0.5 ms in the gaps (``engine.BUSY_KEEP_WARM_MS``), at the price of one core at 100 % for as
+long as the service runs. That is the usual trade of low-latency systems (busy
 polling in network stacks and trading engines); leave it off on a laptop on battery or a machine
 whose cores the DAW and the synth need.
 
