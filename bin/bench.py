@@ -38,7 +38,7 @@ def register(groups) -> None:
     p.add_argument("--rate", type=float, default=12.0, help="note-ons per second in the pattern (default 12, chords included)")
     p.add_argument("--period", type=int, default=64, help="JACK period in frames when starting our own server (default 64 at 48 kHz)")
     p.add_argument("--pin", action="store_true", help="give the service a core of its own (the last one) and run JACK and the player on the others, as on a machine where nothing else competes with it")
-    p.add_argument("--busy-poll", action="store_true", help="serve with --busy-poll (engine.busy_poll: the loop never sleeps; best with --pin)")
+    p.add_argument("--busy-poll", action="store_true", help="serve with --busy-poll (engine.busy_poll: the loop never sleeps)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_latency)
     t = b.add_parser("throughput", help="highest sustained note rate with < 1 % deadline misses")

@@ -215,19 +215,12 @@ class VelocityWorker:
             self._scratch = (self._make_features(), self.model.initial_state(1))
             self._scratch_n = 0
         feats, state = self._scratch
-        n, model = self._scratch_n, self.model
+        n = self._scratch_n
         t, pitch = 0.125 * n, 48 + (n * 7) % 36
-        if n % 4:
-            g = model.inputs(feats.note_on(t, pitch)[None])
-            h = state = model.recur(g, state, model.hidden_side(state))
-        else:  # every 4th tick a 4-note chord: its note-by-note path and 4-row products stay warm too
-            g = model.inputs(np.stack([feats.note_on(t, pitch + 4 * k) for k in range(4)]))
-            rows = []
-            for i in range(4):
-                state = model.recur(g[i : i + 1], state, model.hidden_side(state))
-                rows.append(state)
-            h = np.concatenate(rows)
-        model.head(h, g)
+        # every 4th tick a 4-note chord: its note-by-note path and 4-row products stay warm too
+        g = self.model.inputs(np.stack([feats.note_on(t, pitch + 4 * k) for k in range(1 if n % 4 else 4)]))
+        h, state = self._in_order(g, state, None)
+        self.model.head(h, g)
         self._scratch = (feats, state)
         self._scratch_n += 1
 
@@ -336,17 +329,7 @@ class VelocityWorker:
             # one player: a note, or a chord on one channel — without the rounds' bookkeeping
             g = model.inputs(notes[0][1][None] if len(notes) == 1 else np.stack([x for _, x, _ in notes]))
             state = self._state(s)
-            gh = self._ready_next(s, state)
-            if len(notes) == 1:
-                h = state = model.recur(g, state, gh)
-            else:
-                rows = []
-                for i in range(len(notes)):  # note by note: each needs the state the last one left
-                    state = model.recur(g[i : i + 1], state, gh)
-                    gh = None
-                    rows.append(state)
-                h = np.concatenate(rows)
-            self._states[s] = state
+            h, self._states[s] = self._in_order(g, state, self._ready_next(s, state))
             values = model.head(h, g).tolist()
         else:
             g = model.inputs(np.stack([x for _, x, _ in notes]))
@@ -375,6 +358,20 @@ class VelocityWorker:
             self._to_prepare.update(sessions)
         return values
 
+    def _in_order(self, g: np.ndarray, state: np.ndarray, gh: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """One session's notes (the rows of ``g``, from ``inputs``), note by note: each needs the
+        state the last one left. ``gh`` is the first note's hidden side if already known.
+        Returns the states after each note (N, H) and the last one (1, H)."""
+        if len(g) == 1:
+            h = self.model.recur(g, state, gh)
+            return h, h
+        rows = []
+        for i in range(len(g)):
+            state = self.model.recur(g[i : i + 1], state, gh)
+            gh = None
+            rows.append(state)
+        return np.concatenate(rows), state
+
     def _ready_next(self, session: Any, state: np.ndarray) -> np.ndarray | None:
         """The session's precomputed hidden side, if it belongs to this very state."""
         ready = self._next.pop(session, None)
@@ -390,10 +387,7 @@ class VelocityWorker:
         if not self._alive:
             return
         ready = [(s, st) for s in sessions if (st := self._states.get(s)) is not None]
-        if len(ready) == 1:
-            s, state = ready[0]
-            self._next[s] = (state, self.model.hidden_side(state))
-        elif ready:  # many sessions: one product for all of them
+        if ready:  # one product for all of them
             gh = self.model.hidden_side(np.concatenate([st for _, st in ready]))
             for i, (s, state) in enumerate(ready):
                 self._next[s] = (state, gh[i : i + 1])

@@ -73,6 +73,23 @@ def api_name(api: int) -> str:
 POLL_S = 0.0002
 
 
+def make_drain(midi: "rtmidi.MidiIn", deliver: Callable[[float, bytes], None]) -> Callable[[], bool]:
+    """A function that hands everything queued on ``midi`` to ``deliver(time, bytes)`` and says
+    whether there was anything: the poller thread's body, and a busy-polling loop's poller."""
+    get = midi.get_message
+
+    def drain() -> bool:
+        msg = get()
+        if msg is None:
+            return False
+        while msg is not None:
+            deliver(time.monotonic(), bytes(msg[0]))
+            msg = get()
+        return True
+
+    return drain
+
+
 class InputPoller:
     """A thread that drains an rtmidi input queue and hands ``(time, bytes)`` to ``deliver``."""
 
@@ -84,14 +101,10 @@ class InputPoller:
         self._thread.start()
 
     def _run(self) -> None:
-        get = self._midi.get_message
-        deliver = self._deliver
+        drain = make_drain(self._midi, self._deliver)
         while not self._stop.is_set():
-            msg = get()
-            if msg is None:
+            if not drain():
                 time.sleep(POLL_S)
-                continue
-            deliver(time.monotonic(), bytes(msg[0]))
 
     def stop(self) -> None:
         self._stop.set()
@@ -227,19 +240,8 @@ class MidiInputPort(_Port):
         if self._poll_on is None:
             self._poller = InputPoller(midi, self._deliver)
             return
-        get, deliver = midi.get_message, self._deliver
-
-        def drain() -> bool:
-            msg = get()
-            if msg is None:
-                return False
-            while msg is not None:
-                deliver(time.monotonic(), bytes(msg[0]))
-                msg = get()
-            return True
-
-        self._poller = drain
-        self._poll_on.add_poller(drain)
+        self._poller = make_drain(midi, self._deliver)
+        self._poll_on.add_poller(self._poller)
 
     def _closing(self) -> None:
         poller, self._poller = self._poller, None
