@@ -20,8 +20,8 @@ COMMAND_MODULES = (
     "cadenza.config.cli",
     "cadenza.stream.cli",
     "cadenza.stream.audio_cli",
-    "cadenza.models.velocity_cli",
-    "cadenza.models.phrase_cli",
+    "cadenza.models.velocity.cli",
+    "cadenza.models.phrase.cli",
     "cadenza.bench",
     "cadenza.demo",
 )

@@ -40,7 +40,7 @@ def run(args, settings) -> int:
     summary = asyncio.run(_demo(settings, Path(args.input) if args.input else excerpt_path(), out, realtime=not args.fast, audio=args.audio, seconds=args.continue_seconds))
     summary["wall_s"] = round(time.monotonic() - t_start, 1)
     text = _summary_text(summary)
-    from cadenza.stream.smf import write_atomic
+    from cadenza.atomic import write_atomic
 
     write_atomic(out / "summary.txt", text.encode())
     print(text, end="")
@@ -50,8 +50,8 @@ def run(args, settings) -> int:
 async def _demo(settings, source_path: Path, out: Path, *, realtime: bool, audio: bool, seconds: float) -> dict:
     from cadenza.stream.audio import find_soundfont, midi_file_events, render_events
     from cadenza.stream.engine import Engine
-    from cadenza.stream.serve import build_call_response, build_velocity_worker
-    from cadenza.stream.smf import MidiFile, write_performance
+    from cadenza.stream.serve import build_phrase_stage, build_velocity_worker
+    from cadenza.midifile import MidiFile, write_performance
     from cadenza.stream.sources import FileSource, Recorder, events_to_performance
 
     find_soundfont(settings.audio.soundfont)  # the WAV needs one: fail now, not after the run
@@ -65,8 +65,8 @@ async def _demo(settings, source_path: Path, out: Path, *, realtime: bool, audio
 
     loop = asyncio.get_running_loop()
     settings = settings.model_copy(deep=True)
-    settings.continuation.length_mode = "seconds"
-    settings.continuation.response_seconds = seconds
+    settings.phrase.length_mode = "seconds"
+    settings.phrase.response_seconds = seconds
     # In real time the demo keeps the live deadline (3 ms by default). --fast pushes the whole
     # excerpt through as fast as the loop can take it, so a note's "deadline" there would only
     # measure the backlog; it gets 100 ms, and the summary says which deadline was used.
@@ -76,14 +76,14 @@ async def _demo(settings, source_path: Path, out: Path, *, realtime: bool, audio
     sinks = []
     audio_report = None
     if audio:
-        from cadenza.stream.audio_sink import AudioSink
+        from cadenza.stream.sinks.audio import AudioSink
 
         sinks.append(AudioSink(settings.audio))
     engine = Engine(settings, sinks=sinks, velocity_worker=worker, realtime=realtime)
     engine.bind(loop)
     recorder = Recorder()
     engine.emit_hooks.append(recorder)
-    cr = build_call_response(engine, settings)
+    cr = build_phrase_stage(engine, settings)
     await cr.start()
     run_task = asyncio.create_task(engine.run(cr.run))
     try:
@@ -92,7 +92,7 @@ async def _demo(settings, source_path: Path, out: Path, *, realtime: bool, audio
         await engine.drain()
         if not realtime:
             await cr.worker.caught_up()
-            cr.end_call(end_t + settings.continuation.silence_ms / 1000)
+            cr.end_call(end_t + settings.phrase.silence_ms / 1000)
         # Wait for the phrase end, the response, and its last note.
         await _wait_until(lambda: cr.state == 0 and recorder_has_response(recorder), timeout=seconds + 30)
     finally:

@@ -10,7 +10,9 @@ import os
 
 import numpy as np
 
-from cadenza.stream.smf import Performance, atomic_path
+from cadenza.midifile import Performance
+
+from cadenza.atomic import atomic_path
 
 
 def _roll(ax, perf: Performance, norm, cmap, label: str):

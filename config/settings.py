@@ -66,7 +66,7 @@ class VelocitySettings(_Section):
     lookahead_s: float = Field(0.0, ge=0, le=10, description="lookahead mode: output is delayed by exactly this much")
 
 
-class ContinueSettings(_Section):
+class PhraseSettings(_Section):
     silence_ms: float = Field(600.0, ge=50, description="a phrase ends after this long with no key down")
     end_cc: int | None = Field(None, ge=0, le=127, description="a CC number that ends the phrase at once (value >= 64)")
     grid: Literal["bar", "beat", "none"] = Field(
@@ -98,7 +98,7 @@ class ControlSettings(_Section):
     panic_cc: int | None = Field(23, ge=0, le=127, description="value >= 64 releases every note")
     temperature_cc: int | None = Field(24, ge=0, le=127, description="maps 0-127 to temperature 0.2-1.8")
     length_cc: int | None = Field(25, ge=0, le=127, description="maps 0-127 to 1-16 s")
-    continue_cc: int | None = Field(26, ge=0, le=127, description="value >= 64 turns continuation on")
+    phrase_cc: int | None = Field(26, ge=0, le=127, description="value >= 64 turns continuation on")
     state_out_cc: int | None = Field(27, ge=0, le=127, description="the engine reports its state (0 idle, 64 listening, 127 responding) on this CC")
     consume: bool = Field(True, description="control CCs are not passed through to the output")
 
@@ -168,7 +168,7 @@ class Settings(BaseSettings):
     midi: MidiSettings = MidiSettings()
     engine: EngineSettings = EngineSettings()
     velocity: VelocitySettings = VelocitySettings()
-    continuation: ContinueSettings = ContinueSettings()
+    phrase: PhraseSettings = PhraseSettings()
     controls: ControlSettings = ControlSettings()
     audio: AudioSettings = AudioSettings()
     mqtt: MqttSettings = MqttSettings()

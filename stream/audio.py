@@ -22,7 +22,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from cadenza.errors import AudioError, MidiFileError
-from cadenza.stream.smf import atomic_path
+from cadenza.atomic import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -327,7 +327,7 @@ def midi_file_events(in_path) -> tuple[list[tuple[float, bytes]], float]:
     """All channel messages of a MIDI file as (seconds, bytes), tempo map applied, and its length."""
     import mido
 
-    from cadenza.stream.smf import MidiFile
+    from cadenza.midifile import MidiFile
 
     MidiFile.load(in_path)  # strict structural check first: a one-line MidiFileError
     try:
@@ -352,7 +352,7 @@ def __getattr__(name: str):
     # The sinks live in audio_sink.py (they need PortAudio); reachable from here without
     # importing sounddevice for offline rendering.
     if name in ("AudioSink", "WavSink"):
-        from cadenza.stream import audio_sink
+        from cadenza.stream.sinks import audio as audio_sink
 
         return getattr(audio_sink, name)
     raise AttributeError(name)

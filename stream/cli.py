@@ -84,7 +84,7 @@ def _bridge_overrides(args) -> None:
 def _bridge(args, settings) -> int:
     import sys
 
-    from cadenza.stream.mqtt import run_bridge
+    from cadenza.stream.mqtt.bridge import run_bridge
 
     counts = asyncio.run(run_bridge(settings, args.session))
     print("cadenza: bridge summary: " + ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in counts.items()), file=sys.stderr)
@@ -108,7 +108,7 @@ def _serve(args, settings) -> int:
 
     if args.transport == "mqtt":
         from cadenza.errors import ConfigError
-        from cadenza.stream.mqtt import serve_mqtt
+        from cadenza.stream.mqtt.daemon import serve_mqtt
 
         if args.audio:
             raise ConfigError("--audio plays one performer's output; with --transport mqtt each bridge plays its own")
@@ -121,7 +121,7 @@ def _serve(args, settings) -> int:
     if args.metrics_json:
         import json
 
-        from cadenza.stream.smf import atomic_path
+        from cadenza.atomic import atomic_path
 
         with atomic_path(args.metrics_json) as tmp:
             tmp.write_text(json.dumps(snapshot))

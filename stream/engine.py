@@ -19,7 +19,7 @@ import sys
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol
+from typing import Any, Callable
 
 from cadenza.buffers.clock import MidiClock
 from cadenza.buffers.history import EventHistory
@@ -27,9 +27,10 @@ from cadenza.buffers.ledger import NoteLedger
 from cadenza.buffers.pianoroll import PianoRollWindow
 from cadenza.config.settings import Settings
 from cadenza.stream.lookahead import LookaheadNote
-from cadenza.stream.messages import NEVER_DROP, Kind, classify
+from cadenza.messages import NEVER_DROP, Kind, classify
 from cadenza.stream.metrics import Metrics
 from cadenza.stream.scheduler import OutputScheduler
+from cadenza.stream.sinks import RoutedSink, Sink
 from cadenza.stream.velocity_stage import MODES, VelocityStage, is_down
 
 log = logging.getLogger(__name__)
@@ -39,17 +40,6 @@ log = logging.getLogger(__name__)
 # few milliseconds on a shared machine even while the thread spins (measured on the CI VM: 0.1 ms
 # a step back to back, 0.55 ms after 5 ms of spinning on other work, 0.16 ms after 0.5 ms).
 BUSY_KEEP_WARM_MS = 0.5
-
-
-class Sink(Protocol):
-    """Where output goes. A sink that serves several sources (the MQTT transport, one topic per
-    session) sets ``routed = True`` and gets ``send_from(source, data)`` instead of ``send``."""
-
-    name: str
-
-    def send(self, data: bytes) -> None: ...
-
-    def close(self) -> None: ...
 
 
 @dataclass
@@ -62,7 +52,7 @@ class ChannelState:
 
 
 class Engine:
-    def __init__(self, settings: Settings, *, sinks: list[Sink], velocity_worker: Any | None = None, realtime: bool = True) -> None:
+    def __init__(self, settings: Settings, *, sinks: list[Sink | RoutedSink], velocity_worker: Any | None = None, realtime: bool = True) -> None:
         self.settings = settings
         self.sinks = list(sinks)
         self.metrics = Metrics()
@@ -71,7 +61,7 @@ class Engine:
         self.clock = MidiClock(beats_per_bar=settings.engine.beats_per_bar)
         self.velocity = VelocityStage(settings.velocity, velocity_worker)
         self.realtime = realtime
-        self.call_response = None  # set by serve for --mode continue|both
+        self.phrase = None  # set by serve for --mode continue|both
         self.lookahead = None  # a LookaheadStage for --mode lookahead
         self.emit_hooks: list[Callable[[float, bytes, object], None]] = []
         self._queue: deque = deque()
@@ -188,7 +178,7 @@ class Engine:
         if self.lookahead is not None and not self._is_control(data, kind, ch):
             self._delay(t, data, kind, session, music_t)
             return None
-        cr = self.call_response
+        cr = self.phrase
         if kind is Kind.NOTE_ON:
             self.metrics.inc("note_on")
             st.roll.note_on(music_t, data[1], data[2])
@@ -248,8 +238,8 @@ class Engine:
         self.metrics.inc("out")
         for hook in self.emit_hooks:
             hook(music_t, data, tag)
-        if tag is None and self.call_response is not None and (data[0] & 0xF0) == 0x90 and len(data) == 3 and data[2] > 0:
-            self.call_response.feed_output(music_t, data)
+        if tag is None and self.phrase is not None and (data[0] & 0xF0) == 0x90 and len(data) == 3 and data[2] > 0:
+            self.phrase.feed_output(music_t, data)
 
     def _emit_scheduled(self, due: float, data: bytes, tag: object) -> None:
         if isinstance(tag, LookaheadNote):
@@ -258,8 +248,8 @@ class Engine:
                 self.metrics.inc("deadline_miss")
             data = bytes((data[0], data[1], self.velocity.combine(data[2], value)))
             tag = None
-        elif tag is not None and self.call_response is not None:
-            data = self.call_response.on_scheduled(data, tag)
+        elif tag is not None and self.phrase is not None:
+            data = self.phrase.on_scheduled(data, tag)
             if data is None:
                 return
         self._emit(due, data, tag)
@@ -274,8 +264,8 @@ class Engine:
     def panic(self, reason: str, source: int | None = None) -> None:
         """Release every sounding note (matching note-offs, then CC 123) and cancel responses;
         with ``source``, only what that source's notes left sounding."""
-        if self.call_response is not None and source in (None, 0):
-            self.call_response.cancel_response(release=False)
+        if self.phrase is not None and source in (None, 0):
+            self.phrase.cancel_response(release=False)
         released = 0
         for src, ledger in list(self._ledgers.items()):
             if source is not None and src != source:
@@ -392,8 +382,8 @@ class Engine:
         if self.scheduler is not None:
             self.scheduler.close()
         self.panic("shutdown")
-        if self.call_response is not None:
-            self.call_response.close()
+        if self.phrase is not None:
+            self.phrase.close()
         worker = self.velocity.worker
         if worker is not None:
             worker.stop()
@@ -415,8 +405,8 @@ def _control_map(settings: Settings) -> dict[int, Callable[[Engine, int], None]]
         c.mode_cc: lambda e, v: e.set_mode(MODES[min(2, v * 3 // 128)]),
         c.bypass_cc: lambda e, v: setattr(e.velocity, "bypass", v >= 64),
         c.panic_cc: lambda e, v: e.panic("panic CC") if v >= 64 else None,
-        c.temperature_cc: lambda e, v: e.call_response and e.call_response.set_temperature(0.2 + 1.6 * v / 127.0),
-        c.length_cc: lambda e, v: e.call_response and e.call_response.set_length(1.0 + 15.0 * v / 127.0),
-        c.continue_cc: lambda e, v: e.call_response and e.call_response.set_enabled(v >= 64),
+        c.temperature_cc: lambda e, v: e.phrase and e.phrase.set_temperature(0.2 + 1.6 * v / 127.0),
+        c.length_cc: lambda e, v: e.phrase and e.phrase.set_length(1.0 + 15.0 * v / 127.0),
+        c.phrase_cc: lambda e, v: e.phrase and e.phrase.set_enabled(v >= 64),
     }
     return {cc: fn for cc, fn in table.items() if cc is not None}

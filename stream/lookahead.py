@@ -125,7 +125,7 @@ class LookaheadStage:
     # ---- the worker thread ----------------------------------------------------------------
 
     def _run(self) -> None:
-        from cadenza.models.velocity_context import predict_window
+        from cadenza.models.velocity.context import predict_window
 
         while True:
             job = self._queue.get()

@@ -25,7 +25,7 @@ from typing import Callable
 import rtmidi
 
 from cadenza.errors import PortError
-from cadenza.stream.jackserver import jack_running
+from cadenza.harness.jack import jack_running
 
 log = logging.getLogger(__name__)
 

@@ -22,8 +22,8 @@ log = logging.getLogger(__name__)
 
 def build_velocity_worker(settings: Settings) -> VelocityWorker:
     """The causal velocity model in its worker (loaded and warmed up by ``start``)."""
-    from cadenza.models.velocity_causal import load_causal_step
-    from cadenza.models.velocity_features import LiveVelocityFeatures
+    from cadenza.models.velocity.causal import load_causal_step
+    from cadenza.models.velocity.features import LiveVelocityFeatures
 
     device = pick_device(settings.velocity.device)
     return VelocityWorker(
@@ -35,8 +35,8 @@ def build_velocity_worker(settings: Settings) -> VelocityWorker:
 
 
 def build_lookahead(settings: Settings):
-    from cadenza.models.velocity_context import load_context
-    from cadenza.models.velocity_features import LiveVelocityFeatures
+    from cadenza.models.velocity.context import load_context
+    from cadenza.models.velocity.features import LiveVelocityFeatures
     from cadenza.stream.lookahead import LookaheadStage
 
     seconds = settings.velocity.lookahead_s
@@ -46,11 +46,11 @@ def build_lookahead(settings: Settings):
     return LookaheadStage(seconds=seconds, load_model=lambda: load_context(settings.velocity.context_weights, device=device), make_features=LiveVelocityFeatures)
 
 
-def build_call_response(engine: Engine, settings: Settings):
-    from cadenza.stream.call_response import CallResponse
+def build_phrase_stage(engine: Engine, settings: Settings):
+    from cadenza.stream.phrase import PhraseStage
 
-    cr = CallResponse(engine, settings.continuation, settings.controls)
-    engine.call_response = cr
+    cr = PhraseStage(engine, settings.phrase, settings.controls)
+    engine.phrase = cr
     return cr
 
 
@@ -117,7 +117,7 @@ async def serve(settings: Settings, *, mode: str, audio: bool = False, ready=Non
             # Opened after the MIDI ports: on a JACK server in sync mode, a new JACK client
             # (rtmidi holds the GIL while it connects) waits for the audio client's cycle, whose
             # Python callback waits for the GIL — a 5 s stall and a refused client.
-            from cadenza.stream.audio_sink import AudioSink
+            from cadenza.stream.sinks.audio import AudioSink
 
             audio_sink = AudioSink(settings.audio)
             opened.callback(audio_sink.close)
@@ -125,7 +125,7 @@ async def serve(settings: Settings, *, mode: str, audio: bool = False, ready=Non
             log.info("audio: %s", format_audio_latency(audio_sink.latency_report()))
         tasks = [PortSupervisor(engine, inp, out, settings.midi.reattach_interval_s).run]
         if mode in ("continue", "both"):
-            cr = build_call_response(engine, settings)
+            cr = build_phrase_stage(engine, settings)
             await cr.start()
             opened.callback(cr.close)
             tasks.append(cr.run)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from cadenza.stream.smf import Performance
+from cadenza.midifile import Performance
 
 
 class FileSource:

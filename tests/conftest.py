@@ -28,7 +28,7 @@ def jack_server(tmp_path):
     """A private JACK server with the dummy driver (48 kHz, 64 frames)."""
     if shutil.which("jackd") is None:
         pytest.fail("jackd not installed: the JACK tests need it (apt-get install jackd2)")
-    from cadenza.stream.jackserver import JackServer
+    from cadenza.harness.jack import JackServer
 
     # A longer period than the benchmarks use: these tests check behaviour, and on a loaded
     # 2-core machine a 1.3 ms cycle in a non-realtime process misses deadlines.

@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     cut_s = cut_time(mid)
     out = excerpt(mid, cut_s)
     dest = Path(__file__).with_name("demo_excerpt.mid")
-    from cadenza.stream.smf import atomic_path
+    from cadenza.atomic import atomic_path
 
     with atomic_path(dest) as tmp:
         out.save(tmp)

@@ -9,7 +9,7 @@ import wave
 import numpy as np
 import pytest
 
-from cadenza.stream.smf import MidiFile
+from cadenza.midifile import MidiFile
 
 pytestmark = [pytest.mark.fluidsynth, pytest.mark.slow]
 

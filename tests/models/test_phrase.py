@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from cadenza.errors import MidiFileError, ModelError
-from cadenza.models import tokens as tk
-from cadenza.models.phrase import PhraseConfig, PhraseModel, load_phrase
-from cadenza.models.phrase_live import LivePhrase
-from cadenza.stream.smf import MidiFile, Performance, write_performance
+from cadenza.models.phrase import tokens as tk
+from cadenza.models.phrase.model import PhraseConfig, PhraseModel, load_phrase
+from cadenza.models.phrase.live import LivePhrase
+from cadenza.midifile import MidiFile, Performance, write_performance
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +39,7 @@ def test_cached_logits_equal_full_forward(static):
 
 def test_style_vectors_condition_every_position_and_survive_the_cache(tmp_path):
     from cadenza.errors import ConfigError
-    from cadenza.models.phrase import with_styles
+    from cadenza.models.phrase.model import with_styles
 
     plain = _tiny(2)
     styled = with_styles(plain, 2)  # new style vectors start at zero: the same model
@@ -86,7 +86,7 @@ def test_weights_round_trip_and_bad_weights(tmp_path):
 
 
 def test_shipped_weights_fit_the_limits():
-    from cadenza.models.phrase import DEFAULT_WEIGHTS
+    from cadenza.models.phrase.model import DEFAULT_WEIGHTS
 
     assert DEFAULT_WEIGHTS.stat().st_size <= 16 * 2**20
     assert load_phrase().num_params() <= 16_000_000
@@ -182,7 +182,7 @@ def test_early_close_leaves_a_consistent_context(shipped):
 
 
 def test_unconditioned_generation_writes_valid_midi(tmp_path):
-    from cadenza.models.phrase_files import generate_file
+    from cadenza.models.phrase.files import generate_file
 
     out = tmp_path / "gen.mid"
     n = generate_file(out, seconds=4.0, temperature=1.0, top_k=0, top_p=0.95, seed=0)
@@ -192,7 +192,7 @@ def test_unconditioned_generation_writes_valid_midi(tmp_path):
 
 
 def test_continue_keeps_the_input_and_appends(tmp_path):
-    from cadenza.models.phrase_files import continue_file
+    from cadenza.models.phrase.files import continue_file
 
     rng = np.random.default_rng(1)
     on = np.arange(24) * 0.25
@@ -215,7 +215,7 @@ def test_corrupt_input_gives_one_line_error_and_no_output(tmp_path):
     bad = tmp_path / "bad.mid"
     bad.write_bytes(b"MThd\x00\x00\x00\x06\x00\x01\x00\x02\x01\xe0MTrk\x00\x00\x01\x00\x00\x90")
     with pytest.raises(MidiFileError):
-        from cadenza.models.phrase_files import continue_file
+        from cadenza.models.phrase.files import continue_file
 
         continue_file(bad, tmp_path / "o.mid", seconds=2, temperature=1, top_k=0, top_p=1, seed=0)
     assert main(["continue", str(bad), "-o", str(tmp_path / "o.mid"), "--seconds", "2"]) == 2
@@ -229,7 +229,7 @@ def test_bad_sampling_flags_are_one_line(tmp_path, capsys, flags):
 
     assert main(["generate", "-o", str(tmp_path / "g.mid"), "--seconds", "1", *flags]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "invalid config value continuation." in err[0]
+    assert len(err) == 1 and "invalid config value phrase." in err[0]
     assert list(tmp_path.iterdir()) == []
 
 
@@ -244,7 +244,7 @@ def test_unwritable_output_is_one_line_and_leaves_nothing(tmp_path, capsys):
 
 
 def test_bench_cached_and_naive_generate_the_same_tokens():
-    from cadenza.models.phrase_bench import _cached, _naive, synthetic_prompt
+    from cadenza.models.phrase.bench import _cached, _naive, synthetic_prompt
 
     model = _tiny(2)
     prompt = synthetic_prompt(40)
@@ -288,8 +288,8 @@ def test_shipped_weights_answer_in_both_styles(tmp_path):
 def test_each_style_fits_its_own_music_best(settings, maestro_root, shipped):
     """On held-out songs, POP909 is likelier under the pop style and MAESTRO under the classical
     one: the style vector carries what the two corpora differ in."""
-    from cadenza.models.eval_phrase import model_log_probs
-    from cadenza.models.phrase_data import load_pop909, load_split
+    from cadenza.models.phrase.evaluate import model_log_probs
+    from cadenza.models.phrase.data import load_pop909, load_split
 
     try:
         pop = load_pop909(settings.data.pop909, "test", progress=False)

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from cadenza.models.velocity_causal import NumpyCausalStep, load_causal, predict_causal
-from cadenza.models.velocity_context import load_context, predict_lookahead, predict_window
-from cadenza.models.velocity_features import LiveVelocityFeatures, replay_events, synthetic_performance
-from cadenza.models.velocity_weights import weights_path
-from cadenza.stream.smf import MidiFile, Performance
+from cadenza.models.velocity.causal import NumpyCausalStep, load_causal, predict_causal
+from cadenza.models.velocity.context import load_context, predict_lookahead, predict_window
+from cadenza.models.velocity.features import LiveVelocityFeatures, replay_events, synthetic_performance
+from cadenza.models.velocity.weights import weights_path
+from cadenza.midifile import MidiFile, Performance
 
 SHORT_TEST_PIECE = "2008/MIDI-Unprocessed_09_R3_2008_01-07_ORIG_MID--AUDIO_09_R3_2008_wav--2.midi"
 needs_context = pytest.mark.skipif(not weights_path("context").is_file(), reason="context weights not trained yet")
@@ -120,7 +120,7 @@ def test_lookahead_sees_only_its_horizon(perf, seconds):
 def test_predict_window_matches_file_pass_for_released_notes():
     model = load_context()
     perf = synthetic_performance(200, seed=9)
-    from cadenza.models.velocity_features import causal_features
+    from cadenza.models.velocity.features import causal_features
 
     full = predict_lookahead(model, perf, 1.0)
     targets = np.arange(50, 60)

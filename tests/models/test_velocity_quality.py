@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 import torch
 
-from cadenza.models.velocity_weights import weights_path
-from cadenza.stream.smf import MidiFile
+from cadenza.models.velocity.weights import weights_path
+from cadenza.midifile import MidiFile
 
 PIECES = [
     "2008/MIDI-Unprocessed_09_R3_2008_01-07_ORIG_MID--AUDIO_09_R3_2008_wav--2.midi",
@@ -52,7 +52,7 @@ def _keeps_half_its_gain(maestro_root, key: str, predict) -> None:
 
 @pytest.mark.maestro
 def test_causal_beats_constant(maestro_root):
-    from cadenza.models.velocity_causal import load_causal, predict_causal
+    from cadenza.models.velocity.causal import load_causal, predict_causal
 
     torch.set_num_threads(1)
     model = load_causal()
@@ -62,7 +62,7 @@ def test_causal_beats_constant(maestro_root):
 @pytest.mark.maestro
 @pytest.mark.skipif(not weights_path("context").is_file(), reason="context weights not shipped")
 def test_context_offline_beats_constant(maestro_root):
-    from cadenza.models.velocity_context import load_context, predict_offline
+    from cadenza.models.velocity.context import load_context, predict_offline
 
     torch.set_num_threads(1)
     model = load_context()
@@ -72,7 +72,7 @@ def test_context_offline_beats_constant(maestro_root):
 @pytest.mark.maestro
 @pytest.mark.skipif(not weights_path("offline").is_file(), reason="offline refiner not shipped")
 def test_offline_with_refiner_beats_constant(maestro_root):
-    from cadenza.models.colorize import Colorizer
+    from cadenza.models.velocity.colorize import Colorizer
 
     torch.set_num_threads(1)
     colorizer = Colorizer("offline")

@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from cadenza.models.velocity_refine import OfflineRefiner, RefinerConfig, load_refiner, refine_many
-from cadenza.models.velocity_weights import weights_path
+from cadenza.models.velocity.refine import OfflineRefiner, RefinerConfig, load_refiner, refine_many
+from cadenza.models.velocity.weights import weights_path
 
 SHIPPED = weights_path("offline").is_file()
 
@@ -56,7 +56,7 @@ def test_refiner_is_not_used_with_other_context_weights(tmp_path, caplog):
 
 @pytest.mark.skipif(not SHIPPED, reason="no offline refiner shipped")
 def test_offline_colorize_uses_the_refiner_and_lookahead_does_not():
-    from cadenza.models.colorize import Colorizer
+    from cadenza.models.velocity.colorize import Colorizer
 
     assert Colorizer("offline").refiner is not None
     assert Colorizer("lookahead", seconds=1.0).refiner is None

@@ -10,8 +10,8 @@ import asyncio
 import numpy as np
 import pytest
 
-from cadenza.models.velocity_causal import load_causal_step
-from cadenza.models.velocity_features import LiveVelocityFeatures
+from cadenza.models.velocity.causal import load_causal_step
+from cadenza.models.velocity.features import LiveVelocityFeatures
 from cadenza.models.worker import VelocityWorker
 
 

@@ -176,7 +176,7 @@ def served_process(*serve_args: str):
 @contextlib.contextmanager
 def running_service(mode: str, **sections):
     """A service in ``mode`` on the current JACK server, a player on its input and a listener
-    on its output. ``sections`` override settings (``continuation={...}``)."""
+    on its output. ``sections`` override settings (``phrase={...}``)."""
     overrides = {"midi": {"api": "jack"}, "engine": {"stats_interval_s": 0}, **sections}
     svc = LiveService(load_settings(overrides=overrides), mode)
     player, listener = Player("cadenza in"), Listener("cadenza out")

@@ -14,7 +14,7 @@ from cadenza.cli import main
 from cadenza.config.settings import AudioSettings
 from cadenza.errors import AudioError, MidiFileError
 from cadenza.stream.audio import find_soundfont, render_events, render_midi
-from cadenza.stream.smf import MidiFile
+from cadenza.midifile import MidiFile
 
 RATE = 22050  # enough for the checks, half the work
 

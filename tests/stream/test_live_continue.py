@@ -24,7 +24,7 @@ def _phrase(player: Player, notes=(60, 62, 64, 65, 67, 65, 64, 62, 60, 64, 67, 7
 @pytest.fixture()
 def continue_service(jack_server):
     answer = {"silence_ms": 400, "length_mode": "seconds", "response_seconds": 3.0, "seed": 1, "temperature": 1.0}
-    with running_service("continue", continuation=answer) as parts:
+    with running_service("continue", phrase=answer) as parts:
         yield parts
 
 
@@ -57,7 +57,7 @@ def test_barge_in_stops_the_answer_and_releases_its_notes(continue_service):
     # The answer presses the sustain pedal (an event of the answer, played by the scheduler like
     # the model's own): a cut-short answer must lift it, or everything after it rings on.
     eng = svc.engine
-    svc.call(lambda: eng.scheduler.schedule(eng.now_music(), bytes((0xB0, 64, 127)), eng.call_response._gen))
+    svc.call(lambda: eng.scheduler.schedule(eng.now_music(), bytes((0xB0, 64, 127)), eng.phrase._gen))
     assert listener.wait_for(lambda ms: bytes((0xB0, 64, 127)) in ms, 2.0)
     assert pedal_down(listener.messages()) == {0}
     t_barge = time.monotonic()
@@ -114,7 +114,7 @@ def test_with_midi_clock_the_phrase_ends_on_the_next_bar_line_and_the_answer_sta
 def test_end_call_cc_answers_at_once_and_duck_mode_keeps_the_answer_quieter(jack_server):
     answer = {"silence_ms": 5000, "end_cc": 85, "barge_in": "duck", "duck_factor": 0.25, "length_mode": "seconds",
               "response_seconds": 3.0, "seed": 3, "temperature": 1.0}
-    with running_service("continue", continuation=answer) as (svc, player, listener):
+    with running_service("continue", phrase=answer) as (svc, player, listener):
         _phrase(player)
         t_end = time.monotonic()
         player.send((0xB0, 85, 127))  # end of call: no 5 s silence needed

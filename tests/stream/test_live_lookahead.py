@@ -41,7 +41,7 @@ def test_lookahead_delays_everything_by_exactly_s_and_colorizes(jack_server):
 
 def test_colorize_and_continue_together(jack_server):
     answer = {"silence_ms": 400, "length_mode": "seconds", "response_seconds": 2.0, "seed": 3}
-    with running_service("both", continuation=answer, velocity={"deadline_ms": 20.0}) as (svc, player, listener):
+    with running_service("both", phrase=answer, velocity={"deadline_ms": 20.0}) as (svc, player, listener):
         for p in (60, 62, 64, 65, 67, 69, 71, 72):
             player.send((0x90, p, 64))
             time.sleep(0.07)

@@ -14,7 +14,7 @@ import time
 import pytest
 
 from cadenza.config.settings import load_settings
-from cadenza.stream.broker import MosquittoBroker, free_port
+from cadenza.harness.mosquitto import MosquittoBroker, free_port
 
 from .conftest import Listener, Player, sounding
 
@@ -41,7 +41,7 @@ def daemon_settings(broker, **mqtt):
 
 @contextlib.asynccontextmanager
 async def running_daemon(settings):
-    from cadenza.stream.mqtt import serve_mqtt
+    from cadenza.stream.mqtt.daemon import serve_mqtt
 
     box: dict = {}
     started = asyncio.Event()
@@ -87,7 +87,7 @@ class Peer:
         await self.client.__aexit__(None, None, None)
 
     async def _collect(self) -> None:
-        from cadenza.stream.messages import split_messages
+        from cadenza.messages import split_messages
 
         async for m in self.client.messages:
             session = m.topic.value.split("/")[1]
@@ -252,7 +252,7 @@ def test_unreachable_broker_is_one_line():
 
 @pytest.mark.jack
 def test_bridge_plays_through_the_daemon_and_releases_its_notes_when_it_stops(broker, jack_server):
-    from cadenza.stream.mqtt import run_bridge
+    from cadenza.stream.mqtt.bridge import run_bridge
 
     bridge_settings = load_settings(overrides={"midi": {"api": "jack"}, "mqtt": {"host": broker.host, "port": broker.port}})
 

@@ -2,7 +2,7 @@ import asyncio
 
 import pytest
 
-from cadenza.stream.messages import Kind, classify
+from cadenza.messages import Kind, classify
 from cadenza.stream.scheduler import OutputScheduler
 
 

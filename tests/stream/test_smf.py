@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from cadenza.errors import MidiFileError
-from cadenza.stream.smf import MidiFile, parse, write_performance
+from cadenza.midifile import MidiFile, parse, write_performance
 
 
 def _file(tmp_path, name="a.mid"):

@@ -1,0 +1,145 @@
+"""Commands of the phrase model: `train phrase`, `eval phrase`, `continue`, `generate`, `bench continue`.
+
+Parsing only; the work lives in train_phrase, eval_phrase, phrase_files and phrase_bench.
+Heavy imports (torch) happen inside the handlers so `cadenza --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+
+def register(groups) -> None:
+    p = groups["train"].add_parser("phrase", help="train the phrase-continuation transformer on MAESTRO train")
+    p.add_argument("--minutes", type=float, default=25.0, help="wall-clock budget (default 25)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: the machine is shared)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=512, help="training window = context length in tokens")
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--width", type=int, default=128, help="embedding width")
+    p.add_argument("--eval-every", type=float, default=150.0, metavar="SECONDS")
+    p.add_argument("--init", type=Path, help="continue training from these weights")
+    p.add_argument("--pop909", type=float, default=0.0, metavar="SHARE", help="share of each batch from POP909 train, learned as the pop style (default 0)")
+    p.add_argument("-o", "--out", type=Path, help="where to write the weights (default: the shipped ones)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_train)
+
+    p = groups["eval"].add_parser("phrase", help="NLL and generation statistics of the phrase model on MAESTRO")
+    p.add_argument("--split", default="test", choices=["train", "validation", "test"])
+    p.add_argument("--limit", type=int, default=None, help="score only N pieces, evenly spaced over the split (default: all)")
+    p.add_argument("--prompts", type=int, default=20, help="prompts for the generation statistics")
+    p.add_argument("--seconds", type=float, default=10.0, help="length of each generated continuation")
+    p.add_argument("--ngram", type=int, default=4, help="order of the n-gram baseline")
+    p.add_argument("--weights", type=Path)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--save", type=Path, help="also write the JSON result to this file")
+    p.set_defaults(func=_eval)
+
+    for name, help_ in (("continue", "append a generated continuation to a MIDI file"), ("generate", "generate a MIDI file from nothing")):
+        p = groups["root"].add_parser(name, help=help_)
+        if name == "continue":
+            p.add_argument("input", type=Path, metavar="IN.mid")
+        p.add_argument("-o", "--output", type=Path, required=True, metavar="OUT.mid")
+        p.add_argument("--seconds", type=float, default=10.0, help="length to generate (default 10)")
+        _sampling_flags(p)
+        if name == "generate":  # a continuation plays on the input's own channel
+            p.add_argument("--channel", type=int, default=0, help="MIDI channel of the generated notes (0-15)")
+        p.set_defaults(func=_continue if name == "continue" else _generate, prepare=_sampling_overrides)
+
+    p = groups["bench"].add_parser("continue", help="phrase model speed: cached tokens/s, speedup over re-running, time to first note")
+    p.add_argument("--weights", type=Path)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--prompt", type=int, default=512, help="context tokens before generating")
+    p.add_argument("--tokens", type=int, default=256, help="tokens to generate")
+    p.add_argument("--calls", type=int, default=50, help="phrase-end calls for the TTFN measurement")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_bench)
+
+
+def _sampling_flags(p) -> None:
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--style", choices=["classical", "pop"], help="classical (MAESTRO, the default) or pop (POP909)")
+    p.add_argument("--weights", type=Path)
+
+
+def _sampling_overrides(args) -> None:
+    """Sampling flags are settings overrides, so a bad value fails with the config's one line."""
+    from cadenza.cli import add_override
+
+    for key in ("temperature", "top_k", "top_p", "seed", "style", "weights"):
+        add_override(args, "phrase", key, getattr(args, key))
+
+
+def _train(args, settings) -> int:
+    from cadenza.models.phrase.train import TrainOptions, train
+
+    opt = TrainOptions(
+        minutes=args.minutes, threads=args.threads, seed=args.seed, batch=args.batch, seq_len=args.seq_len, lr=args.lr,
+        n_layer=args.layers, n_head=args.heads, n_embd=args.width, eval_every_s=args.eval_every, init=args.init,
+        pop909=args.pop909, pop909_root=settings.data.pop909,
+    )
+    if args.out:
+        opt.out = args.out
+    result = train(settings.data.maestro, opt, progress=not args.no_progress)
+    b = result["best"]
+    print(f"phrase model: {result['params']:,} parameters, {result['steps']} steps, {result['tokens']:,} tokens")
+    print(f"best validation NLL {b['val_nll']:.4f} nats/token at step {b['step']} -> {opt.out}")
+    return 0
+
+
+def _eval(args, settings) -> int:
+    from cadenza.models.phrase.evaluate import evaluate, format_report
+
+    result = evaluate(
+        settings.data.maestro, split=args.split, limit=args.limit, prompts=args.prompts, seconds=args.seconds,
+        ngram_order=args.ngram, weights=args.weights or settings.phrase.weights, seed=args.seed, threads=args.threads,
+        sampling=settings.phrase, pop909_root=settings.data.pop909,
+    )
+    if args.save:
+        from cadenza.atomic import write_atomic
+
+        write_atomic(args.save, (json.dumps(result, indent=2) + "\n").encode())
+    print(json.dumps(result) if args.json else format_report(result))
+    return 0
+
+
+def _continue(args, settings) -> int:
+    from cadenza.models.phrase.files import continue_file
+
+    c = settings.phrase
+    n = continue_file(args.input, args.output, seconds=args.seconds, temperature=c.temperature, top_k=c.top_k, top_p=c.top_p,
+                      seed=c.seed, weights=c.weights, style=c.style)
+    print(f"{args.output}: input kept, {n} generated notes appended as a new track ({args.seconds:g} s)")
+    return 0
+
+
+def _generate(args, settings) -> int:
+    from cadenza.models.phrase.files import generate_file
+
+    c = settings.phrase
+    n = generate_file(args.output, seconds=args.seconds, temperature=c.temperature, top_k=c.top_k, top_p=c.top_p,
+                      seed=c.seed, weights=c.weights, channel=args.channel, style=c.style)
+    print(f"{args.output}: {n} notes, {args.seconds:g} s")
+    return 0
+
+
+def _bench(args, settings) -> int:
+    from cadenza.bench import engine_ttfn
+    from cadenza.models.phrase.bench import format_bench, run_bench
+
+    result = run_bench(weights=args.weights or settings.phrase.weights, device=args.device or settings.phrase.device,
+                       threads=args.threads, prompt=args.prompt, tokens=args.tokens, calls=args.calls, settings=settings,
+                       ttfn=engine_ttfn)
+    print(json.dumps(result) if args.json else format_bench(result))
+    return 0

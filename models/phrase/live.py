@@ -1,0 +1,308 @@
+"""Live call and response with the phrase model: feed what is played, answer when asked.
+
+:class:`LivePhrase` keeps the performance as tokens in the model's KV cache as it arrives, so at
+the end of a phrase the next-token distribution is already there and the first answering note
+needs only a handful of one-token forward steps (the silence's TIME_SHIFT, maybe a VELOCITY, the
+NOTE_ON). It is driven by ONE worker thread and is not thread-safe.
+
+Consistency after a response. Generation runs ahead of playback, so the context may hold
+generated tokens that were never heard (the performer barged in, or the consumer closed the
+generator). The next ``feed`` (or ``respond``) at time t therefore cuts the response at t: tokens
+past t are forgotten, response notes still sounding at t get NOTE_OFF tokens at t (the engine's
+note ledger has released them for real), and only then is the new event appended. A response
+that was fully played leaves nothing to cut.
+
+Hanging notes. ``respond`` ends with note-offs (and a pedal release if it pressed the pedal) for
+everything it started, at ``start_t + seconds``. When the consumer closes the generator early,
+those final note-offs are not yielded: the caller releases the notes it already sent (the
+engine's ledger does that on barge-in) and, if it passed a pedal press on, sends CC64 = 0.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+
+from cadenza.models.phrase import tokens as tk
+from cadenza.models.phrase.model import PhraseModel, load_phrase  # noqa: F401  (load_phrase re-exported for the engine)
+
+MAX_GAP_S = 3.0  # longer silences are tokenized as this long: the model never saw longer ones
+PIANO = range(21, 109)  # NOTE_ONs outside the piano are never generated
+MAX_HOLD_S = 2.0  # a response key held this long is released (see respond)
+MAX_VOICES = 10  # at most this many response keys down at once
+
+
+class LivePhrase:
+    """Appendable context + streaming response for one performer (one worker thread)."""
+
+    def __init__(self, model: PhraseModel, *, max_context: int | None = None, keep: int | None = None, style: str = "classical"):
+        """``max_context``: tokens held in the cache (≤ the model's block size); when it is full
+        the most recent ``keep`` tokens (default 3/4 of it) are re-prefilled and work goes on.
+        ``style``: one of :data:`~cadenza.models.phrase.model.STYLES` the weights were trained with."""
+        from cadenza.models.phrase.model import style_index
+
+        self.model = model
+        self.style = style
+        self._style = style_index(model, style)
+        self.max_context = min(max_context or model.config.block_size, model.config.block_size)
+        self.keep = max(1, min(keep or self.max_context * 3 // 4, self.max_context - 1))
+        self.reserve = min(64, (self.max_context - self.keep) // 2)  # slots kept free for a response's start
+        self.cache = model.new_cache(max_len=self.max_context)
+        self.device = model.wte.weight.device
+        self._gen = 0
+        self.reset()
+
+    # ---- context ------------------------------------------------------------------------------
+    def reset(self) -> None:
+        """Forget everything: a new performance starts with BOS."""
+        self._gen += 1  # a response generator still open stops at its next step
+        self.stream = tk.TokenStream()
+        self.hist: list[int] = []  # every token in the context, in order (the cache holds the tail)
+        self.cache.reset()
+        self._resp: dict | None = None  # the last response: where it starts, the state before it
+        self._logits = None
+        self._push([tk.BOS])
+
+    def warm_up(self) -> int:
+        """Play a short scratch phrase in and answer it, then forget both, so the first real
+        answer does not pay for first-call allocations (cache views, sampling buffers, kernel
+        selection). Returns the number of answer events it produced."""
+        for i, p in enumerate((60, 64, 67, 72, 67, 64)):
+            self.feed(0.2 * i, bytes((0x90, p, 80)))
+            self.feed(0.2 * i + 0.15, bytes((0x80, p, 0)))
+        n = sum(1 for _ in self.respond(start_t=1.6, seconds=1.0, seed=0))
+        self.reset()
+        return n
+
+    @property
+    def context_tokens(self) -> int:
+        return self.cache.pos
+
+    def feed(self, t: float, msg: bytes) -> None:
+        """Append one played MIDI message (note on/off, CC64; others ignored) at time t (s)."""
+        toks = self._tokens_for(t, msg)
+        if toks:
+            self._push(toks)
+
+    def feed_many(self, events) -> None:
+        """Append many (t, msg) at once (a file's worth): one prefill of the recent part."""
+        toks: list[int] = []
+        for t, msg in events:
+            toks += self._tokens_for(t, msg)
+        if toks:
+            self._push(toks)
+
+    def _tokens_for(self, t: float, msg: bytes) -> list[int]:
+        ev = tk.message_event(msg)
+        if ev is None:
+            return []
+        self._gen += 1  # a response generator still open stops at its next step
+        if self.stream.t0 is None:
+            self.stream.t0 = float(t)
+        tick = self._settle(self.stream.tick_of(t))
+        toks = self.stream.advance_to(tick)
+        return toks + self.stream.feed(self.stream.time_of(tick), *ev)
+
+    def _gap_tick(self, tick: int) -> int:
+        """Clamp long silences: jump the clock so at most MAX_GAP_S is tokenized."""
+        gap = int(MAX_GAP_S / self.stream.quantum)
+        if tick - self.stream.tick > gap:
+            self.stream.tick = tick - gap
+        return tick
+
+    def _settle(self, tick: int) -> int:
+        """Make the last response end at ``tick`` in the context (see module doc); return tick."""
+        resp, self._resp = self._resp, None
+        if resp is not None and tick < self.stream.tick:
+            self._cut(resp, tick)
+        tick = max(self._gap_tick(tick), self.stream.tick)
+        if resp is not None:
+            mine, pedal = resp["mine"], resp["pedal"]
+            toks = self.stream.advance_to(tick) if (mine or pedal) else []
+            for p in sorted(mine):
+                toks += self.stream.feed(self.stream.time_of(tick), tk.OFF, p)
+            if pedal:
+                toks += self.stream.feed(self.stream.time_of(tick), tk.PEDAL, 0, 0)
+            if toks:
+                self._push(toks)
+        return tick
+
+    def _cut(self, resp: dict, tick: int) -> None:
+        """Forget response tokens after ``tick``: replay the response from its start state."""
+        st: tk.TokenStream = resp["stream"].copy()
+        start = resp["start"]
+        mine: set[int] = set()
+        pedal = False
+        keep = len(self.hist)
+        for i in range(start, len(self.hist)):
+            tok = self.hist[i]
+            if tk.SHIFT0 <= tok < tk.VEL0 and st.tick + tok - tk.SHIFT0 + 1 > tick:
+                keep = i
+                break
+            ev = st.apply(tok)
+            if ev is not None and ev.kind == tk.ON:
+                mine.add(ev.pitch)
+            elif ev is not None and ev.kind == tk.OFF:
+                mine.discard(ev.pitch)
+            elif ev is not None:
+                pedal = ev.value > 0
+        self._truncate(keep)
+        self.stream = st
+        resp["mine"], resp["pedal"] = mine, pedal
+
+    def _truncate(self, n: int) -> None:
+        """Drop hist[n:] from the context and recompute the logits at its new end."""
+        drop = len(self.hist) - n
+        if drop <= 0:
+            return
+        del self.hist[n:]
+        if self.cache.pos - drop >= 1:
+            self.cache.pos -= drop + 1  # re-run the last kept token to get its logits back
+            self._forward(self.hist[-1:])
+        else:
+            self.cache.reset()
+            self._forward(self.hist[-self.keep :])
+
+    def _push(self, toks: list[int], *, played: bool = True) -> None:
+        """Append tokens to the context. For played input the cache slides early, while fewer
+        than ``reserve`` slots are free, so that a response never starts with a re-prefill."""
+        self.hist.extend(toks)
+        free = self.cache.free - len(toks)
+        if free < 0 or (played and free < self.reserve):  # slide: re-prefill the recent past
+            self.cache.reset()
+            self._forward(self.hist[-max(self.keep, min(len(toks), self.max_context)) :])
+        else:
+            self._forward(toks)
+        limit = 8 * self.max_context  # hist only needs the cache's tokens and the last response
+        if len(self.hist) > limit and (self._resp is None or self._resp["start"] > limit // 2):
+            cut = len(self.hist) - limit // 2
+            del self.hist[:cut]
+            if self._resp is not None:
+                self._resp["start"] -= cut
+
+    @torch.inference_mode()
+    def _forward(self, toks: list[int]) -> None:
+        idx = torch.tensor([toks], dtype=torch.long, device=self.device)
+        self._logits = self.model(idx, self.cache, last_only=True, style=self._style)[0, -1].float().cpu()
+
+    # ---- response -----------------------------------------------------------------------------
+    def respond(self, *, start_t: float, seconds: float, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                seed: int | None = None, channel: int = 0, max_hold_s: float = MAX_HOLD_S,
+                max_voices: int = MAX_VOICES) -> Iterator[tuple[float, bytes]]:
+        """Generate up to ``seconds`` of answer from ``start_t``: yields (time, 3-byte message).
+
+        Lazy: each ``next`` runs the model only as far as the next message. Times are absolute
+        (the clock of ``feed``), non-decreasing and ≥ start_t. Ends with note-offs for every
+        note it started (see the module doc for early closing). Two guard rails the small model
+        needs (it sometimes forgets to release keys): a key held ``max_hold_s`` is released, and
+        no new note starts while ``max_voices`` of the response's keys are down.
+        """
+        if temperature <= 0 or not 0 < top_p <= 1 or top_k < 0 or seconds < 0:
+            raise ValueError("temperature > 0, 0 < top_p <= 1, top_k >= 0, seconds >= 0")
+        self._gen += 1  # from now on, any feed/reset/respond makes this generator stop
+        limits = (max(1, int(round(max_hold_s / self.stream.quantum))), max(1, int(max_voices)))
+        return self._respond(self._gen, float(start_t), float(seconds), float(temperature), int(top_k), float(top_p), seed, int(channel) & 15, limits)
+
+    def _respond(self, me, start_t, seconds, temperature, top_k, top_p, seed, channel, limits):
+        if self._gen != me:
+            return
+        gen = torch.Generator(device="cpu")
+        gen.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, (1,)).item()))
+        if self.stream.t0 is None:
+            self.stream.t0 = start_t
+        tick = self._settle(self.stream.tick_of(start_t))
+        st = self.stream  # (settling may have replaced it)
+        end_tick = st.tick_of(start_t + seconds)
+        # the response, for a later cut, starts before the silence leading to it
+        resp = {"start": len(self.hist), "stream": st.copy(), "mine": set(), "pedal": False}
+        self._resp = resp
+        shift = st.advance_to(tick)
+        if shift:
+            self._push(shift, played=False)
+        mine: set[int] = resp["mine"]
+        may_pedal = not st.pedal  # never release a pedal the performer is holding
+        mask = torch.zeros(tk.VOCAB_SIZE)
+        mask[tk.BOS] = -float("inf")
+        on = torch.full((128,), -float("inf"))
+        on[PIANO.start : PIANO.stop] = 0
+        max_hold, max_voices = limits
+        held: dict[int, int] = {}  # response key -> tick struck
+        while self._gen == me and st.tick < end_tick:
+            overdue = [p for p, t0 in held.items() if st.tick - t0 >= max_hold]
+            if overdue:  # forced release, written into the context like a generated one
+                p = overdue[0]
+                del held[p]
+                mine.discard(p)
+                st.apply(tk.NOTE_OFF0 + p)
+                self._push([tk.NOTE_OFF0 + p], played=False)
+                yield st.time_of(st.tick), bytes((0x80 | channel, p, 0))
+                continue
+            m = mask.clone()
+            m[tk.NOTE_ON0 : tk.NOTE_ON0 + 128] = on if len(mine) < max_voices else -float("inf")
+            for p in st.sounding:
+                m[tk.NOTE_ON0 + p] = -float("inf")
+            m[tk.NOTE_OFF0 : tk.NOTE_OFF0 + 128] = -float("inf")
+            for p in mine:  # a response releases only its own notes
+                m[tk.NOTE_OFF0 + p] = 0
+            if st.vel_bin >= 0:
+                m[tk.VEL0 + st.vel_bin] = -float("inf")
+            if not may_pedal or st.pedal:
+                m[tk.SUSTAIN_ON] = -float("inf")
+            if not resp["pedal"]:
+                m[tk.SUSTAIN_OFF] = -float("inf")
+            if held:  # time may not jump past the next forced release
+                room = min(held.values()) + max_hold - st.tick
+                m[tk.SHIFT0 + room : tk.VEL0] = -float("inf")
+            tok = sample(self._logits + m, temperature=temperature, top_k=top_k, top_p=top_p, generator=gen)
+            if tk.SHIFT0 <= tok < tk.VEL0 and st.tick + tok - tk.SHIFT0 + 1 > end_tick:
+                break  # the model's next event lies past the end: stop without it
+            ev = st.apply(tok)
+            self._push([tok], played=False)
+            if ev is None:
+                continue
+            t = st.time_of(ev.tick)
+            if ev.kind == tk.ON:
+                mine.add(ev.pitch)
+                held[ev.pitch] = ev.tick
+                yield t, bytes((0x90 | channel, ev.pitch, max(1, ev.value)))
+            elif ev.kind == tk.OFF:
+                mine.discard(ev.pitch)
+                held.pop(ev.pitch, None)
+                yield t, bytes((0x80 | channel, ev.pitch, 0))
+            else:
+                resp["pedal"] = ev.value > 0
+                yield t, bytes((0xB0 | channel, 64, ev.value))
+        if self._gen != me:
+            return  # the context moved on (feed/reset/another respond): nothing of ours to close
+        # Close what is still sounding, at the end of the response, and record it in the context.
+        toks = st.advance_to(end_tick) if (mine or resp["pedal"]) else []
+        t_end = st.time_of(st.tick)
+        for p in sorted(mine):
+            toks += st.feed(t_end, tk.OFF, p)
+        if resp["pedal"]:
+            toks += st.feed(t_end, tk.PEDAL, 0, 0)
+        if toks:
+            self._push(toks)
+        for p in sorted(mine):
+            yield t_end, bytes((0x80 | channel, p, 0))
+        if resp["pedal"]:
+            yield t_end, bytes((0xB0 | channel, 64, 0))
+        mine.clear()
+        resp["pedal"] = False
+
+
+def sample(logits: torch.Tensor, *, temperature: float, top_k: int, top_p: float, generator: torch.Generator) -> int:
+    """One token from (V,) logits with temperature, top-k (0 = off) and nucleus top-p."""
+    logits = logits / temperature
+    if top_k and top_k < logits.numel():
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, -float("inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if top_p < 1.0:
+        sp, si = torch.sort(probs, descending=True)
+        cum = torch.cumsum(sp, dim=0)
+        drop = cum - sp > top_p  # keep the smallest set whose mass reaches top_p
+        sp = sp.masked_fill(drop, 0.0)
+        return int(si[torch.multinomial(sp, 1, generator=generator)].item())
+    return int(torch.multinomial(probs, 1, generator=generator).item())

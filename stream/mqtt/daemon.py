@@ -1,0 +1,269 @@
+"""The headless daemon: every session over MQTT through one engine (``serve --transport mqtt``)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from typing import Callable
+
+from cadenza.config.settings import MqttSettings, Settings
+from cadenza.errors import BrokerError, ConfigError
+from cadenza.messages import split_messages
+
+from cadenza.stream.mqtt.client import SESSION_RE, _aiomqtt, _Outbox, _publish_all, client_id, connect
+
+log = logging.getLogger(__name__)
+
+
+class MqttTransport:
+    """The daemon's source and sink: sessions in, each session's output back to its own topic.
+
+    It is an engine sink with ``routed = True``: the engine hands it ``(source, data)`` and it
+    publishes to that source's ``out`` topic. Session names map to engine sources 1, 2, ...
+    """
+
+    routed = True
+    name = "mqtt"
+
+    def __init__(self, settings: MqttSettings, engine_settings) -> None:
+        self.settings = settings
+        self.prefix = settings.topic_prefix.rstrip("/")
+        self.identifier = client_id(settings, "serve")
+        self.status_topic = f"{self.prefix}/_daemon/{self.identifier}/status"
+        self.stats_interval = engine_settings.stats_interval_s
+        self.engine = None
+        self.on_online: Callable[[], None] | None = None  # called once, when sessions are first taken
+        self.client = None
+        self._stack: contextlib.AsyncExitStack | None = None
+        self._outbox = _Outbox()
+        self._sources: dict[str, int] = {}
+        self._names: dict[int, str] = {}
+        self._out_topics: dict[int, str] = {}
+        self._last_input: dict[int, float] = {}
+        self._next_source = 1
+        self._refused: set[str] = set()
+
+    # ---- connection ---------------------------------------------------------------------
+
+    async def connect(self) -> None:
+        """Connect (BrokerError in one line if the broker does not answer); sessions are taken
+        only once :meth:`run` starts, when the engine and its model are ready."""
+        self.client, self._stack = await connect(self.settings, identifier=self.identifier, will_topic=self.status_topic, will_payload=b"offline", retain_will=True)
+        log.info("mqtt: connected to %s:%d as %s", self.settings.host, self.settings.port, self.identifier)
+
+    async def _go_online(self) -> None:
+        await self.client.subscribe([(f"{self.prefix}/+/in", 0), (f"{self.prefix}/+/bye", 1)])
+        await self.client.publish(self.status_topic, b"online", qos=1, retain=True)
+        log.info("mqtt: online; sessions on %s/+/in", self.prefix)
+        on_online, self.on_online = self.on_online, None
+        if on_online is not None:
+            on_online()
+
+    async def _drop_connection(self) -> None:
+        stack, self._stack, self.client = self._stack, None, None
+        if stack is not None:
+            with contextlib.suppress(Exception):
+                await stack.aclose()
+
+    async def run(self) -> None:
+        """Receive, publish, expire idle sessions; reconnect when the broker is lost."""
+        aiomqtt = _aiomqtt()
+        while True:
+            if self.client is None:
+                try:
+                    await self.connect()
+                except BrokerError as exc:
+                    log.warning("mqtt: %s; retrying in %.0f s", exc, self.settings.reconnect_interval_s)
+                    await asyncio.sleep(self.settings.reconnect_interval_s)
+                    continue
+                # What went out while we were away is lost; the notes it left sounding are
+                # released now, as for a MIDI port that comes back.
+                self.engine.panic("mqtt reconnected")
+            try:
+                await self._go_online()
+            except (aiomqtt.MqttError, OSError) as exc:
+                await self._lost(exc)
+                continue
+            try:
+                async with asyncio.TaskGroup() as tg:
+                    tg.create_task(self._receive(), name="mqtt-receive")
+                    tg.create_task(self._publish(), name="mqtt-publish")
+                    tg.create_task(self._expire(), name="mqtt-expire")
+                    tg.create_task(self._stats(), name="mqtt-stats")
+            except* (aiomqtt.MqttError, OSError) as group:
+                await self._lost(group.exceptions[0])
+
+    async def _lost(self, exc: BaseException) -> None:
+        self.engine.metrics.inc("mqtt_disconnects")
+        log.warning("mqtt: lost the broker (%s); reconnecting", exc)
+        await self._drop_connection()
+        lost = self._outbox.clear()
+        if lost:
+            self.engine.metrics.inc("mqtt_out_lost", lost)
+        await asyncio.sleep(self.settings.reconnect_interval_s)
+
+    async def close(self, timeout: float = 3.0) -> None:
+        """Publish what is still queued (the shutdown's note-offs), say offline, disconnect."""
+        if self.client is not None:
+            try:
+                async with asyncio.timeout(timeout):
+                    await _publish_all(self.client, self._outbox.take(), 1)
+                    await self.client.publish(self.status_topic, b"offline", qos=1, retain=True)
+            except Exception as exc:  # broker gone at the very end: nothing more to do
+                log.warning("mqtt: could not publish the final messages (%s)", exc)
+        await self._drop_connection()
+
+    # ---- input --------------------------------------------------------------------------
+
+    async def _receive(self) -> None:
+        # Everything that has arrived is handed to the engine in one go, so the pump sees a
+        # chord (or notes of several sessions) as one batch and one model call, instead of a
+        # loop round and a model call per message.
+        incoming = self.client.incoming
+        async for message in self.client.messages:
+            self._take(message)
+            while not incoming.empty():
+                self._take(incoming.get_nowait())
+
+    def _take(self, message) -> None:
+        engine = self.engine
+        metrics = engine.metrics
+        parts = message.topic.value.split("/")
+        name, verb = parts[-2], parts[-1]
+        payload = message.payload if isinstance(message.payload, (bytes, bytearray)) else b""
+        if verb == "bye":
+            source = self._sources.get(name)
+            if source is not None:
+                self._end(source, "session said bye")
+            return
+        source = self._source(name)
+        if source is None:
+            metrics.inc("dropped")
+            metrics.inc("dropped_session")
+            return
+        if not payload or len(payload) > self.settings.max_payload_bytes:
+            metrics.inc("dropped")
+            metrics.inc("dropped_payload_size")
+            return
+        now = getattr(message, "arrived", None) or time.monotonic()
+        metrics.observe("mqtt_in_wait", time.monotonic() - now)  # socket -> the engine has it
+        self._last_input[source] = now
+        for data in split_messages(bytes(payload)):
+            engine.deliver_now(now, data, source=source)
+
+    def _source(self, name: str) -> int | None:
+        source = self._sources.get(name)
+        if source is not None:
+            return source
+        if not SESSION_RE.match(name) or len(self._sources) >= self.settings.max_sessions:
+            if name not in self._refused and len(self._refused) < 1000:
+                self._refused.add(name)
+                why = "an invalid session name" if not SESSION_RE.match(name) else f"over mqtt.max_sessions={self.settings.max_sessions}"
+                log.warning("mqtt: refusing session %r (%s)", name, why)
+            return None
+        source = self._next_source
+        self._next_source += 1
+        self._sources[name] = source
+        self._names[source] = name
+        self._out_topics[source] = f"{self.prefix}/{name}/out"
+        self.engine.metrics.gauge("sessions", len(self._sources))
+        log.info("mqtt: session %r started", name)
+        return source
+
+    def _end(self, source: int, reason: str) -> None:
+        name = self._names.pop(source)
+        log.info("mqtt: session %r ended (%s)", name, reason)
+        self.engine.forget_source(source, f"session {name} ended")  # its note-offs are queued by now
+        del self._sources[name]
+        del self._out_topics[source]
+        self._last_input.pop(source, None)
+        self.engine.metrics.inc("sessions_ended")
+        self.engine.metrics.gauge("sessions", len(self._sources))
+
+    async def _expire(self) -> None:
+        idle = self.settings.session_idle_s
+        if idle <= 0:
+            return
+        while True:
+            await asyncio.sleep(min(idle, 1.0))
+            now = time.monotonic()
+            for source, t in list(self._last_input.items()):
+                if now - t >= idle:
+                    self._end(source, f"no input for {idle:g} s")
+
+    # ---- output -------------------------------------------------------------------------
+
+    def send_from(self, source: int, data: bytes) -> None:
+        topic = self._out_topics.get(source)
+        if topic is None:  # not a session (source 0 has no remote peer)
+            return
+        if self.client is None:
+            self.engine.metrics.inc("mqtt_out_lost")
+            return
+        self._outbox.put(topic, data)
+
+    def send(self, data: bytes) -> None:  # the Sink protocol; routed sinks get send_from
+        raise TypeError("MqttTransport is a routed sink: use send_from(source, data)")
+
+    async def _publish(self) -> None:
+        qos = self.settings.out_qos
+        observe = self.engine.metrics.observe
+        while True:
+            await self._outbox.wait()
+            t0 = self._outbox.first_put
+            await _publish_all(self.client, self._outbox.take(), qos)
+            observe("mqtt_out", time.monotonic() - t0)  # emitted -> written to the socket
+
+    async def _stats(self) -> None:
+        if self.stats_interval <= 0:
+            return
+        topic = f"{self.prefix}/_daemon/{self.identifier}/stats"
+        while True:
+            await asyncio.sleep(self.stats_interval)
+            snap = self.engine.metrics.snapshot()
+            snap["sessions"] = sorted(self._sources)
+            await self.client.publish(topic, json.dumps(snap).encode(), qos=0)
+
+
+async def serve_mqtt(settings: Settings, *, mode: str = "colorize", ready: Callable | None = None, install_signals: bool = True) -> dict:
+    """The headless daemon: sessions over MQTT through one engine and one model worker (which
+    batches notes across sessions). Returns the final metrics."""
+    import signal
+
+    from cadenza.models.worker import pick_device
+    from cadenza.stream.engine import Engine
+    from cadenza.stream.serve import build_velocity_worker
+
+    if mode != "colorize":
+        raise ConfigError(f"--transport mqtt serves --mode colorize (got {mode}); continuation and lookahead answer one performer on one port pair")
+    loop = asyncio.get_running_loop()
+    transport = MqttTransport(settings.mqtt, settings.engine)
+    await transport.connect()
+    try:
+        worker = build_velocity_worker(settings)
+        await asyncio.to_thread(worker.start, loop)
+        try:
+            engine = Engine(settings, sinks=[transport], velocity_worker=worker)
+            engine.bind(loop)
+            transport.engine = engine
+            if install_signals:
+                for sig in (signal.SIGINT, signal.SIGTERM):
+                    loop.add_signal_handler(sig, engine.stop)
+            log.info("serving sessions over MQTT (model on %s); Ctrl-C to stop", pick_device(settings.velocity.device))
+            if ready is not None:
+                transport.on_online = lambda: ready(engine, transport)
+            try:
+                await engine.run(transport.run)
+            finally:
+                if install_signals:
+                    for sig in (signal.SIGINT, signal.SIGTERM):
+                        loop.remove_signal_handler(sig)
+            snapshot = engine.metrics.snapshot()
+        finally:
+            worker.stop()
+    finally:
+        await transport.close()
+    return snapshot

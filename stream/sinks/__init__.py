@@ -1,0 +1,74 @@
+"""Sinks: where the engine's output goes.
+
+A sink takes raw MIDI messages (bytes, status byte first) in the order the engine emits them.
+The engine does not know which kind it talks to.
+
+=====================  ==========================================================
+``Sink``               the protocol: ``name``, ``send(data)``, ``close()``
+``RoutedSink``         for transports serving many sources (sessions):
+                       ``send_from(source, data)`` instead of ``send``
+``ListSink``           keeps every message (tests, files)
+``CountingSink``       counts messages (benches)
+``audio.AudioSink``    FluidSynth into the sound card (PortAudio)
+``audio.WavSink``      FluidSynth into a WAV file
+MIDI port              :class:`cadenza.stream.ports.MidiOutputPort`
+MQTT                   :class:`cadenza.stream.mqtt.daemon.MqttTransport` (routed)
+=====================  ==========================================================
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+
+@runtime_checkable
+class Sink(Protocol):
+    """Where output goes; ``close()`` is safe to call twice."""
+
+    name: str
+
+    def send(self, data: bytes) -> None: ...
+
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class RoutedSink(Protocol):
+    """A sink serving several sources: each message goes back to the source it came from."""
+
+    name: str
+
+    def send_from(self, source: int, data: bytes) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class ListSink:
+    """Keeps every message sent to it, in order."""
+
+    name = "list"
+
+    def __init__(self) -> None:
+        self.messages: list[bytes] = []
+        self.closed = False
+
+    def send(self, data: bytes) -> None:
+        self.messages.append(data)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class CountingSink:
+    """Counts what is sent to it and keeps nothing (for benches at thousands of notes/s)."""
+
+    name = "count"
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def send(self, data: bytes) -> None:
+        self.n += 1
+
+    def close(self) -> None:
+        pass
