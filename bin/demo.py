@@ -50,7 +50,8 @@ def run(args, settings) -> int:
 async def _demo(settings, source_path: Path, out: Path, *, realtime: bool, audio: bool, seconds: float) -> dict:
     from cadenza.stream.audio import find_soundfont, midi_file_events, render_events
     from cadenza.stream.engine import Engine
-    from cadenza.stream.serve import build_phrase_stage, build_velocity_worker
+    from cadenza.stream.phrase import build_phrase_stage
+    from cadenza.stream.velocity_stage import build_velocity_worker
     from cadenza.midifile import MidiFile, write_performance
     from cadenza.stream.sources import FileSource, Recorder, events_to_performance
 

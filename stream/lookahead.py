@@ -20,6 +20,10 @@ from typing import Any, Callable
 
 import numpy as np
 
+from cadenza.config.settings import Settings
+from cadenza.errors import ConfigError
+from cadenza.models.worker import pick_device
+
 log = logging.getLogger(__name__)
 
 WINDOW = 256  # notes of context the model gets
@@ -137,3 +141,14 @@ class LookaheadStage:
                 self._loop.call_soon_threadsafe(self._store, nid, float(v[0]))
             except Exception as exc:  # a failed prediction falls back; the stream goes on
                 log.error("lookahead model: %s", exc)
+
+
+def build_lookahead(settings: Settings) -> LookaheadStage:
+    from cadenza.models.velocity.context import load_context
+    from cadenza.models.velocity.features import LiveVelocityFeatures
+
+    seconds = settings.velocity.lookahead_s
+    if seconds <= 0:
+        raise ConfigError("--mode lookahead needs a lookahead > 0 s (--lookahead SECONDS or velocity.lookahead_s)")
+    device = pick_device(settings.velocity.device)
+    return LookaheadStage(seconds=seconds, load_model=lambda: load_context(settings.velocity.context_weights, device=device), make_features=LiveVelocityFeatures)

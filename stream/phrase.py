@@ -363,3 +363,9 @@ def _default_live(settings: PhraseSettings) -> Callable[[], Any]:
         return LivePhrase(load_phrase(settings.weights, device=pick_device(settings.device)), style=settings.style)
 
     return make
+
+
+def build_phrase_stage(engine, settings) -> "PhraseStage":
+    cr = PhraseStage(engine, settings.phrase, settings.controls)
+    engine.phrase = cr
+    return cr

@@ -11,47 +11,15 @@ import sys
 from typing import Any
 
 from cadenza.config.settings import Settings
-from cadenza.errors import ConfigError
-from cadenza.models.worker import VelocityWorker, pick_device
+from cadenza.models.worker import pick_device
+from cadenza.stream.lookahead import build_lookahead
+from cadenza.stream.phrase import build_phrase_stage
+from cadenza.stream.velocity_stage import build_velocity_worker
 from cadenza.stream.engine import Engine
 from cadenza.stream.ports import MidiInputPort, MidiOutputPort, api_name, resolve_api
 from cadenza.stream.spin import SpinEventLoop
 
 log = logging.getLogger(__name__)
-
-
-def build_velocity_worker(settings: Settings) -> VelocityWorker:
-    """The causal velocity model in its worker (loaded and warmed up by ``start``)."""
-    from cadenza.models.velocity.causal import load_causal_step
-    from cadenza.models.velocity.features import LiveVelocityFeatures
-
-    device = pick_device(settings.velocity.device)
-    return VelocityWorker(
-        load_model=lambda: load_causal_step(settings.velocity.weights, device=device),
-        make_features=LiveVelocityFeatures,
-        max_batch=settings.velocity.max_batch,
-        inline=settings.velocity.worker == "inline" or (settings.velocity.worker == "auto" and device == "cpu"),
-    )
-
-
-def build_lookahead(settings: Settings):
-    from cadenza.models.velocity.context import load_context
-    from cadenza.models.velocity.features import LiveVelocityFeatures
-    from cadenza.stream.lookahead import LookaheadStage
-
-    seconds = settings.velocity.lookahead_s
-    if seconds <= 0:
-        raise ConfigError("--mode lookahead needs a lookahead > 0 s (--lookahead SECONDS or velocity.lookahead_s)")
-    device = pick_device(settings.velocity.device)
-    return LookaheadStage(seconds=seconds, load_model=lambda: load_context(settings.velocity.context_weights, device=device), make_features=LiveVelocityFeatures)
-
-
-def build_phrase_stage(engine: Engine, settings: Settings):
-    from cadenza.stream.phrase import PhraseStage
-
-    cr = PhraseStage(engine, settings.phrase, settings.controls)
-    engine.phrase = cr
-    return cr
 
 
 class PortSupervisor:

@@ -13,7 +13,8 @@ import asyncio
 from collections import deque
 from typing import Any
 
-from cadenza.config.settings import VelocitySettings
+from cadenza.config.settings import Settings, VelocitySettings
+from cadenza.models.worker import VelocityWorker, pick_device
 
 MODES = ("replace", "blend", "flat-only")
 
@@ -90,3 +91,17 @@ _DOWN = _Down()
 
 def is_down(x: object) -> bool:
     return x is _DOWN
+
+
+def build_velocity_worker(settings: Settings) -> VelocityWorker:
+    """The causal velocity model in its worker (loaded and warmed up by ``start``)."""
+    from cadenza.models.velocity.causal import load_causal_step
+    from cadenza.models.velocity.features import LiveVelocityFeatures
+
+    device = pick_device(settings.velocity.device)
+    return VelocityWorker(
+        load_model=lambda: load_causal_step(settings.velocity.weights, device=device),
+        make_features=LiveVelocityFeatures,
+        max_batch=settings.velocity.max_batch,
+        inline=settings.velocity.worker == "inline" or (settings.velocity.worker == "auto" and device == "cpu"),
+    )

@@ -318,7 +318,7 @@ async def _run_rate(settings, worker, rate: float, seconds: float) -> dict:
 
 
 def _throughput(args, settings) -> int:
-    from cadenza.stream.serve import build_velocity_worker
+    from cadenza.stream.velocity_stage import build_velocity_worker
 
     rates = [float(r) for r in args.rates.split(",")]
 

@@ -235,7 +235,7 @@ async def serve_mqtt(settings: Settings, *, mode: str = "colorize", ready: Calla
 
     from cadenza.models.worker import pick_device
     from cadenza.stream.engine import Engine
-    from cadenza.stream.serve import build_velocity_worker
+    from cadenza.stream.velocity_stage import build_velocity_worker
 
     if mode != "colorize":
         raise ConfigError(f"--transport mqtt serves --mode colorize (got {mode}); continuation and lookahead answer one performer on one port pair")
