@@ -10,9 +10,8 @@ import os
 
 import numpy as np
 
-from cadenza.midifile import Performance
-
 from cadenza.atomic import atomic_path
+from cadenza.midifile import Performance
 
 
 def _roll(ax, perf: Performance, norm, cmap, label: str):

@@ -103,7 +103,7 @@ class ControlSettings(_Section):
     consume: bool = Field(True, description="control CCs are not passed through to the output")
 
     @model_validator(mode="after")
-    def _distinct(self) -> "ControlSettings":
+    def _distinct(self) -> ControlSettings:
         used = [(n, v) for n, v in self.__dict__.items() if n.endswith("_cc") and v is not None]
         seen: dict[int, str] = {}
         for name, cc in used:

@@ -20,7 +20,7 @@ import re
 import sys
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import rtmidi
 
@@ -73,7 +73,7 @@ def api_name(api: int) -> str:
 POLL_S = 0.0002
 
 
-def make_drain(midi: "rtmidi.MidiIn", deliver: Callable[[float, bytes], None]) -> Callable[[], bool]:
+def make_drain(midi: rtmidi.MidiIn, deliver: Callable[[float, bytes], None]) -> Callable[[], bool]:
     """A function that hands everything queued on ``midi`` to ``deliver(time, bytes)`` and says
     whether there was anything: the poller thread's body, and a busy-polling loop's poller."""
     get = midi.get_message
@@ -93,7 +93,7 @@ def make_drain(midi: "rtmidi.MidiIn", deliver: Callable[[float, bytes], None]) -
 class InputPoller:
     """A thread that drains an rtmidi input queue and hands ``(time, bytes)`` to ``deliver``."""
 
-    def __init__(self, midi: "rtmidi.MidiIn", deliver: Callable[[float, bytes], None], *, name: str = "midi-in") -> None:
+    def __init__(self, midi: rtmidi.MidiIn, deliver: Callable[[float, bytes], None], *, name: str = "midi-in") -> None:
         self._midi = midi
         self._deliver = deliver
         self._stop = threading.Event()

@@ -27,7 +27,7 @@ import asyncio
 import selectors
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
 
 SWITCH_INTERVAL_S = 0.0005  # while spinning: how soon another Python thread gets the GIL
 

@@ -42,7 +42,7 @@ class JackServer:
     def period_s(self) -> float:
         return self.period / self.rate
 
-    def start(self, timeout: float = 10.0) -> "JackServer":
+    def start(self, timeout: float = 10.0) -> JackServer:
         jackd = shutil.which("jackd")
         if jackd is None:
             raise PortError("jackd not found: install JACK (Debian/Ubuntu: apt-get install jackd2)")
@@ -75,7 +75,7 @@ class JackServer:
             os.environ["JACK_DEFAULT_SERVER"] = self._old_env
         self._old_env = None
 
-    def __enter__(self) -> "JackServer":
+    def __enter__(self) -> JackServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:

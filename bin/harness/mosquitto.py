@@ -34,7 +34,7 @@ class MosquittoBroker:
         self._proc: subprocess.Popen | None = None
         self._dir: tempfile.TemporaryDirectory | None = None
 
-    def start(self, timeout: float = 10.0) -> "MosquittoBroker":
+    def start(self, timeout: float = 10.0) -> MosquittoBroker:
         exe = shutil.which("mosquitto") or next((p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if Path(p).is_file()), None)
         if exe is None:
             raise BrokerError("mosquitto not found: install it (Debian/Ubuntu: apt-get install mosquitto)")
@@ -66,7 +66,7 @@ class MosquittoBroker:
             self._dir.cleanup()
             self._dir = None
 
-    def __enter__(self) -> "MosquittoBroker":
+    def __enter__(self) -> MosquittoBroker:
         return self.start()
 
     def __exit__(self, *exc) -> None:

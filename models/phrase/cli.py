@@ -10,7 +10,6 @@ import json
 from pathlib import Path
 
 
-
 def register(groups) -> None:
     p = groups["train"].add_parser("phrase", help="train the phrase-continuation transformer on MAESTRO train")
     p.add_argument("--minutes", type=float, default=25.0, help="wall-clock budget (default 25)")

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
-from cadenza.errors import CadenzaError, ConfigError
-from cadenza.models.phrase import tokens as tk
-from cadenza.midifile import MidiFile
 from cadenza.atomic import atomic_path
+from cadenza.errors import CadenzaError, ConfigError
+from cadenza.midifile import MidiFile
+from cadenza.models.phrase import tokens as tk
 
 log = logging.getLogger(__name__)
 
@@ -76,9 +76,8 @@ def load_pop909(root: Path, split: str, *, cache_dir: Path = CACHE_DIR, progress
             return TokenSplit(z["tokens"], z["starts"], z["seconds"], list(z["names"]))
     ts = _tokenize(pop909_files(root, split), progress=progress)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path, suffix=".npz") as tmp:
-        with open(tmp, "wb") as f:
-            np.savez(f, tokens=ts.tokens, starts=ts.starts, seconds=ts.seconds, names=np.asarray(ts.names))
+    with atomic_path(path, suffix=".npz") as tmp, open(tmp, "wb") as f:
+        np.savez(f, tokens=ts.tokens, starts=ts.starts, seconds=ts.seconds, names=np.asarray(ts.names))
     return ts
 
 
@@ -108,9 +107,8 @@ def load_split(root: Path, split: str, *, cache_dir: Path = CACHE_DIR, limit: in
     ts = _tokenize(files, progress=progress)
     if not limit:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(path, suffix=".npz") as tmp:
-            with open(tmp, "wb") as f:
-                np.savez(f, tokens=ts.tokens, starts=ts.starts, seconds=ts.seconds, names=np.asarray(ts.names))
+        with atomic_path(path, suffix=".npz") as tmp, open(tmp, "wb") as f:
+            np.savez(f, tokens=ts.tokens, starts=ts.starts, seconds=ts.seconds, names=np.asarray(ts.names))
         log.info("cached %s: %d pieces, %d tokens -> %s", split, len(ts), len(ts.tokens), path)
     return ts
 

@@ -21,9 +21,9 @@ import torch
 
 from cadenza.errors import CadenzaError
 from cadenza.models.phrase import tokens as tk
-from cadenza.models.phrase.ngram import NGram
-from cadenza.models.phrase.model import load_phrase
 from cadenza.models.phrase.data import TokenSplit, load_split
+from cadenza.models.phrase.model import load_phrase
+from cadenza.models.phrase.ngram import NGram
 
 OVERLAP = 128
 STATS = ("pitch_class", "ioi", "density", "velocity", "polyphony")
@@ -231,8 +231,8 @@ def evaluate(maestro_root: Path, *, split: str, limit: int | None, prompts: int,
 def pop909_by_style(model, ng, root: Path, split: str, limit: int | None) -> dict | None:
     """NLL per token of the POP909 split with each style vector (does the style help?), and the
     MAESTRO-trained n-gram for reference; None when POP909 is not there."""
-    from cadenza.models.phrase.model import STYLES
     from cadenza.models.phrase.data import load_pop909
+    from cadenza.models.phrase.model import STYLES
 
     try:
         ts = load_pop909(root, split, progress=False)

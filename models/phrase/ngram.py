@@ -16,7 +16,7 @@ import numpy as np
 
 class NGram:
     def __init__(self, order: int, vocab_size: int):
-        if not 1 <= order or vocab_size ** order >= 2**62:
+        if not order >= 1 or vocab_size ** order >= 2**62:
             raise ValueError(f"order {order} does not fit int64 keys for vocabulary {vocab_size}")
         self.order = order
         self.V = vocab_size
@@ -24,7 +24,7 @@ class NGram:
         self.grams: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # k -> (sorted keys, counts)
         self.ctx: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}  # k -> (ctx keys, c(h), N1+(h))
 
-    def fit(self, tokens: np.ndarray) -> "NGram":
+    def fit(self, tokens: np.ndarray) -> NGram:
         t = np.asarray(tokens, np.int64)
         self.uni = (np.bincount(t, minlength=self.V) + 1.0) / (len(t) + self.V)
         for k in range(2, self.order + 1):

@@ -86,7 +86,7 @@ class TokenStream:
         self.pedal = False
         self.sounding: set[int] = set()
 
-    def copy(self) -> "TokenStream":
+    def copy(self) -> TokenStream:
         other = TokenStream(self.quantum)
         other.t0, other.tick, other.vel_bin, other.pedal = self.t0, self.tick, self.vel_bin, self.pedal
         other.sounding = set(self.sounding)

@@ -17,7 +17,6 @@ import torch
 from torch import nn
 
 from cadenza.midifile import Performance
-
 from cadenza.models.velocity.features import N_FEATURES, causal_features
 from cadenza.models.velocity.weights import load_model
 
@@ -34,8 +33,9 @@ class CausalVelocityModel(nn.Module):
 
     state_batch_dim = 0  # the engine concatenates/narrows sessions' states along this dim
 
-    def __init__(self, cfg: CausalConfig = CausalConfig()):
+    def __init__(self, cfg: CausalConfig | None = None):
         super().__init__()
+        cfg = cfg if cfg is not None else CausalConfig()  # a fresh config per model: a shared default would be shared state
         self.cfg = cfg
         self.n_features = cfg.n_features
         self.register_buffer("feat_mean", torch.zeros(cfg.n_features))

@@ -185,7 +185,7 @@ def colorize_cli(args, settings) -> int:
     t0 = time.perf_counter()
     n_ok, n_notes, failed = 0, 0, 0
     workers = args.workers if args.workers else min(os.cpu_count() or 1, 2 if len(jobs) > 4 else 1)
-    for job, notes, err in run_jobs(jobs, args.mode, seconds=seconds, workers=workers,
+    for _job, notes, err in run_jobs(jobs, args.mode, seconds=seconds, workers=workers,
                                     weights=vs.weights, context_weights=vs.context_weights):
         if err:
             failed += 1

@@ -21,7 +21,6 @@ import torch
 from torch import nn
 
 from cadenza.midifile import Performance
-
 from cadenza.models.velocity.features import N_FEATURES, causal_features
 from cadenza.models.velocity.weights import load_model
 
@@ -45,8 +44,9 @@ class ContextConfig:
 
 
 class ContextVelocityModel(nn.Module):
-    def __init__(self, cfg: ContextConfig = ContextConfig()):
+    def __init__(self, cfg: ContextConfig | None = None):
         super().__init__()
+        cfg = cfg if cfg is not None else ContextConfig()  # a fresh config per model: a shared default would be shared state
         self.cfg = cfg
         self.n_features = cfg.n_features
         H, D = cfg.hidden, cfg.dim

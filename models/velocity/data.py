@@ -15,10 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
+from cadenza.atomic import atomic_path
 from cadenza.errors import CadenzaError
 from cadenza.midifile import MidiFile, Performance
-from cadenza.atomic import atomic_path
-
 from cadenza.models.velocity.features import N_FEATURES, causal_features
 
 log = logging.getLogger(__name__)

@@ -43,7 +43,6 @@ def metrics(data, preds: list[np.ndarray]) -> dict:
 
 def _unet_preds(root: Path, data) -> list[np.ndarray]:
     from cadenza.midifile import MidiFile
-
     from cadenza.models.velocity.unet import load_unet, predict_unet  # engineer D's module; only when its weights exist
 
     model = load_unet()
@@ -58,9 +57,9 @@ def evaluate(root: Path, split: str = "test", model: str = "all", *, limit: int 
     """All figures as a dict: ``rows`` (name -> metrics) and ``sweep`` (lookahead -> metrics)."""
     import torch
 
-    from cadenza.models.velocity.train import predict_split_causal
     from cadenza.models.velocity.causal import load_causal
     from cadenza.models.velocity.context import load_context, predict_split_context
+    from cadenza.models.velocity.train import predict_split_causal
 
     data = load_split(root, split)
     if limit is not None:

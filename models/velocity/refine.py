@@ -39,8 +39,9 @@ class RefinerConfig:
 
 
 class OfflineRefiner(nn.Module):
-    def __init__(self, cfg: RefinerConfig = RefinerConfig()):
+    def __init__(self, cfg: RefinerConfig | None = None):
         super().__init__()
+        cfg = cfg if cfg is not None else RefinerConfig()  # a fresh config per model: a shared default would be shared state
         self.cfg = cfg
         self.register_buffer("feat_mean", torch.zeros(cfg.n_features))
         self.register_buffer("feat_std", torch.ones(cfg.n_features))
@@ -119,7 +120,6 @@ def context_inputs(model, data, batch: int = 16) -> np.ndarray:
 def cached_context_inputs(model, context_path: Path, data, split: str) -> np.ndarray:
     """:func:`context_inputs`, kept in the cache folder under the context weights' hash."""
     from cadenza.atomic import atomic_path
-
     from cadenza.models.velocity.data import default_cache_dir
 
     path = default_cache_dir() / f"offline-inputs-{split}-{file_sha256(context_path)[:16]}.npy"
@@ -150,7 +150,6 @@ def train_refiner(maestro: Path, *, minutes: float = 20.0, threads: int = 1, see
     from tqdm import tqdm
 
     from cadenza.atomic import atomic_path
-
     from cadenza.models.velocity.context import load_context
     from cadenza.models.velocity.data import load_split, segment_starts
     from cadenza.models.velocity.weights import save_weights

@@ -19,11 +19,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cadenza.errors import CadenzaError
 from cadenza.atomic import atomic_path
-
+from cadenza.errors import CadenzaError
 from cadenza.models.velocity.causal import CausalConfig, CausalVelocityModel, predict_causal_many
-from cadenza.models.velocity.context import ContextConfig, ContextVelocityModel, LOOKAHEADS_TRAIN, predict_split_context
+from cadenza.models.velocity.context import LOOKAHEADS_TRAIN, ContextConfig, ContextVelocityModel, predict_split_context
 from cadenza.models.velocity.data import SplitData, load_split, segment_starts
 from cadenza.models.velocity.weights import save_weights, weights_path
 

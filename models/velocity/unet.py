@@ -53,7 +53,7 @@ class UNetConfig:
         return self.window_s / self.frames
 
     @classmethod
-    def from_dict(cls, d: dict) -> "UNetConfig":
+    def from_dict(cls, d: dict) -> UNetConfig:
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         if unknown:

@@ -12,9 +12,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from cadenza.errors import ModelError
 from cadenza.atomic import atomic_path
-
+from cadenza.errors import ModelError
 from cadenza.models.velocity.features import FEATURE_NAMES
 
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"

@@ -5,13 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import Callable
+from collections.abc import Callable
 
 from cadenza.buffers.ledger import NoteLedger
 from cadenza.config.settings import Settings
 from cadenza.errors import BrokerError
 from cadenza.messages import split_messages
-
 from cadenza.stream.mqtt.client import _aiomqtt, _Outbox, _publish_all, check_session, client_id, connect
 
 log = logging.getLogger(__name__)

@@ -37,7 +37,7 @@ class _StampingQueue(asyncio.Queue):
     it: that, not when the receive task gets to it, is the note's arrival time. The instance
     is kept (``latest``) so the receiver can drain everything that has arrived at once."""
 
-    latest: "_StampingQueue | None" = None
+    latest: _StampingQueue | None = None
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -85,7 +85,7 @@ async def connect(settings: MqttSettings, *, identifier: str, will_topic: str, w
     stack = contextlib.AsyncExitStack()
     try:
         await asyncio.wait_for(stack.enter_async_context(client), settings.connect_timeout_s)
-    except (aiomqtt.MqttError, OSError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, aiomqtt.MqttError, OSError) as exc:
         await stack.aclose()
         reason = str(exc) or type(exc).__name__
         raise BrokerError(f"cannot reach the MQTT broker at {settings.host}:{settings.port} ({reason}); start one (e.g. `mosquitto -p {settings.port}`) or set mqtt.host / mqtt.port") from None

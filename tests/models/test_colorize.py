@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from cadenza.cli import main
-from cadenza.models.velocity.weights import weights_path
 from cadenza.midifile import MidiFile
+from cadenza.models.velocity.weights import weights_path
 
 MODES = ["causal"] + (["offline", "lookahead"] if weights_path("context").is_file() else [])
 

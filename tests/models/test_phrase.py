@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from cadenza.errors import MidiFileError, ModelError
-from cadenza.models.phrase import tokens as tk
-from cadenza.models.phrase.model import PhraseConfig, PhraseModel, load_phrase
-from cadenza.models.phrase.live import LivePhrase
 from cadenza.midifile import MidiFile, Performance, write_performance
+from cadenza.models.phrase import tokens as tk
+from cadenza.models.phrase.live import LivePhrase
+from cadenza.models.phrase.model import PhraseConfig, PhraseModel, load_phrase
 
 
 @pytest.fixture(scope="module")
@@ -288,8 +288,8 @@ def test_shipped_weights_answer_in_both_styles(tmp_path):
 def test_each_style_fits_its_own_music_best(settings, maestro_root, shipped):
     """On held-out songs, POP909 is likelier under the pop style and MAESTRO under the classical
     one: the style vector carries what the two corpora differ in."""
-    from cadenza.models.phrase.evaluate import model_log_probs
     from cadenza.models.phrase.data import load_pop909, load_split
+    from cadenza.models.phrase.evaluate import model_log_probs
 
     try:
         pop = load_pop909(settings.data.pop909, "test", progress=False)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from cadenza.models.phrase import tokens as tk
 from cadenza.midifile import MidiFile, Performance, write_performance
+from cadenza.models.phrase import tokens as tk
 
 
 def _perf() -> Performance:

@@ -9,8 +9,17 @@ import pytest
 import torch
 
 from cadenza.errors import ModelError
-from cadenza.models.velocity.unet import DEFAULT_WEIGHTS, UNet, UNetConfig, load_unet, logits_to_velocity, masked_loss, piano_roll, predict_unet
 from cadenza.midifile import Performance
+from cadenza.models.velocity.unet import (
+    DEFAULT_WEIGHTS,
+    UNet,
+    UNetConfig,
+    load_unet,
+    logits_to_velocity,
+    masked_loss,
+    piano_roll,
+    predict_unet,
+)
 
 
 def synthetic(seconds: float, n: int, seed: int = 0) -> Performance:
@@ -124,8 +133,8 @@ def test_missing_or_mismatched_weights_are_model_errors(tmp_path):
 def test_shipped_weights_beat_constant_64_on_test_pieces(maestro_root):
     # Full test split (train_unet --eval test): U-Net per-piece MAE ~12, constant 64 -> 14.8.
     # On these three pieces the U-Net must be at least 1 velocity unit better than constant 64.
-    from cadenza.models.velocity.train_unet import split_files
     from cadenza.midifile import load_performance
+    from cadenza.models.velocity.train_unet import split_files
 
     model = load_unet()
     ours, flat = [], []

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cadenza.models.velocity.features import N_FEATURES, causal_features, live_features, synthetic_performance
 from cadenza.midifile import MidiFile, Performance
+from cadenza.models.velocity.features import N_FEATURES, causal_features, live_features, synthetic_performance
 
 
 def test_vectorised_equals_incremental_synthetic():
