@@ -1,9 +1,16 @@
-"""Standard MIDI files, read into note arrays and edited in place.
+"""Standard MIDI files: every read and write of a ``.mid`` file in Cadenza goes through here.
 
 Cadenza only ever changes note-on velocities in files it colorizes, so instead of parsing into
 objects and writing a new file (which reorders meta events, rewrites running status and so on),
 it parses the byte stream once, remembers where each note-on's velocity byte lives, and patches
-those bytes in a copy of the original. Every other byte of the file stays as it was.
+those bytes in a copy of the original. Every other byte of the file stays as it was. For the same
+reason a continuation is *appended* as a new track (:meth:`MidiFile.with_track`) rather than
+written into a re-encoded file.
+
+Public API: :class:`Performance` (notes as arrays), :class:`MidiFile` (``load``,
+``with_velocities``, ``with_track``, ``seconds_to_ticks``), :func:`load_performance`,
+:func:`write_performance` (a fresh one-track file), and the byte-level helpers :func:`read_vlq`,
+:func:`write_vlq`, :func:`track_chunk` and :data:`DATA_BYTES`.
 
 The parser is strict about structure (chunk lengths, truncated events) and reports problems as
 one-line :class:`~cadenza.errors.MidiFileError` messages.
@@ -12,6 +19,7 @@ one-line :class:`~cadenza.errors.MidiFileError` messages.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,7 +54,7 @@ class Performance:
     def end(self) -> float:
         return float(max(self.offset.max(initial=0.0), self.pedal_t.max(initial=0.0)))
 
-    def with_velocity(self, velocity: np.ndarray) -> "Performance":
+    def with_velocity(self, velocity: np.ndarray) -> Performance:
         return Performance(self.onset, self.offset, self.pitch, np.asarray(velocity, np.int16), self.channel, self.pedal_t, self.pedal_v)
 
     def pedal_at(self, t: np.ndarray, threshold: int = 64) -> np.ndarray:
@@ -66,9 +74,11 @@ class MidiFile:
     data: bytes
     performance: Performance
     velocity_offsets: np.ndarray  # byte offset of each note's velocity, in performance order
+    tempo_tick: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # Set Tempo events, all tracks
+    tempo_val: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # microseconds per beat
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "MidiFile":
+    def load(cls, path: str | os.PathLike) -> MidiFile:
         path = Path(path)
         try:
             data = path.read_bytes()
@@ -79,10 +89,39 @@ class MidiFile:
         except OSError as exc:
             raise MidiFileError(f"{path}: cannot read ({exc.strerror})") from None
         try:
-            perf, offsets = parse(data)
+            perf, offsets, tempo_tick, tempo_val = _parse(data)
         except MidiFileError as exc:
             raise MidiFileError(f"{path}: {exc}") from None
-        return cls(path, data, perf, offsets)
+        return cls(path, data, perf, offsets, tempo_tick, tempo_val)
+
+    @property
+    def format(self) -> int:
+        return int.from_bytes(self.data[8:10], "big")
+
+    def seconds_to_ticks(self, seconds: float) -> int:
+        """The tick of this file at ``seconds`` from its start, through its tempo map (the inverse
+        of what the parser does), so an appended event lines up in any player or DAW."""
+        division = int.from_bytes(self.data[12:14], "big")
+        if division & 0x8000:
+            return int(round(seconds / _smpte_seconds_per_tick(division)))
+        tt, tv, seg_sec = _tempo_segments(division, self.tempo_tick, self.tempo_val)
+        i = max(0, int(np.searchsorted(seg_sec, seconds, side="right")) - 1)
+        return int(round(tt[i] + (seconds - seg_sec[i]) * 1e6 * division / tv[i]))
+
+    def with_track(self, events: Iterable[tuple[float, bytes]], *, name: bytes = b"") -> bytes:
+        """The file's bytes with one more track holding ``events`` (seconds, raw message).
+
+        Every byte of the existing tracks is kept; the header's track count goes up by one and a
+        format-0 file becomes format 1, which is the same music."""
+        if self.format == 2:
+            raise MidiFileError(f"{self.path}: format 2 (independent patterns) cannot take another track")
+        ntracks = int.from_bytes(self.data[10:12], "big")
+        if ntracks >= 0xFFFF:
+            raise MidiFileError(f"{self.path}: already has the maximum number of tracks")
+        data = bytearray(self.data)
+        data[8:10] = (1).to_bytes(2, "big")
+        data[10:12] = (ntracks + 1).to_bytes(2, "big")
+        return bytes(data) + track_chunk([(self.seconds_to_ticks(t), m) for t, m in events], name=name)
 
     def with_velocities(self, velocity: np.ndarray) -> bytes:
         """The file's bytes with each note-on velocity replaced (performance order)."""
@@ -109,6 +148,7 @@ DATA_BYTES = {0x80: 2, 0x90: 2, 0xA0: 2, 0xB0: 2, 0xC0: 1, 0xD0: 1, 0xE0: 2}
 
 
 def read_vlq(data: bytes, pos: int, end: int) -> tuple[int, int]:
+    """The variable-length number at ``data[pos:end]`` and the position after it."""
     value = 0
     for _ in range(4):
         if pos >= end:
@@ -123,6 +163,12 @@ def read_vlq(data: bytes, pos: int, end: int) -> tuple[int, int]:
 
 def parse(data: bytes) -> tuple[Performance, np.ndarray]:
     """Parse SMF bytes into a :class:`Performance` and the velocity-byte offsets of its notes."""
+    perf, offsets, _, _ = _parse(data)
+    return perf, offsets
+
+
+def _parse(data: bytes) -> tuple[Performance, np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`parse`, plus the tempo map: (tick, microseconds per beat) of every Set Tempo."""
     if len(data) < 14 or data[:4] != b"MThd":
         raise MidiFileError("not a standard MIDI file (no MThd header)")
     hlen = int.from_bytes(data[4:8], "big")
@@ -217,7 +263,8 @@ def parse(data: bytes) -> tuple[Performance, np.ndarray]:
     if track == 0:
         raise MidiFileError("no track data")
 
-    to_sec = _tick_to_seconds(division, np.asarray(tempo_tick, np.int64), np.asarray(tempo_val, np.int64))
+    tempo_tick_a, tempo_val_a = np.asarray(tempo_tick, np.int64), np.asarray(tempo_val, np.int64)
+    to_sec = _tick_to_seconds(division, tempo_tick_a, tempo_val_a)
 
     onset_tick = np.asarray(on_tick, np.int64)
     offset_tick = _pair_offsets(on_tick, on_track, on_chan, on_pitch, off_tick, off_track, off_chan, off_pitch)
@@ -236,7 +283,7 @@ def parse(data: bytes) -> tuple[Performance, np.ndarray]:
         pedal_t=to_sec(ped_tick_a[ped_order]),
         pedal_v=np.asarray(ped_val, np.int16)[ped_order],
     )
-    return perf, np.asarray(on_off, np.int64)[order]
+    return perf, np.asarray(on_off, np.int64)[order], tempo_tick_a, tempo_val_a
 
 
 def _pair_offsets(on_tick, on_track, on_chan, on_pitch, off_tick, off_track, off_chan, off_pitch) -> np.ndarray:
@@ -261,29 +308,65 @@ def _pair_offsets(on_tick, on_track, on_chan, on_pitch, off_tick, off_track, off
     return result
 
 
-def _tick_to_seconds(division: int, tempo_tick: np.ndarray, tempo_val: np.ndarray):
-    if division & 0x8000:  # SMPTE: frames per second and ticks per frame; no tempo map applies
-        fps = 256 - (division >> 8)
-        fps = 29.97 if fps == 29 else fps
-        tpf = division & 0xFF
-        sec_per_tick = 1.0 / (fps * tpf)
-        return lambda ticks: np.asarray(ticks, np.float64) * sec_per_tick
+def _smpte_seconds_per_tick(division: int) -> float:
+    """SMPTE division: frames per second and ticks per frame; no tempo map applies."""
+    fps = 256 - (division >> 8)
+    return 1.0 / ((29.97 if fps == 29 else fps) * (division & 0xFF))
 
-    tpb = division
+
+def _tempo_segments(division: int, tempo_tick: np.ndarray, tempo_val: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The tempo map as segments: start tick, microseconds per beat, start second (120 bpm
+    until the first Set Tempo, as the standard says)."""
     order = np.argsort(tempo_tick, kind="stable")
     tt = tempo_tick[order]
     tv = tempo_val[order]
     if len(tt) == 0 or tt[0] != 0:
         tt = np.concatenate([[0], tt])
         tv = np.concatenate([[500_000], tv])
-    seg_sec = np.concatenate([[0.0], np.cumsum(np.diff(tt) * tv[:-1] / (1e6 * tpb))])
+    seg_sec = np.concatenate([[0.0], np.cumsum(np.diff(tt) * tv[:-1] / (1e6 * division))])
+    return tt, tv, seg_sec
+
+
+def _tick_to_seconds(division: int, tempo_tick: np.ndarray, tempo_val: np.ndarray):
+    if division & 0x8000:
+        sec_per_tick = _smpte_seconds_per_tick(division)
+        return lambda ticks: np.asarray(ticks, np.float64) * sec_per_tick
+    tt, tv, seg_sec = _tempo_segments(division, tempo_tick, tempo_val)
 
     def convert(ticks: np.ndarray) -> np.ndarray:
         ticks = np.asarray(ticks, np.int64)
         i = np.searchsorted(tt, ticks, side="right") - 1
-        return seg_sec[i] + (ticks - tt[i]) * tv[i] / (1e6 * tpb)
+        return seg_sec[i] + (ticks - tt[i]) * tv[i] / (1e6 * division)
 
     return convert
+
+
+# --------------------------------------------------------------------------------------------
+# Writing
+
+
+def write_vlq(n: int) -> bytes:
+    """``n`` as a MIDI variable-length number (7 bits a byte, high bit = more follows)."""
+    out = [n & 0x7F]
+    n >>= 7
+    while n:
+        out.append(0x80 | (n & 0x7F))
+        n >>= 7
+    return bytes(reversed(out))
+
+
+def track_chunk(events: Iterable[tuple[int, bytes]], *, name: bytes = b"") -> bytes:
+    """One ``MTrk`` chunk: an optional track name, then (absolute tick, complete raw message)
+    in order (a tick earlier than the one before is played at the one before), then End of
+    Track. Messages are written with their status byte each (no running status)."""
+    body = bytearray(b"\x00\xff\x03" + write_vlq(len(name)) + name if name else b"")
+    last = 0
+    for tick, msg in events:
+        tick = max(tick, last)
+        body += write_vlq(tick - last) + msg
+        last = tick
+    body += b"\x00\xff\x2f\x00"
+    return b"MTrk" + len(body).to_bytes(4, "big") + bytes(body)
 
 
 def write_performance(perf: Performance, out: str | os.PathLike, *, ticks_per_beat: int = 480, tempo: int = 500_000) -> None:

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from cadenza.errors import MidiFileError
-from cadenza.midifile import MidiFile, parse, write_performance
+from cadenza.messages import control, note_off, note_on
+from cadenza.midifile import MidiFile, parse, read_vlq, track_chunk, write_performance, write_vlq
 
 
 def _file(tmp_path, name="a.mid"):
@@ -76,3 +77,32 @@ def test_write_performance_round_trip(tmp_path):
     assert np.allclose(back.onset, perf.onset, atol=1e-3) and np.allclose(back.offset, perf.offset, atol=1e-3)
     assert list(back.velocity) == list(perf.velocity)
     assert mido.MidiFile(file=io.BytesIO((tmp_path / "w.mid").read_bytes())).length == pytest.approx(0.9, abs=1e-3)
+
+
+@pytest.mark.parametrize(("n", "encoded"), [(0, b"\x00"), (0x7F, b"\x7f"), (0x80, b"\x81\x00"), (0x3FFF, b"\xff\x7f"), (0x0FFFFFFF, b"\xff\xff\xff\x7f")])
+def test_vlq_write_matches_the_standard_and_reads_back(n, encoded):
+    assert write_vlq(n) == encoded  # the examples of the SMF 1.0 specification
+    assert read_vlq(encoded, 0, len(encoded)) == (n, len(encoded))
+
+
+def test_track_chunk_is_read_by_mido():
+    chunk = track_chunk([(0, note_on(0, 60, 90)), (480, note_off(0, 60)), (240, control(0, 64, 127))], name=b"t")
+    header = b"MThd" + (6).to_bytes(4, "big") + (0).to_bytes(2, "big") + (1).to_bytes(2, "big") + (480).to_bytes(2, "big")
+    mid = mido.MidiFile(file=io.BytesIO(header + chunk))
+    msgs = list(mid.tracks[0])
+    assert msgs[0].type == "track_name" and msgs[0].name == "t"
+    assert [(m.type, m.time) for m in msgs[1:]] == [("note_on", 0), ("note_off", 480), ("control_change", 0), ("end_of_track", 0)]
+
+
+def test_with_track_keeps_every_byte_and_follows_the_tempo_map(tmp_path):
+    src = _file(tmp_path)  # 0.6 s/beat for 480 ticks, then 0.3 s/beat
+    mf = MidiFile.load(src)
+    assert mf.seconds_to_ticks(0.6) == 480 and mf.seconds_to_ticks(0.9) == 960
+    data = mf.with_track([(0.3, note_on(0, 72, 80)), (0.9, note_off(0, 72))], name=b"added")
+    assert data[12:len(mf.data)] == mf.data[12:]  # the existing tracks, byte for byte
+    assert int.from_bytes(data[8:10], "big") == 1 and int.from_bytes(data[10:12], "big") == 2
+    (tmp_path / "more.mid").write_bytes(data)
+    perf = MidiFile.load(tmp_path / "more.mid").performance
+    added = perf.pitch == 72
+    assert perf.onset[added][0] == pytest.approx(0.3) and perf.offset[added][0] == pytest.approx(0.9)
+    assert list(perf.pitch[~added]) == [60, 64]
