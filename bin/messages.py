@@ -84,16 +84,26 @@ def channel(data: bytes) -> int:
     return data[0] & 0x0F
 
 
+# Builders of the messages Cadenza writes itself. They do not validate (the hot path calls them
+# with values it has already clamped); `classify` is the check for anything that came from outside.
+
+
 def note_on(ch: int, pitch: int, velocity: int) -> bytes:
     return bytes((0x90 | ch, pitch, velocity))
 
 
 def note_off(ch: int, pitch: int) -> bytes:
+    """A note-off with release velocity 0 (status 0x8n, not a note-on with velocity 0)."""
     return bytes((0x80 | ch, pitch, 0))
 
 
 def control(ch: int, cc: int, value: int) -> bytes:
     return bytes((0xB0 | ch, cc, value))
+
+
+def pitch_bend(ch: int, value: int) -> bytes:
+    """``value`` is the 14-bit bend, 0-16383 (8192 = centre), sent LSB first."""
+    return bytes((0xE0 | ch, value & 0x7F, (value >> 7) & 0x7F))
 
 
 def split_messages(payload: bytes) -> list[bytes]:

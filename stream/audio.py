@@ -16,13 +16,14 @@ import logging
 import os
 import time
 import wave
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 
-from cadenza.errors import AudioError, MidiFileError
 from cadenza.atomic import atomic_path
+from cadenza.errors import AudioError, MidiFileError
+from cadenza.messages import control
 
 log = logging.getLogger(__name__)
 
@@ -201,7 +202,7 @@ class Synth:
             self._fs.delete()
 
 
-PANIC: tuple[bytes, ...] = tuple(bytes((0xB0 | ch, cc, 0)) for ch in range(16) for cc in (64, 123))
+PANIC: tuple[bytes, ...] = tuple(control(ch, cc, 0) for ch in range(16) for cc in (64, 123))
 
 
 # --------------------------------------------------------------------------------------------

@@ -15,14 +15,15 @@
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
 
+from cadenza.messages import note_off, note_on
 from cadenza.models.phrase import tokens as tk
-from cadenza.models.phrase.model import load_phrase
 from cadenza.models.phrase.live import LivePhrase, sample
+from cadenza.models.phrase.model import load_phrase
 
 
 def synthetic_prompt(n: int) -> list[int]:
@@ -91,8 +92,8 @@ def model_ttfn(model, *, calls: int, seed: int = 0) -> np.ndarray:
     for c in range(calls):
         for _ in range(12):  # a phrase, fed as it is played
             p = int(rng.integers(48, 84))
-            live.feed(t, bytes((0x90, p, int(rng.integers(40, 110)))))
-            live.feed(t + 0.15, bytes((0x80, p, 0)))
+            live.feed(t, note_on(0, p, int(rng.integers(40, 110))))
+            live.feed(t + 0.15, note_off(0, p))
             t += 0.2
         t0 = time.perf_counter()
         resp = live.respond(start_t=t + 0.6, seconds=4.0, temperature=0.9, top_k=0, top_p=0.95, seed=c)

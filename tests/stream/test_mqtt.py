@@ -15,6 +15,7 @@ import pytest
 
 from cadenza.config.settings import load_settings
 from cadenza.harness.mosquitto import MosquittoBroker, free_port
+from cadenza.messages import control, note_off, note_on, pitch_bend
 
 from .conftest import Listener, Player, sounding
 
@@ -118,12 +119,12 @@ def test_sessions_are_colorized_and_answered_on_their_own_topic(broker):
             sent = {"alice": [], "bob": []}
             for i in range(16):
                 for session, base, ch in (("alice", 60, 0), ("bob", 40, 3)):
-                    msgs = [bytes((0x90 | ch, base + (i * 5) % 12, 80))]
+                    msgs = [note_on(ch, base + (i * 5) % 12, 80)]
                     if i == 5:
-                        msgs.append(bytes((0xB0 | ch, 64, 127)))  # pedal down
+                        msgs.append(control(ch, 64, 127))  # pedal down
                     if i == 9:
-                        msgs.append(bytes((0xE0 | ch, 0, 80)))  # pitch bend
-                    msgs.append(bytes((0x80 | ch, base + (i * 5) % 12, 0)))
+                        msgs.append(pitch_bend(ch, 80 << 7))
+                    msgs.append(note_off(ch, base + (i * 5) % 12))
                     sent[session].extend(msgs)
                     await peer.play(session, *msgs)
                 await asyncio.sleep(0.03 + 0.02 * (i % 3))
@@ -154,7 +155,7 @@ def test_bad_payloads_are_dropped_and_counted_and_a_burst_leaves_nothing_stuck(b
             await peer.play("alice", b"\x90\x3c\x40" * 40_000)  # payload over max_payload_bytes
             await peer.client.publish("cadenza/_reserved/in", b"\x90\x3c\x40")  # not a session name
             # a burst of 10,000 messages in one packet: 5,000 notes on and off
-            burst = b"".join(bytes((0x90, 36 + i % 60, 90)) + bytes((0x80, 36 + i % 60, 0)) for i in range(5000))
+            burst = b"".join(note_on(0, 36 + i % 60, 90) + note_off(0, 36 + i % 60) for i in range(5000))
             await peer.play("bob", burst)
             await asyncio.sleep(0.5)
             await peer.play("alice", b"\x90\x45\x50", b"\x80\x45\x00")
@@ -265,7 +266,7 @@ def test_bridge_plays_through_the_daemon_and_releases_its_notes_when_it_stops(br
             player, listener = Player("cadenza in"), Listener("cadenza out")
             try:
                 for i in range(8):
-                    player.send(bytes((0x90, 60 + 2 * i, 70)), bytes((0x80, 60 + 2 * i, 0)))
+                    player.send(note_on(0, 60 + 2 * i, 70), note_off(0, 60 + 2 * i))
                     await asyncio.sleep(0.05)
                 player.send(b"\x90\x30\x46", b"\x90\x34\x46", b"\x90\x37\x46")  # a held chord
                 ok = await asyncio.to_thread(listener.wait_for, lambda ms: len(note_ons(ms)) == 11, 10)
