@@ -18,13 +18,19 @@ def register(groups: dict) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=256, help="notes per training segment")
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--lr", type=float, help="peak learning rate (default 2e-3; unet 3e-3)")
     p.add_argument("--hidden", type=int, default=256, help="GRU width")
     p.add_argument("--epoch-notes", type=int, default=2_000_000, help="notes per epoch (validation after each)")
     p.add_argument("--init", type=Path, help="start from these weights (e.g. the causal model for --model context)")
     p.add_argument("--freeze-backbone", action="store_true", help="context: keep the --init backbone fixed, train the readout only")
     p.add_argument("--limit", type=int, help="use only the first N training pieces (smoke tests)")
     p.add_argument("-o", "--out", type=Path, help="weights file (default: models/weights/velocity_<model>.safetensors)")
+    u = p.add_argument_group("unet only (the paper's baseline)")
+    u.add_argument("--steps-per-epoch", type=int, default=200, help="batches between validations")
+    u.add_argument("--val-pieces", type=int, default=24, help="validation pieces scored after each epoch")
+    u.add_argument("--in-channels", type=int, choices=(1, 2, 3), default=3, help="1 = onset roll (the paper), 2 = + held keys, 3 = + pedal")
+    u.add_argument("--loss", choices=("l1", "bce"), default="l1")
+    u.add_argument("--base", type=int, default=8, help="channels of the first U-Net level")
     p.set_defaults(func=run_train)
 
     p = groups["eval"].add_parser("velocity", help="evaluate velocity models on flat-velocity MAESTRO performances")
@@ -61,18 +67,19 @@ def run_train(args: argparse.Namespace, settings) -> int:
     if args.model == "unet":
         import sys
 
-        from cadenza.models.velocity.train_unet import train_unet  # engineer D's trainer: the paper's baseline
+        from cadenza.models.velocity.train_unet import train_unet
 
         m = train_unet(maestro=settings.data.maestro, minutes=args.minutes, threads=args.threads, seed=args.seed,
-                       epochs=args.epochs, command=" ".join(["cadenza"] + sys.argv[1:]),
-                       **({"out_dir": args.out.parent} if args.out else {}))
+                       epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, batch=args.batch, lr=args.lr or 3e-3,
+                       base=args.base, in_channels=args.in_channels, loss=args.loss, val_pieces=args.val_pieces,
+                       command=" ".join(["cadenza", *sys.argv[1:]]), **({"out_dir": args.out.parent} if args.out else {}))
         print(json.dumps({k: v for k, v in m.items() if not isinstance(v, list)}, default=str))
         return 0
     if args.model == "offline":
         from cadenza.models.velocity.refine import train_refiner
 
         m = train_refiner(settings.data.maestro, minutes=args.minutes, threads=args.threads, seed=args.seed,
-                          batch=args.batch, seq_len=args.seq_len, lr=args.lr, epoch_notes=args.epoch_notes, limit=args.limit,
+                          batch=args.batch, seq_len=args.seq_len, lr=args.lr or 2e-3, epoch_notes=args.epoch_notes, limit=args.limit,
                           out=args.out, context=settings.velocity.context_weights)
         print(f"best validation per-piece MAE {m['val_piece_mae']:.3f} (epoch {m['best_epoch']}; "
               f"context model alone {m['val_piece_mae_context_alone']:.3f})")
@@ -81,7 +88,7 @@ def run_train(args: argparse.Namespace, settings) -> int:
 
     m = train_velocity(
         args.model, settings.data.maestro, epochs=args.epochs, minutes=args.minutes, threads=args.threads,
-        seed=args.seed, batch=args.batch, seq_len=args.seq_len, lr=args.lr, limit=args.limit, out=args.out,
+        seed=args.seed, batch=args.batch, seq_len=args.seq_len, lr=args.lr or 2e-3, limit=args.limit, out=args.out,
         init=args.init, hidden=args.hidden, epoch_notes=args.epoch_notes, freeze=args.freeze_backbone,
     )
     print(f"best validation per-piece MAE {m['val_piece_mae']:.3f} (epoch {m['best_epoch']})")

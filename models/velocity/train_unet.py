@@ -1,4 +1,4 @@
-"""Training and evaluation of the U-Net colorizer (models/unet.py) on MAESTRO v2.
+"""Training and evaluation of the U-Net colorizer (models/velocity/unet.py) on MAESTRO v2.
 
 Data: the official train/validation/test split of ``maestro-v2.0.0.csv``. Each split is parsed
 once into a compact note cache (``.cache/unet/maestro_<split>.npz``: onset, offset, pitch,
@@ -7,16 +7,14 @@ random start times (so every epoch sees new sub-frame alignments). Validation ea
 paper's metric (per-piece mean of per-note absolute error) on a fixed, evenly spaced subset of the
 validation pieces; the best epoch's weights are kept.
 
-    python -m cadenza.models.velocity.train_unet --minutes 20           # trains, writes models/weights/velocity_unet.*
-    python -m cadenza.models.velocity.train_unet --eval test            # evaluates the shipped weights
+    cadenza train velocity --model unet --minutes 20   # trains, writes models/weights/velocity_unet.*
+    cadenza eval velocity --model unet --split test    # evaluates the shipped weights
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import shlex
 import sys
 import time
 from dataclasses import dataclass
@@ -25,7 +23,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cadenza.errors import CadenzaError, MidiFileError
+from cadenza.atomic import atomic_path
+from cadenza.midifile import Performance, load_performance
+from cadenza.models.velocity.data import maestro_pieces
 from cadenza.models.velocity.unet import (
     DEFAULT_WEIGHTS,
     UNet,
@@ -37,9 +37,6 @@ from cadenza.models.velocity.unet import (
     piano_roll,
     predict_unet,
 )
-from cadenza.models.velocity.data import maestro_pieces
-from cadenza.midifile import Performance, load_performance
-from cadenza.atomic import atomic_path
 
 DEFAULT_CACHE = Path(__file__).resolve().parents[2] / ".cache" / "unet"
 CACHE_VERSION = 1
@@ -263,13 +260,13 @@ def train_unet(
             for g in opt.param_groups:
                 g["lr"] = lr * max(scale, 0.02)
             x, target, mask = sampler.batch(batch)
-            l = masked_loss(model(x.to(memory_format=torch.channels_last)), target, mask, cfg.loss)
+            loss_t = masked_loss(model(x.to(memory_format=torch.channels_last)), target, mask, cfg.loss)
             opt.zero_grad(set_to_none=True)
-            l.backward()
+            loss_t.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             step += 1
-            run_loss = 0.98 * run_loss + 0.02 * l.item() if step > 1 else l.item()
+            run_loss = 0.98 * run_loss + 0.02 * loss_t.item() if step > 1 else loss_t.item()
             bar.set_postfix(loss=f"{run_loss:.4f}")
         bar.close()
         m = _eval_pieces(model, val_perfs)
@@ -309,48 +306,3 @@ def _write_outputs(out_dir: Path, model: UNet, cfg: UNetConfig, command: str | N
     meta = {"model": "unet", "config": config_dict(cfg), "trained_with": command or "cadenza.models.velocity.train_unet.train_unet"}
     with atomic_path(out_dir / "velocity_unet.json") as tmp:
         tmp.write_text(json.dumps(meta, indent=1) + "\n")
-
-
-def main(argv: list[str] | None = None) -> int:
-    from cadenza.config.settings import load_settings
-
-    ap = argparse.ArgumentParser(prog="python -m cadenza.models.velocity.train_unet", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--maestro", type=Path, help="MAESTRO v2 folder (default: from config)")
-    ap.add_argument("--out-dir", type=Path, default=DEFAULT_WEIGHTS.parent)
-    ap.add_argument("--minutes", type=float, default=20.0)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--epochs", type=int, default=1000)
-    ap.add_argument("--steps-per-epoch", type=int, default=200)
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--base", type=int, default=8, help="channels of the first U-Net level")
-    ap.add_argument("--in-channels", type=int, choices=[1, 2, 3], default=3, help="1 = onset roll (the paper), 2 = + held keys, 3 = + pedal")
-    ap.add_argument("--loss", choices=["l1", "bce"], default="l1")
-    ap.add_argument("--val-pieces", type=int, default=24)
-    ap.add_argument("--eval", metavar="SPLIT", help="only evaluate the weights in --out-dir on this split")
-    ap.add_argument("--limit", type=int, help="with --eval: first N pieces")
-    ap.add_argument("--json", action="store_true")
-    args = ap.parse_args(argv)
-    try:
-        maestro = args.maestro or load_settings().data.maestro
-        torch.set_num_threads(args.threads)
-        if args.eval:
-            m = eval_unet_on_split(maestro, args.eval, args.limit, weights=args.out_dir / "velocity_unet.safetensors")
-        else:
-            command = "python -m cadenza.models.velocity.train_unet " + shlex.join(argv if argv is not None else sys.argv[1:])
-            m = train_unet(
-                maestro=maestro, out_dir=args.out_dir, minutes=args.minutes, threads=args.threads, seed=args.seed,
-                epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, batch=args.batch, lr=args.lr, base=args.base,
-                in_channels=args.in_channels, loss=args.loss, val_pieces=args.val_pieces, command=command,
-            )
-            m = {k: v for k, v in m.items() if k != "history"}
-    except (CadenzaError, MidiFileError) as exc:
-        print(f"train_unet: error: {exc}", file=sys.stderr)
-        return 2
-    print(json.dumps(m, indent=None if args.json else 1))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
