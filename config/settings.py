@@ -59,7 +59,7 @@ class VelocitySettings(_Section):
         "auto", description="run the model in its own thread, or inline on the event loop right after each input burst; auto = inline on CPU, thread on CUDA")
     keep_warm_ms: float = Field(
         0.0, ge=0, le=100, description="inline worker: while no notes come, run a scratch inference this often (e.g. 1) so that the "
-        "model's weights and code stay in the CPU caches (a note after an idle pause costs ~2x a warm one; about 15 percent of a core while idle); 0 = off "
+        "model's weights and code stay in the CPU caches (what it changes per note and costs while idle: `cadenza bench velocity`); 0 = off "
         "(with engine.busy_poll, 0 means every 0.5 ms: that core is busy anyway)")
     weights: Path | None = Field(None, description="causal model weights (.safetensors); default: the shipped ones")
     context_weights: Path | None = Field(None, description="full-context model weights; default: the shipped ones")

@@ -6,8 +6,7 @@ and hand it over; all work happens on the loop.
 Why a polling thread and not rtmidi's callback: python-rtmidi runs the callback in the backend's
 own thread — for JACK, the real-time process thread — and the callback must take the GIL. While
 it waits for the GIL, JACK can move to the next cycle and reuse the port buffer, and the callback
-then reads another event's bytes: under load we saw 5-8 % of three-note chords arrive with
-duplicated or shifted notes. With no callback, rtmidi copies each event into its own lock-free
+then reads another event's bytes: under load, chords arrive with duplicated or shifted notes. With no callback, rtmidi copies each event into its own lock-free
 queue inside the process cycle (no Python involved), and :class:`InputPoller` drains that queue
 from an ordinary thread every ``POLL_S``, which costs at most that much latency.
 """

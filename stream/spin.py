@@ -1,11 +1,13 @@
 """A busy-polling asyncio event loop, for a machine with a core to spare (``engine.busy_poll``).
 
-Why: measured on the 2-core CI VM, one causal-model step takes ~0.1 ms back to back but ~0.55 ms
-after 5 ms of anything else — sleeping, or spinning on other work alike — and every numpy call is
-~5x slower then, the tiniest ones included (the 29 x 256 input layer: 3 µs warm, 60 µs after
-5 ms), so it is not only the weights leaving the cache but the core's state as a whole (on a
-shared VM, most likely other tenants on the same physical core); after 0.5 ms it is ~0.16 ms. On top of
-that, a sleeping loop has to be woken from ``epoll_wait`` by the input thread (~0.15 ms p50).
+Why: on a shared machine a causal-model step costs several times more after a few milliseconds
+of anything else — sleeping, or spinning on other work alike — than back to back, and every numpy
+call slows down then, the tiniest ones included; so it is not only the weights leaving the cache
+but the core's state as a whole (on a shared VM, most likely other tenants on the same physical
+core), and a short gap costs far less than a long one. On top of that, a sleeping loop has to be
+woken from ``epoll_wait`` by the input thread. ``cadenza bench velocity`` (back to back vs idle
+gaps vs keep-warm) and ``cadenza bench latency --busy-poll`` measure both; the figures are in
+docs/benchmarks.md.
 
 This loop never sleeps. Its selector polls with a zero timeout until the loop has something to
 do, and between polls it calls the registered *pollers*: functions that drain an input (an rtmidi

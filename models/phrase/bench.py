@@ -4,8 +4,8 @@
   context (when prompt + tokens exceed the model's context, the cache slides: the most recent
   3/4 is re-prefilled, and that time is included).
 * ``speedup_vs_naive``: the same weights and the same sampling, but re-running the whole (last
-  block_size tokens of the) sequence at every step without a cache, as the seed's GPT-2 did,
-  timed in the same run.
+  block_size tokens of the) sequence at every step without a cache, as a plain GPT-2 sampling
+  loop does, timed in the same run.
 * ``ttfn_model_ms_p50/p99``: phrase end -> first note-on yielded by :class:`LivePhrase.respond`
   after a phrase fed event by event, over ``calls`` calls (the model's share of the latency).
 * ``ttfn_ms_p50/p99``: phrase end -> first note-on handed to the port through the live engine.

@@ -72,9 +72,10 @@ class CausalVelocityModel(nn.Module):
 class NumpyCausalStep:
     """``CausalVelocityModel.step`` in plain numpy, for the live CPU path.
 
-    At batch 1 the cost of a step is the number of array operations, not their arithmetic: a
-    torch step is a dozen kernels at ~10 µs dispatch each, a naive numpy one ~55 calls at 2–5 µs
-    (more when the caches are cold between notes). So the constants are folded in advance — input
+    At batch 1 the cost of a step is the number of array operations, not their arithmetic: each
+    torch kernel and each numpy call pays a fixed dispatch cost (more when the caches are cold
+    between notes), and numpy's is the smaller (``cadenza bench velocity`` times both forms side
+    by side). So the constants are folded in advance — input
     normalisation into the first layer, GRU biases summed, the sigmoid's 1/2 into the r/z weights
     (sigmoid(x) = (1 + tanh(x/2)) / 2), the head's scale into its last layer — and GELU is
     ``a * Phi(a)`` with Phi read from a table by ``np.interp`` (|error| < 1e-6).

@@ -28,7 +28,8 @@ LOOKAHEADS_TRAIN = np.array([0.0, 0.1, 0.25, 0.5, 1.0, 2.0, math.inf, math.inf])
 N_PAIR = 11
 # Queries per readout call. The readout is dense over keys [lo - past, hi + future) under a band
 # mask, so a chunk of c queries computes c * (c + past + future) pairs for c * (past + future + 1)
-# useful ones: 64 measured ~2x faster than 256 on a CPU, and 32 loses to per-call overhead.
+# useful ones; smaller chunks pay per-call overhead instead. 64 was the fastest size on a CPU
+# (`cadenza bench colorize` times the context model over the test split).
 READOUT_CHUNK = 64
 
 

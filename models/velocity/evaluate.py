@@ -43,7 +43,7 @@ def metrics(data, preds: list[np.ndarray]) -> dict:
 
 def _unet_preds(root: Path, data) -> list[np.ndarray]:
     from cadenza.midifile import MidiFile
-    from cadenza.models.velocity.unet import load_unet, predict_unet  # engineer D's module; only when its weights exist
+    from cadenza.models.velocity.unet import load_unet, predict_unet  # imported only when its weights exist
 
     model = load_unet()
     out = []

@@ -236,7 +236,7 @@ def train_unet(
     val_perfs = [val.piece(int(i)) for i in val_idx]
     sampler = WindowSampler(train, cfg, rng)
 
-    model = UNet(cfg).to(memory_format=torch.channels_last)  # channels-last convs are ~1.5x faster on CPU
+    model = UNet(cfg).to(memory_format=torch.channels_last)  # channels-last convolutions are faster on a CPU
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     budget_s = minutes * 60.0
     total_steps = epochs * steps_per_epoch
