@@ -1,4 +1,13 @@
-"""`cadenza bench latency|throughput`: the live path measured, as figures and JSON.
+"""Benchmarks as commands: each prints figures and, with ``--json``, one JSON object.
+
+====================  ============================================================================
+this module           ``cadenza bench latency`` and ``cadenza bench throughput``: the live path
+``mqtt``              ``cadenza bench mqtt``: the headless daemon's round trip through a broker
+elsewhere             ``bench velocity`` and ``bench colorize`` in ``cadenza.models.velocity.cli``,
+                      ``bench continue`` in ``cadenza.models.phrase.bench``
+====================  ============================================================================
+
+Recorded figures, with their command, date, commit and machine: docs/benchmarks.md.
 
 latency: a JACK dummy server (its own, or the running one), a player client and a listener
 client in this process, and ``cadenza serve`` in a separate process — the same arrangement a
