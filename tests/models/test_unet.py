@@ -131,7 +131,7 @@ def test_missing_or_mismatched_weights_are_model_errors(tmp_path):
 
 @pytest.mark.maestro
 def test_shipped_weights_beat_constant_64_on_test_pieces(maestro_root):
-    # Full test split (train_unet --eval test): U-Net per-piece MAE ~12, constant 64 -> 14.8.
+    # The full test split is `cadenza eval velocity --model unet` (figures in docs/models.md).
     # On these three pieces the U-Net must be at least 1 velocity unit better than constant 64.
     from cadenza.midifile import load_performance
     from cadenza.models.velocity.train_unet import split_files
