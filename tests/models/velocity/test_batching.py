@@ -1,7 +1,7 @@
-"""The velocity worker answers a burst (chords, many sessions, interleaved releases) exactly as
-one note at a time per session would, inline and in its thread, with the shipped weights; the
-inline worker's keep-warm ticks between bursts, and its hidden sides computed ahead after each
-burst, change nothing."""
+"""The velocity batcher answers a burst (chords, many sessions, interleaved releases) exactly as
+one note at a time per session would, driven directly and through the model runtime (inline and
+in its thread), with the shipped weights; the keep-warm ticks between bursts, and the hidden
+sides computed ahead after each burst, change nothing."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import pytest
 
 from cadenza.models.velocity.causal import load_causal_step
 from cadenza.models.velocity.features import LiveVelocityFeatures
-from cadenza.models.worker import VelocityWorker
+from cadenza.models.velocity.batching import VelocityBatcher
+from cadenza.models.velocity.worker import VelocityWorker
 
 
 def _burst(seed: int = 0, n: int = 300, sessions: int = 5):
@@ -68,7 +69,7 @@ def test_bursts_equal_one_note_at_a_time(inline, max_batch, burst, sessions):
                     worker.keep_warm()
         finally:
             worker.stop()
-        assert (worker._scratch_n > 0) == inline
+        assert (worker.batcher.scratch_n > 0) == inline
         return [f.result() for f in futs], worker.stats
 
     got, stats = asyncio.run(run())
@@ -77,3 +78,45 @@ def test_bursts_equal_one_note_at_a_time(inline, max_batch, burst, sessions):
     assert (stats.max_batch > 1) == (burst > 1)  # bursts really were answered together
     if inline:  # a session's first note in a burst finds its hidden side ready (burst 1: all of them)
         assert stats.prepared > (0.9 * len(expected) if burst == 1 else 0.5 * stats.batches)
+
+
+@pytest.mark.parametrize("prepare", [True, False])
+@pytest.mark.parametrize("max_batch,burst", [(64, 37), (2, 37), (64, 1)])
+def test_batcher_without_a_loop_equals_one_note_at_a_time(prepare, max_batch, burst):
+    """The synchronous batcher alone: what the runtime wraps. ``prepare_next`` runs where the
+    inline worker runs it, after each burst's notes went out."""
+    events = _burst()
+    expected = _one_at_a_time(events)
+    batcher = VelocityBatcher(load_causal_step(), LiveVelocityFeatures, max_batch=max_batch, prepare_ahead=prepare)
+    got: list[float] = []
+    for k in range(0, len(events), burst):
+        got += batcher.apply([(kind, (0, s), t, p) for kind, s, t, p in events[k : k + burst]])
+        if prepare:  # (a burst of releases only leaves nothing to prepare)
+            batcher.prepare_next()
+        batcher.keep_warm()
+    np.testing.assert_allclose(got, expected, atol=1e-3)
+    assert (batcher.stats.prepared > 0) == prepare
+
+
+def test_reset_forgets_a_session_and_keeps_the_others():
+    """A reset in the middle of a burst: notes before it use the old state, notes after it
+    start from a fresh session, the other sessions go on."""
+    events = _burst(seed=3, n=80, sessions=2)
+    cut = len(events) // 2
+    model = load_causal_step()
+    batcher = VelocityBatcher(model, LiveVelocityFeatures)
+    got = batcher.apply([(kind, (0, s), t, p) for kind, s, t, p in events[:cut]] + [("reset", (0, 0), 0.0, 0)]
+                        + [(kind, (0, s), t, p) for kind, s, t, p in events[cut:]])
+    # reference: session 0 starts over at the cut (fresh features, fresh state)
+    feats = {s: LiveVelocityFeatures() for s in range(2)}
+    states = {s: model.initial_state(1) for s in range(2)}
+    expected = []
+    for i, (kind, s, t, p) in enumerate(events):
+        if i == cut:
+            feats[0], states[0] = LiveVelocityFeatures(), model.initial_state(1)
+        if kind == "off":
+            feats[s].note_off(t, p)
+            continue
+        v, states[s] = model.step(feats[s].note_on(t, p)[None], states[s])
+        expected.append(float(v[0]))
+    np.testing.assert_allclose(got, expected, atol=1e-3)
