@@ -64,6 +64,14 @@ def pick_device(device: str) -> str:
     return device
 
 
+class MetricsSink(Protocol):
+    """Where a stage's statistics go (``cadenza.stream.metrics.Metrics``)."""
+
+    def inc(self, name: str, n: int = 1) -> None: ...
+    def gauge(self, name: str, value: float) -> None: ...
+    def observe(self, name: str, seconds: float) -> None: ...
+
+
 class Handler(Protocol[J]):
     """What a model stage provides; the runtime calls it, never two calls at once."""
 
@@ -167,6 +175,7 @@ class ModelStage(Generic[J]):
         self._started_at = 0.0
         self.last_error: str | None = None
         self.restart_delay: float | None = None  # the backoff before the restart now pending
+        self._published: dict[str, int] = {}  # counters already in the metrics (see publish)
 
     # ---- lifecycle (loop thread; start() may run in asyncio.to_thread) --------------------
 
@@ -214,6 +223,21 @@ class ModelStage(Generic[J]):
         """Call ``fn(event, stage)`` on the loop at each crash and restart; returns the undo."""
         self._listeners.append(fn)
         return lambda: self._listeners.remove(fn) if fn in self._listeners else None
+
+    def publish(self, metrics: MetricsSink) -> None:
+        """The statistics into the engine's metrics (on the loop): ``<name>_requests`` ... as
+        counters, ``<name>_queue`` and ``<name>_max_batch`` as gauges, model time per batch as
+        the histogram ``model_<name>``."""
+        st, name = self.stats, self.name
+        for what in StageStats.COUNTERS:
+            key, value = f"{name}_{what}", getattr(st, what)
+            if value != self._published.get(key, 0):
+                metrics.inc(key, value - self._published.get(key, 0))
+                self._published[key] = value
+        metrics.gauge(f"{name}_queue", self.queue_depth())
+        metrics.gauge(f"{name}_max_batch", st.max_batch)
+        while st.model_s:
+            metrics.observe(f"model_{name}", st.model_s.popleft())
 
     def _serve(self) -> None:
         self.handler.reset()

@@ -26,7 +26,7 @@ from cadenza.buffers.history import EventHistory
 from cadenza.buffers.ledger import NoteLedger
 from cadenza.buffers.pianoroll import PianoRollWindow
 from cadenza.config.settings import Settings
-from cadenza.models.runtime import Event, ModelStage, StageStats
+from cadenza.models.runtime import Event, ModelStage
 from cadenza.models.velocity.worker import VelocityWorker
 from cadenza.stream.lookahead import LookaheadNote
 from cadenza.messages import NEVER_DROP, Kind, classify
@@ -57,21 +57,6 @@ def _model_stages(engine: Engine) -> list[ModelStage]:
     return stages
 
 
-def _publish(metrics: Metrics, stage: ModelStage, seen: dict[str, int]) -> None:
-    """A stage's statistics into the engine's metrics: ``<stage>_requests`` ... as counters,
-    ``<stage>_queue`` and ``<stage>_max_batch`` as gauges, model time as ``model_<stage>``."""
-    st, name = stage.stats, stage.name
-    for field in StageStats.COUNTERS:
-        key = f"{name}_{field}"
-        value = getattr(st, field)
-        if value != seen.get(key, 0):
-            metrics.inc(key, value - seen.get(key, 0))
-            seen[key] = value
-    metrics.gauge(f"{name}_queue", stage.queue_depth())
-    metrics.gauge(f"{name}_max_batch", st.max_batch)
-    while st.model_s:
-        metrics.observe(f"model_{name}", st.model_s.popleft())
-
 
 @dataclass
 class ChannelState:
@@ -91,7 +76,6 @@ class Engine:
         self._ledgers: dict[int, NoteLedger] = {0: self.ledger}
         self.clock = MidiClock(beats_per_bar=settings.engine.beats_per_bar)
         self.velocity = VelocityStage(settings.velocity, velocity_worker)
-        self._published: dict[str, int] = {}  # stage counters already in metrics (see _publish)
         self.realtime = realtime
         self.phrase = None  # set by serve for --mode continue|both
         self.lookahead = None  # a LookaheadStage for --mode lookahead
@@ -369,7 +353,7 @@ class Engine:
         try:
             while True:
                 for stage in _model_stages(self):
-                    _publish(self.metrics, stage, self._published)
+                    stage.publish(self.metrics)
                 await asyncio.sleep(SUPERVISE_S)
         finally:
             for fn in undo:
@@ -431,7 +415,7 @@ class Engine:
             self.phrase.close()
         for stage in stages:
             stage.stop()
-            _publish(self.metrics, stage, self._published)
+            stage.publish(self.metrics)
 
     # ---- performer controls -----------------------------------------------------------------
 
