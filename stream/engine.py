@@ -39,8 +39,8 @@ log = logging.getLogger(__name__)
 
 
 # With busy polling: the scratch inference's period. A step's code and weights go cold within a
-# few milliseconds on a shared machine even while the thread spins (measured on the CI VM: 0.1 ms
-# a step back to back, 0.55 ms after 5 ms of spinning on other work, 0.16 ms after 0.5 ms).
+# few milliseconds on a shared machine even while the thread spins; `cadenza bench velocity`
+# (rows live vs live_warm) and `cadenza bench latency --busy-poll` measure it.
 BUSY_KEEP_WARM_MS = 0.5
 SUPERVISE_S = 0.02  # how often the model stages' statistics reach the metrics
 

@@ -238,7 +238,7 @@ class VelocityBatcher:
         """Numpy step, while idle: one scratch note through a private featurizer and state,
         answer discarded. On a machine where other processes (the synth, the DAW, JACK) run
         between notes, the weights and the feature code fall out of the caches and the next note
-        costs several times more (``cadenza velocity bench-step``, rows live vs live_warm);
+        costs several times more (``cadenza bench velocity``, rows live vs live_warm);
         ticking this every millisecond or so keeps them in. Every 4th call is a chord, whose path
         (4-row products, note-by-note recurrence) is otherwise cold when a chord comes. No
         session or statistic is touched."""

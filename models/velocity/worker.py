@@ -139,6 +139,8 @@ class VelocityWorker:
             self.stage.submit(("on", session, t, pitch, None))  # the runtime counts the fallback
             return None
         fut: asyncio.Future[float] = self.stage.loop.create_future()
+        # No deadline on the job: a late note must still advance its session's state. The engine
+        # waits for the answer only until the note's deadline and sends the fallback after that.
         self.stage.submit(("on", session, t, pitch, fut))
         return fut
 

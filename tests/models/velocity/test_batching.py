@@ -98,6 +98,25 @@ def test_batcher_without_a_loop_equals_one_note_at_a_time(prepare, max_batch, bu
     assert (batcher.stats.prepared > 0) == prepare
 
 
+@pytest.mark.parametrize("max_batch", [64, 2])
+def test_torch_step_in_rounds_equals_one_note_at_a_time(max_batch):
+    """The torch form (what a GPU steps; a static-shape step presents the same interface): one
+    batched ``step`` per round of distinct sessions, states concatenated and split again."""
+    import torch
+
+    from cadenza.models.velocity.causal import load_causal
+
+    events = _burst(seed=1, n=120)
+    expected = _one_at_a_time(events)
+    batcher = VelocityBatcher(load_causal(), LiveVelocityFeatures, max_batch=max_batch)
+    assert not batcher.numpy
+    got: list[float] = []
+    with torch.inference_mode():
+        for k in range(0, len(events), 37):
+            got += batcher.apply([(kind, (0, s), t, p) for kind, s, t, p in events[k : k + 37]])
+    np.testing.assert_allclose(got, expected, atol=1e-3)
+
+
 def test_reset_forgets_a_session_and_keeps_the_others():
     """A reset in the middle of a burst: notes before it use the old state, notes after it
     start from a fresh session, the other sessions go on."""
