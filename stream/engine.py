@@ -57,7 +57,6 @@ def _model_stages(engine: Engine) -> list[ModelStage]:
     return stages
 
 
-
 @dataclass
 class ChannelState:
     """What the engine remembers of one input channel."""
@@ -346,25 +345,23 @@ class Engine:
         backoff timer) and answers requests with their fallback meanwhile; here the engine
         releases what is sounding when the velocity model crashes (its notes' state is gone)
         and publishes every stage's statistics."""
-        undo = []
+        def velocity_event(event: Event, stage: ModelStage) -> None:
+            if event == "crash":
+                log.warning("velocity model down: releasing notes; it restarts by itself")
+                self.panic("worker crash")
+            else:
+                self.metrics.inc("worker_restarts")
+
         worker = self.velocity.worker
-        if worker is not None:
-            undo.append(worker.stage.listen(self._velocity_event))
+        undo = worker.stage.listen(velocity_event) if worker is not None else None
         try:
             while True:
                 for stage in _model_stages(self):
                     stage.publish(self.metrics)
                 await asyncio.sleep(SUPERVISE_S)
         finally:
-            for fn in undo:
-                fn()
-
-    def _velocity_event(self, event: Event, stage: ModelStage) -> None:
-        if event == "crash":
-            log.warning("velocity model down: releasing notes; it restarts by itself")
-            self.panic("worker crash")
-        else:
-            self.metrics.inc("worker_restarts")
+            if undo is not None:
+                undo()
 
     async def run(self, *extra_tasks: Callable[[], Any]) -> None:
         """Run until :meth:`stop`; on the way out release every note and stop the workers."""
