@@ -26,6 +26,8 @@ from cadenza.buffers.history import EventHistory
 from cadenza.buffers.ledger import NoteLedger
 from cadenza.buffers.pianoroll import PianoRollWindow
 from cadenza.config.settings import Settings
+from cadenza.models.runtime import Event, ModelStage
+from cadenza.models.velocity.worker import VelocityWorker
 from cadenza.stream.lookahead import LookaheadNote
 from cadenza.messages import NEVER_DROP, Kind, classify
 from cadenza.stream.metrics import Metrics
@@ -37,9 +39,22 @@ log = logging.getLogger(__name__)
 
 
 # With busy polling: the scratch inference's period. A step's code and weights go cold within a
-# few milliseconds on a shared machine even while the thread spins (measured on the CI VM: 0.1 ms
-# a step back to back, 0.55 ms after 5 ms of spinning on other work, 0.16 ms after 0.5 ms).
+# few milliseconds on a shared machine even while the thread spins; `cadenza bench velocity`
+# (rows live vs live_warm) and `cadenza bench latency --busy-poll` measure it.
 BUSY_KEEP_WARM_MS = 0.5
+SUPERVISE_S = 0.02  # how often the model stages' statistics reach the metrics
+
+
+def _model_stages(engine: Engine) -> list[ModelStage]:
+    """Every model stage the engine runs (velocity, phrase, lookahead), in the model runtime."""
+    stages: list[ModelStage] = []
+    if engine.velocity.worker is not None:
+        stages.append(engine.velocity.worker.stage)
+    if engine.phrase is not None and engine.phrase.worker is not None:
+        stages.append(engine.phrase.worker.stage)
+    if engine.lookahead is not None:
+        stages.append(engine.lookahead.stage)
+    return stages
 
 
 @dataclass
@@ -52,7 +67,7 @@ class ChannelState:
 
 
 class Engine:
-    def __init__(self, settings: Settings, *, sinks: list[Sink | RoutedSink], velocity_worker: Any | None = None, realtime: bool = True) -> None:
+    def __init__(self, settings: Settings, *, sinks: list[Sink | RoutedSink], velocity_worker: VelocityWorker | None = None, realtime: bool = True) -> None:
         self.settings = settings
         self.sinks = list(sinks)
         self.metrics = Metrics()
@@ -311,8 +326,8 @@ class Engine:
             self.metrics.observe("loop_lag", max(0.0, loop.time() - t0 - 0.01))
 
     async def _keep_warm(self) -> None:
-        """Inline CPU worker: a scratch inference whenever the pump has been idle for
-        ``velocity.keep_warm_ms`` (see ``VelocityWorker.keep_warm``). A busy-polling loop burns
+        """Inline CPU velocity model: a scratch inference whenever the pump has been idle for
+        ``velocity.keep_warm_ms`` (see ``VelocityBatcher.keep_warm``). A busy-polling loop burns
         its core anyway, so there it is on by default, every ``BUSY_KEEP_WARM_MS``."""
         worker = self.velocity.worker
         interval = self.settings.velocity.keep_warm_ms / 1000.0
@@ -326,17 +341,27 @@ class Engine:
                 worker.keep_warm()
 
     async def _watchdog(self) -> None:
-        worker = self.velocity.worker
-        if worker is None:
-            return
-        while True:
-            await asyncio.sleep(0.02)
-            self.metrics.gauge("worker_queue", worker.queue_depth())
-            if not worker.alive:
-                self.metrics.inc("worker_restarts")
-                log.warning("velocity worker down: releasing notes and restarting it")
+        """Supervision of the model stages. Each restarts itself after a crash (the runtime's
+        backoff timer) and answers requests with their fallback meanwhile; here the engine
+        releases what is sounding when the velocity model crashes (its notes' state is gone)
+        and publishes every stage's statistics."""
+        def velocity_event(event: Event, stage: ModelStage) -> None:
+            if event == "crash":
+                log.warning("velocity model down: releasing notes; it restarts by itself")
                 self.panic("worker crash")
-                worker.restart()
+            else:
+                self.metrics.inc("worker_restarts")
+
+        worker = self.velocity.worker
+        undo = worker.stage.listen(velocity_event) if worker is not None else None
+        try:
+            while True:
+                for stage in _model_stages(self):
+                    stage.publish(self.metrics)
+                await asyncio.sleep(SUPERVISE_S)
+        finally:
+            if undo is not None:
+                undo()
 
     async def run(self, *extra_tasks: Callable[[], Any]) -> None:
         """Run until :meth:`stop`; on the way out release every note and stop the workers."""
@@ -382,13 +407,12 @@ class Engine:
         if self.scheduler is not None:
             self.scheduler.close()
         self.panic("shutdown")
+        stages = _model_stages(self)
         if self.phrase is not None:
             self.phrase.close()
-        worker = self.velocity.worker
-        if worker is not None:
-            worker.stop()
-        if self.lookahead is not None:
-            self.lookahead.stop()
+        for stage in stages:
+            stage.stop()
+            stage.publish(self.metrics)
 
     # ---- performer controls -----------------------------------------------------------------
 

@@ -5,26 +5,32 @@ note-on's velocity comes from the full-context model, which is run for that note
 ``t + S - margin`` over the session's recent notes: it sees everything played up to then, so its
 effective lookahead is ``S - margin`` (20 ms by default), the time the model has to answer before
 the note is due. An answer that is not back in time is replaced by the fallback and counted, as in
-the causal path.
+the causal path. The model runs in the model runtime: a request still queued when its note is due
+is not run, and while a crashed model waits for its restart, due notes get the fallback.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
-import logging
-import queue
-import threading
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Callable, Protocol
 
 import numpy as np
-
 from cadenza.config.settings import Settings
 from cadenza.errors import ConfigError
-from cadenza.models.worker import pick_device
+from cadenza.models.runtime import (
+    DEFAULT_BACKOFF,
+    Backoff,
+    ModelStage,
+    Post,
+    SessionKey,
+    pick_device,
+)
+from cadenza.models.velocity.batching import Featurizer
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from cadenza.models.velocity.context import ContextVelocityModel
 
 WINDOW = 256  # notes of context the model gets
 
@@ -37,7 +43,7 @@ class LookaheadNote:
 
 
 class _Session:
-    def __init__(self, make_features: Callable[[], Any]) -> None:
+    def __init__(self, make_features: Callable[[], Featurizer]) -> None:
         self.features = make_features()
         self.ids: list[int] = []
         self.x: list[np.ndarray] = []
@@ -52,35 +58,77 @@ class _Session:
                 del getattr(self, name)[:extra]
 
 
+# (note id, features (N, F), onsets (N,), offsets (N,), pitches (N,), index of the note to answer)
+Job = tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]
+
+
+class LoadContext(Protocol):
+    def __call__(self) -> ContextVelocityModel: ...
+
+
 class LookaheadStage:
-    def __init__(self, *, seconds: float, load_model: Callable[[], Any], make_features: Callable[[], Any], margin: float = 0.02) -> None:
+    """Per-session note windows on the loop; the full-context model in the runtime."""
+
+    def __init__(self, *, seconds: float, load_model: LoadContext, make_features: Callable[[], Featurizer], margin: float = 0.02,
+                 backoff: Backoff = DEFAULT_BACKOFF) -> None:
         self.seconds = seconds
         self.margin = min(margin, seconds / 2)
         self._load_model = load_model
         self._make_features = make_features
-        self._sessions: dict[Any, _Session] = {}
+        self._sessions: dict[SessionKey, _Session] = {}
         self._ids = itertools.count()
         self._velocity: dict[int, float] = {}
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self.model = None
+        self.model: ContextVelocityModel | None = None
+        self.stage: ModelStage[Job] = ModelStage(self, name="lookahead", backoff=backoff)
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Load the model (blocking) and start its thread."""
+        """Load the model (blocking) and start serving."""
         self._loop = loop
-        self.model = self._load_model()
-        self._thread = threading.Thread(target=self._run, name="lookahead-worker", daemon=True)
-        self._thread.start()
+        self.stage.start(loop)
 
     def stop(self) -> None:
-        if self._thread is not None and self._thread.is_alive():
-            self._queue.put(None)
-            self._thread.join(2.0)
+        self.stage.stop()
+
+    def kill(self) -> None:
+        """Fault drill: the model raises where it runs; due notes fall back until it restarts."""
+        self.stage.kill()
+
+    # ---- the runtime's handler (load/reset/run/fallback) -----------------------------------
+
+    def load(self) -> None:
+        """Load, and answer one scratch window so the first real note does not pay for
+        first-call allocations."""
+        from cadenza.models.velocity.context import predict_window
+
+        self.model = self._load_model()
+        feats = self._make_features()
+        n = 16
+        x = np.stack([feats.note_on(0.1 * i, 60 + i % 12) for i in range(n)])
+        onset = 0.1 * np.arange(n)
+        predict_window(self.model, x, onset, onset + 0.05, np.full(n, 60.0, np.float32), self.seconds - self.margin, np.array([n // 2]))
+
+    def reset(self) -> None:
+        """The windows live on the loop and stay valid: nothing of the model to forget."""
+
+    def run(self, jobs: list[Job], post: Post) -> int:
+        from cadenza.models.velocity.context import predict_window
+
+        assert self.model is not None
+        for nid, x, onset, offset, pitch, target in jobs:
+            v = predict_window(self.model, x, onset, offset, pitch, self.seconds - self.margin, np.array([target]))
+            post(self._store, nid, float(v[0]))
+        return len(jobs)
+
+    def fallback(self, jobs: list[Job]) -> int:
+        """Nothing to send: a due note without an answer gets the fallback velocity (and is
+        counted as a deadline miss) when it leaves."""
+        return len(jobs)
 
     # ---- called on the loop ---------------------------------------------------------------
 
-    def note_on(self, session: Any, t: float, pitch: int) -> LookaheadNote:
+    def note_on(self, session: SessionKey, t: float, pitch: int) -> LookaheadNote:
+        assert self._loop is not None
         s = self._sessions.get(session)
         if s is None:
             s = self._sessions[session] = _Session(self._make_features)
@@ -91,10 +139,10 @@ class LookaheadStage:
         s.offset.append(np.nan)
         s.pitch.append(pitch)
         s.trim()
-        self._loop.call_at(t + self.seconds - self.margin, self._request, session, nid)
+        self._loop.call_at(t + self.seconds - self.margin, self._request, session, nid, t + self.seconds)
         return LookaheadNote(nid)
 
-    def note_off(self, session: Any, t: float, pitch: int) -> None:
+    def note_off(self, session: SessionKey, t: float, pitch: int) -> None:
         s = self._sessions.get(session)
         if s is None:
             return
@@ -104,12 +152,12 @@ class LookaheadStage:
                 s.offset[i] = t
                 break
 
-    def pedal(self, session: Any, t: float, value: int) -> None:
+    def pedal(self, session: SessionKey, t: float, value: int) -> None:
         s = self._sessions.get(session)
         if s is not None:
             s.features.pedal(t, value)
 
-    def _request(self, session: Any, nid: int) -> None:
+    def _request(self, session: SessionKey, nid: int, due: float) -> None:
         s = self._sessions[session]
         try:
             k = s.ids.index(nid)
@@ -117,7 +165,7 @@ class LookaheadStage:
             return
         lo = max(0, k - WINDOW // 2)
         job = (nid, np.stack(s.x[lo:]), np.asarray(s.onset[lo:]), np.asarray(s.offset[lo:]), np.asarray(s.pitch[lo:], np.float32), k - lo)
-        self._queue.put(job)
+        self.stage.submit(job, deadline=due)  # not run at all once the note has left
 
     def resolve(self, tag: LookaheadNote) -> float | None:
         """The model's velocity for a due note, or None when it is not back in time."""
@@ -125,22 +173,6 @@ class LookaheadStage:
 
     def _store(self, nid: int, v: float) -> None:
         self._velocity[nid] = v
-
-    # ---- the worker thread ----------------------------------------------------------------
-
-    def _run(self) -> None:
-        from cadenza.models.velocity.context import predict_window
-
-        while True:
-            job = self._queue.get()
-            if job is None:
-                return
-            nid, x, onset, offset, pitch, target = job
-            try:
-                v = predict_window(self.model, x, onset, offset, pitch, self.seconds - self.margin, np.array([target]))
-                self._loop.call_soon_threadsafe(self._store, nid, float(v[0]))
-            except Exception as exc:  # a failed prediction falls back; the stream goes on
-                log.error("lookahead model: %s", exc)
 
 
 def build_lookahead(settings: Settings) -> LookaheadStage:

@@ -1,11 +1,12 @@
 """Call and response: the interaction policy around the phrase model.
 
 The performer plays a phrase (the call); when it ends — silence with no key down, an end-call CC,
-or the next bar line when MIDI clock runs — the phrase worker continues it and the engine
-schedules the answer. The worker thread owns the model: every note the performer plays is fed to
-it as it happens (so its KV cache is current and nothing is left to prefill when the call ends),
-and it generates the response token by token, ahead of playback. Playing during a response is a
-barge-in: the response stops (its sounding notes released) or ducks, as configured.
+or the next bar line when MIDI clock runs — the phrase model continues it and the engine
+schedules the answer. The model runs in the model runtime's thread: every note the performer plays
+is fed to it as it happens (so its KV cache is current and nothing is left to prefill when the
+call ends), and it generates the response token by token, ahead of playback. Playing during a
+response is a barge-in: the response stops (its sounding notes released) or ducks, as configured.
+A model that crashes cuts its answer the same way; the runtime restarts it with backoff.
 
 States, reported on ``state_out_cc``: idle (0), listening (64), responding (127).
 """
@@ -15,91 +16,31 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import queue
 import threading
 import time
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Callable
 
-from cadenza.config.settings import PhraseSettings, ControlSettings
+from cadenza.config.settings import ControlSettings, PhraseSettings, Settings
+from cadenza.models.phrase.worker import (
+    LivePhraseModel,
+    PhraseJob,
+    PhraseWorker,
+    ResponseParams,
+)
+from cadenza.models.runtime import Event, ModelStage
+
+if TYPE_CHECKING:
+    from cadenza.stream.engine import Engine
 
 log = logging.getLogger(__name__)
 
 IDLE, LISTENING, RESPONDING = 0, 64, 127
 GRID_LEAD_S = 0.03  # on the clock, the call ends this long before the grid line its answer starts on
-_FEED, _RESPOND, _STOP, _SYNC = range(4)
-
-
-class PhraseWorker:
-    """A thread that owns a ``LivePhrase``; results are posted back to the loop."""
-
-    def __init__(self, make_live: Callable[[], Any], loop: asyncio.AbstractEventLoop) -> None:
-        self._make_live = make_live
-        self._loop = loop
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
-        self.live = None
-        self.error: str | None = None
-
-    def start(self) -> None:
-        """Load the model and warm it up (blocking; call via ``asyncio.to_thread``)."""
-        self.live = self._make_live()
-        self.live.warm_up()
-        self._thread = threading.Thread(target=self._run, name="phrase-worker", daemon=True)
-        self._thread.start()
-
-    def feed(self, t: float, data: bytes) -> None:
-        self._queue.put((_FEED, t, data))
-
-    def respond(self, gen_id: int, cancel: threading.Event, params: dict, on_event, on_done) -> None:
-        self._queue.put((_RESPOND, gen_id, (cancel, params, on_event, on_done)))
-
-    async def caught_up(self) -> None:
-        """Wait until everything fed so far has been through the model (for file playback,
-        which feeds faster than real time; live input never gets ahead of it)."""
-        fut = self._loop.create_future()
-        self._queue.put((_SYNC, fut, None))
-        await fut
-
-    def stop(self) -> None:
-        if self._thread is not None and self._thread.is_alive():
-            self._queue.put((_STOP, None, None))
-            self._thread.join(5.0)
-
-    @property
-    def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
-
-    def _run(self) -> None:
-        post = self._loop.call_soon_threadsafe
-        while True:
-            kind, a, b = self._queue.get()
-            if kind == _STOP:
-                return
-            try:
-                if kind == _FEED:
-                    self.live.feed(a, b)
-                elif kind == _SYNC:
-                    post(a.set_result, None)
-                elif kind == _RESPOND:
-                    cancel, params, on_event, on_done = b
-                    gen = self.live.respond(**params)
-                    try:
-                        for t, msg in gen:
-                            if cancel.is_set():
-                                break
-                            post(on_event, a, t, msg)
-                    finally:
-                        gen.close()
-                    post(on_done, a)
-            except Exception as exc:  # keep serving: a failed response is logged and skipped
-                self.error = str(exc)
-                log.error("phrase worker: %s", exc)
-                if kind == _RESPOND:
-                    post(b[3], a)
 
 
 class PhraseStage:
-    def __init__(self, engine, settings: PhraseSettings, controls: ControlSettings, *, make_live: Callable[[], Any] | None = None) -> None:
+    def __init__(self, engine: Engine, settings: PhraseSettings, controls: ControlSettings, *,
+                 make_live: Callable[[], LivePhraseModel] | None = None) -> None:
         self.engine = engine
         self.settings = settings
         self.controls = controls
@@ -130,7 +71,14 @@ class PhraseStage:
     async def start(self) -> None:
         self.worker = PhraseWorker(self._make_live, self.engine._loop)
         await asyncio.to_thread(self.worker.start)
+        self.worker.stage.listen(self._model_event)
         self._set_state(IDLE)
+
+    def _model_event(self, event: Event, stage: ModelStage[PhraseJob]) -> None:
+        """The model crashed: cut the answer in flight, releasing what it left sounding. The
+        runtime restarts it (with an empty context); the next phrase is answered again."""
+        if event == "crash":
+            self.cancel_response(release=True)
 
     async def run(self) -> None:
         """Nothing to poll: timers drive it. Kept as a task so its lifetime is the engine's."""
@@ -248,7 +196,7 @@ class PhraseStage:
         self._shift = None
         self._held = []
         self._set_state(RESPONDING)
-        params = dict(start_t=start, seconds=seconds, temperature=self.temperature, top_k=s.top_k, top_p=s.top_p, seed=s.seed)
+        params = ResponseParams(start_t=start, seconds=seconds, temperature=self.temperature, top_k=s.top_k, top_p=s.top_p, seed=s.seed)
         log.debug("call ended at %.3f: responding %.2f s from %.3f", t, seconds, start)
         self.worker.respond(gen_id, self._cancel, params, self._on_event, self._on_done)
 
@@ -355,17 +303,17 @@ class PhraseStage:
             self.engine._emit(self.engine.now_music(), bytes((0xB0 | ch, cc, state)), "state")
 
 
-def _default_live(settings: PhraseSettings) -> Callable[[], Any]:
-    def make():
+def _default_live(settings: PhraseSettings) -> Callable[[], LivePhraseModel]:
+    def make() -> LivePhraseModel:
         from cadenza.models.phrase.live import LivePhrase, load_phrase
-        from cadenza.models.worker import pick_device
+        from cadenza.models.runtime import pick_device
 
         return LivePhrase(load_phrase(settings.weights, device=pick_device(settings.device)), style=settings.style)
 
     return make
 
 
-def build_phrase_stage(engine, settings) -> "PhraseStage":
+def build_phrase_stage(engine: Engine, settings: Settings) -> PhraseStage:
     cr = PhraseStage(engine, settings.phrase, settings.controls)
     engine.phrase = cr
     return cr

@@ -11,7 +11,7 @@ import sys
 from typing import Any
 
 from cadenza.config.settings import Settings
-from cadenza.models.worker import pick_device
+from cadenza.models.runtime import pick_device
 from cadenza.stream.lookahead import build_lookahead
 from cadenza.stream.phrase import build_phrase_stage
 from cadenza.stream.velocity_stage import build_velocity_worker

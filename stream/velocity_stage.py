@@ -11,16 +11,16 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from typing import Any
 
 from cadenza.config.settings import Settings, VelocitySettings
-from cadenza.models.worker import VelocityWorker, pick_device
+from cadenza.models.runtime import SessionKey, pick_device
+from cadenza.models.velocity.worker import VelocityWorker
 
 MODES = ("replace", "blend", "flat-only")
 
 
 class VelocityStage:
-    def __init__(self, settings: VelocitySettings, worker: Any | None) -> None:
+    def __init__(self, settings: VelocitySettings, worker: VelocityWorker | None) -> None:
         self.worker = worker
         self.mode = settings.mode
         self.strength = settings.strength
@@ -28,20 +28,20 @@ class VelocityStage:
         self.deadline_s = settings.deadline_ms / 1000.0
         self.flat_window = settings.flat_window
         self.bypass = False
-        self._recent: dict[Any, deque] = {}
+        self._recent: dict[SessionKey, deque[int]] = {}
 
     @property
     def active(self) -> bool:
         return self.worker is not None and not self.bypass
 
-    def is_flat(self, session: Any, velocity: int) -> bool:
+    def is_flat(self, session: SessionKey, velocity: int) -> bool:
         recent = self._recent.get(session)
         if recent is None:
             recent = self._recent[session] = deque(maxlen=self.flat_window)
         recent.append(velocity)
         return len(recent) >= 2 and min(recent) == max(recent)
 
-    def request(self, session: Any, t: float, pitch: int, velocity: int) -> asyncio.Future | None:
+    def request(self, session: SessionKey, t: float, pitch: int, velocity: int) -> asyncio.Future[float] | _Down | None:
         """Ask the worker for this note's velocity; None when the player's velocity stands as is.
 
         The worker always sees the note (its recurrent state must follow the music), even when
@@ -49,7 +49,9 @@ class VelocityStage:
         """
         if self.worker is None:
             return None
-        fut = self.worker.note_on(session, t, pitch) if self.worker.alive else _DOWN
+        fut = self.worker.note_on(session, t, pitch)  # None while the model is down
+        if fut is None:
+            fut = _DOWN
         flat = self.is_flat(session, velocity)
         if self.bypass or (self.mode == "flat-only" and not flat):
             return None
@@ -67,19 +69,19 @@ class VelocityStage:
         if self.worker is not None and self.worker.inline:
             self.worker.flush()
 
-    def note_off(self, session: Any, t: float, pitch: int) -> None:
+    def note_off(self, session: SessionKey, t: float, pitch: int) -> None:
         if self.worker is not None and self.worker.alive:
             self.worker.note_off(session, t, pitch)
 
-    def pedal(self, session: Any, t: float, value: int) -> None:
+    def pedal(self, session: SessionKey, t: float, value: int) -> None:
         if self.worker is not None and self.worker.alive:
             self.worker.pedal(session, t, value)
 
-    def forget(self, session: Any) -> None:
+    def forget(self, session: SessionKey) -> None:
         """Drop everything kept for a session that has ended."""
         self._recent.pop(session, None)
         if self.worker is not None and self.worker.alive:
-            self.worker.reset(session)
+            self.worker.forget(session)
 
 
 class _Down:

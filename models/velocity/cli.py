@@ -130,7 +130,7 @@ def run_bench_step(args: argparse.Namespace, settings) -> int:
 
     from cadenza.models.velocity.causal import NumpyCausalStep, load_causal
     from cadenza.models.velocity.features import LiveVelocityFeatures, replay_events, synthetic_performance
-    from cadenza.models.worker import VelocityWorker
+    from cadenza.models.velocity.worker import VelocityWorker
 
     torch.set_num_threads(1)
     model = load_causal(settings.velocity.weights)

@@ -233,7 +233,7 @@ async def serve_mqtt(settings: Settings, *, mode: str = "colorize", ready: Calla
     batches notes across sessions). Returns the final metrics."""
     import signal
 
-    from cadenza.models.worker import pick_device
+    from cadenza.models.runtime import pick_device
     from cadenza.stream.engine import Engine
     from cadenza.stream.velocity_stage import build_velocity_worker
 
