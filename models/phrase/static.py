@@ -79,7 +79,7 @@ class StaticDecoder:
                     self._decode()
             torch.cuda.current_stream().wait_stream(side)
             g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
+            with torch.cuda.graph(g, capture_error_mode="thread_local"):  # other model threads may use CUDA meanwhile
                 self.logits = self._decode()
             torch.cuda.synchronize()
         self.graph = g

@@ -85,7 +85,7 @@ class StaticVelocityStep:
             torch.cuda.current_stream().wait_stream(side)
             for b in self._buckets:
                 g = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(g):
+                with torch.cuda.graph(g, capture_error_mode="thread_local"):  # other model threads may use CUDA meanwhile
                     b.v, b.h_new = self.model.step(b.x, b.h)
                 b.graph = g
             torch.cuda.synchronize()
