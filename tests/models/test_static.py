@@ -84,6 +84,43 @@ def test_load_causal_step_chooses_the_form():
     assert isinstance(load_causal_step(device="cpu", static=True), StaticVelocityStep)
 
 
+def test_worker_with_the_static_step_answers_like_the_numpy_step():
+    """The worker's torch path (states concatenated per round, narrowed back per session) over
+    the static step: what the GPU runs, here on the CPU."""
+    import asyncio
+
+    from cadenza.models.velocity.features import LiveVelocityFeatures
+    from cadenza.models.worker import VelocityWorker
+
+    rng = np.random.default_rng(3)
+    events = [(int(rng.integers(0, 4)), 0.05 * k, int(p)) for k in range(60) for p in rng.choice(np.arange(40, 90), int(rng.choice([1, 3])), replace=False)]
+    ref = load_causal_step()
+    feats = {s: LiveVelocityFeatures() for s in range(4)}
+    states = {s: ref.initial_state(1) for s in range(4)}
+    want = []
+    for s, t, p in events:
+        v, states[s] = ref.step(feats[s].note_on(t, p)[None], states[s])
+        want.append(float(v[0]))
+
+    async def run():
+        worker = VelocityWorker(load_model=lambda: load_causal_step(static=True), make_features=LiveVelocityFeatures, max_batch=64, inline=False)
+        worker.start(asyncio.get_running_loop())
+        try:
+            futs = [worker.note_on(s, t, p) for s, t, p in events[:90]]
+            worker.flush()
+            await asyncio.wait_for(asyncio.gather(*futs), 20)
+            futs2 = [worker.note_on(s, t, p) for s, t, p in events[90:]]
+            worker.flush()
+            await asyncio.wait_for(asyncio.gather(*futs2), 20)
+        finally:
+            worker.stop()
+        return [f.result() for f in futs + futs2], worker.stats
+
+    got, stats = asyncio.run(run())
+    np.testing.assert_allclose(got, want, atol=1e-3)
+    assert stats.max_batch > 1
+
+
 # ---- phrase ----------------------------------------------------------------------------------
 
 
