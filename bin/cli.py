@@ -23,6 +23,7 @@ COMMAND_MODULES = (
     "cadenza.models.velocity.cli",
     "cadenza.models.phrase.cli",
     "cadenza.bench",
+    "cadenza.bench.device",
     "cadenza.demo",
 )
 

@@ -26,6 +26,9 @@ def register(groups) -> None:
     p.add_argument("--pop909", type=float, default=0.0, metavar="SHARE", help="share of each batch from POP909 train, learned as the pop style (default 0)")
     p.add_argument("-o", "--out", type=Path, help="where to write the weights (default: the shipped ones)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu", help="where to train (default cpu; auto = cuda when present)")
+    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the forward pass (GPU)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model for training (GPU)")
     p.set_defaults(func=_train)
 
     p = groups["eval"].add_parser("phrase", help="NLL and generation statistics of the phrase model on MAESTRO")
@@ -86,7 +89,7 @@ def _train(args, settings) -> int:
     opt = TrainOptions(
         minutes=args.minutes, threads=args.threads, seed=args.seed, batch=args.batch, seq_len=args.seq_len, lr=args.lr,
         n_layer=args.layers, n_head=args.heads, n_embd=args.width, eval_every_s=args.eval_every, init=args.init,
-        pop909=args.pop909, pop909_root=settings.data.pop909,
+        pop909=args.pop909, pop909_root=settings.data.pop909, device=args.device, bf16=args.bf16, compile=args.compile,
     )
     if args.out:
         opt.out = args.out

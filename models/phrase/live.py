@@ -36,10 +36,13 @@ MAX_VOICES = 10  # at most this many response keys down at once
 class LivePhrase:
     """Appendable context + streaming response for one performer (one worker thread)."""
 
-    def __init__(self, model: PhraseModel, *, max_context: int | None = None, keep: int | None = None, style: str = "classical"):
+    def __init__(self, model: PhraseModel, *, max_context: int | None = None, keep: int | None = None, style: str = "classical",
+                 static: bool | None = None):
         """``max_context``: tokens held in the cache (≤ the model's block size); when it is full
         the most recent ``keep`` tokens (default 3/4 of it) are re-prefilled and work goes on.
-        ``style``: one of :data:`~cadenza.models.phrase.model.STYLES` the weights were trained with."""
+        ``style``: one of :data:`~cadenza.models.phrase.model.STYLES` the weights were trained with.
+        ``static``: one-token steps through :class:`~cadenza.models.phrase.static.StaticDecoder`
+        (a CUDA graph on CUDA); default: when the model is on a CUDA device."""
         from cadenza.models.phrase.model import style_index
 
         self.model = model
@@ -48,8 +51,13 @@ class LivePhrase:
         self.max_context = min(max_context or model.config.block_size, model.config.block_size)
         self.keep = max(1, min(keep or self.max_context * 3 // 4, self.max_context - 1))
         self.reserve = min(64, (self.max_context - self.keep) // 2)  # slots kept free for a response's start
-        self.cache = model.new_cache(max_len=self.max_context)
         self.device = model.wte.weight.device
+        self.decoder = None
+        if static if static is not None else self.device.type == "cuda":
+            from cadenza.models.phrase.static import StaticDecoder
+
+            self.decoder = StaticDecoder(model, max_len=self.max_context, style=self._style)
+        self.cache = self.decoder.cache if self.decoder else model.new_cache(max_len=self.max_context)
         self._gen = 0
         self.reset()
 
@@ -183,6 +191,9 @@ class LivePhrase:
 
     @torch.inference_mode()
     def _forward(self, toks: list[int]) -> None:
+        if self.decoder is not None and len(toks) == 1:  # the static (graph-replayed) step
+            self._logits = self.decoder.step(toks)[0].float().cpu()
+            return
         idx = torch.tensor([toks], dtype=torch.long, device=self.device)
         self._logits = self.model(idx, self.cache, last_only=True, style=self._style)[0, -1].float().cpu()
 

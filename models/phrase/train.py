@@ -48,6 +48,9 @@ class TrainOptions:
     out: Path = DEFAULT_WEIGHTS
     pop909: float = 0.0  # share of each batch drawn from POP909 train with the "pop" style; 0 = MAESTRO only
     pop909_root: Path | None = None
+    device: str = "cpu"  # "cuda" / "auto" for a GPU (see docs/gpu.md)
+    bf16: bool = False  # bfloat16 autocast for the training forward (GPU)
+    compile: bool = False  # torch.compile the training forward (GPU; the first steps compile)
 
 
 def transpose_tokens(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
@@ -65,8 +68,9 @@ def mean_nll(model: PhraseModel, windows: np.ndarray, batch: int = 16, style: in
     """Mean next-token NLL (nats) over fixed windows (N, T+1)."""
     model.eval()
     total, count = 0.0, 0
+    dev = model.wte.weight.device
     for i in range(0, len(windows), batch):
-        x = torch.from_numpy(windows[i : i + batch])
+        x = torch.from_numpy(windows[i : i + batch]).to(dev)
         logits = model(x[:, :-1], style=style)
         total += F.cross_entropy(logits.reshape(-1, logits.size(-1)), x[:, 1:].reshape(-1), reduction="sum").item()
         count += x[:, 1:].numel()
@@ -74,9 +78,32 @@ def mean_nll(model: PhraseModel, windows: np.ndarray, batch: int = 16, style: in
     return total / count
 
 
+def make_optimizer(model: PhraseModel, opt: TrainOptions) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only; fused (one kernel for all tensors) on a GPU."""
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": opt.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=opt.lr, betas=(0.9, 0.95), fused=model.wte.weight.device.type == "cuda")
+
+
+def train_step(forward, optim: torch.optim.Optimizer, x: torch.Tensor, style: torch.Tensor | None, *, bf16: bool = False) -> torch.Tensor:
+    """One optimizer step on windows ``x`` (B, T+1) (next-token loss); ``forward`` is the model
+    or its compiled form. Returns the loss (a tensor: reading it waits for the device)."""
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+        logits = forward(x[:, :-1], style=style)
+    loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), x[:, 1:].reshape(-1))
+    optim.zero_grad(set_to_none=True)
+    loss.backward()
+    params = [p for g in optim.param_groups for p in g["params"]]
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optim.step()
+    return loss
+
+
 def train(maestro_root: Path, opt: TrainOptions, *, progress: bool = True) -> dict:
     torch.set_num_threads(opt.threads)
     torch.manual_seed(opt.seed)
+    device = torch.device(opt.device if opt.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
     rng = np.random.default_rng(opt.seed)
     train_split = load_split(maestro_root, "train", progress=progress)
     val_split = load_split(maestro_root, "validation", progress=progress)
@@ -99,9 +126,9 @@ def train(maestro_root: Path, opt: TrainOptions, *, progress: bool = True) -> di
     else:
         cfg = PhraseConfig(block_size=opt.seq_len, n_layer=opt.n_layer, n_head=opt.n_head, n_embd=opt.n_embd, n_styles=len(STYLES) if opt.pop909 > 0 else 0)
         model = PhraseModel(cfg)
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    optim = torch.optim.AdamW([{"params": decay, "weight_decay": opt.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=opt.lr, betas=(0.9, 0.95))
+    model.to(device)
+    optim = make_optimizer(model, opt)
+    forward = torch.compile(model) if opt.compile else model  # shares the parameters; evaluation and saving use ``model``
     log.info("phrase model: %d parameters, %d train tokens, %d validation windows", model.num_params(), len(train_split.tokens), len(val))
 
     budget = opt.minutes * 60.0
@@ -132,12 +159,8 @@ def train(maestro_root: Path, opt: TrainOptions, *, progress: bool = True) -> di
             style[opt.batch - n_pop :] = STYLES.index("pop")
         if opt.transpose:
             x = transpose_tokens(x, torch.from_numpy(rng.integers(-opt.transpose, opt.transpose + 1, opt.batch)))
-        logits = model(x[:, :-1], style=style if cfg.n_styles else None)
-        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), x[:, 1:].reshape(-1))
-        optim.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optim.step()
+        x, style = x.to(device, non_blocking=True), style.to(device, non_blocking=True)
+        loss = train_step(forward, optim, x, style if cfg.n_styles else None, bf16=opt.bf16)
         step += 1
         tokens += x[:, 1:].numel()
         ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()

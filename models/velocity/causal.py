@@ -197,9 +197,18 @@ def load_causal(path: Path | None = None, device: str = "cpu") -> CausalVelocity
     return model
 
 
-def load_causal_step(path: Path | None = None, device: str = "cpu"):
-    """What the live worker steps: the numpy form on CPU, the torch model (batched) on a GPU."""
+def load_causal_step(path: Path | None = None, device: str = "cpu", *, static: bool | None = None):
+    """What the live worker steps: the numpy form on CPU; on a GPU the batched torch step on
+    static buffers with CUDA graphs (:class:`~cadenza.models.velocity.static.StaticVelocityStep`).
+    ``static=True`` forces the static form on any device (tests, ``cadenza bench device``);
+    ``static=False`` gives the plain torch model off the CPU."""
     model = load_causal(path, device)
+    if static is None:
+        static = torch.device(device).type == "cuda"
+    if static:
+        from cadenza.models.velocity.static import StaticVelocityStep
+
+        return StaticVelocityStep(model)
     if device != "cpu":
         return model
     step = NumpyCausalStep(model)
