@@ -19,10 +19,9 @@ import sys
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from cadenza.buffers.clock import MidiClock
-from cadenza.buffers.history import EventHistory
 from cadenza.buffers.ledger import NoteLedger
 from cadenza.buffers.pianoroll import PianoRollWindow
 from cadenza.config.settings import Settings
@@ -30,8 +29,13 @@ from cadenza.stream.lookahead import LookaheadNote
 from cadenza.messages import NEVER_DROP, Kind, classify
 from cadenza.stream.metrics import Metrics
 from cadenza.stream.scheduler import OutputScheduler
-from cadenza.stream.sinks import RoutedSink, Sink
+from cadenza.stream.sinks import AnySink, RoutedSink, Sink, TaggedSink
 from cadenza.stream.velocity_stage import MODES, VelocityStage, is_down
+
+if TYPE_CHECKING:
+    from cadenza.models.worker import VelocityWorker
+    from cadenza.stream.lookahead import LookaheadStage
+    from cadenza.stream.phrase import PhraseStage
 
 log = logging.getLogger(__name__)
 
@@ -46,24 +50,34 @@ BUSY_KEEP_WARM_MS = 0.5
 class ChannelState:
     """What the engine remembers of one input channel."""
 
-    history: EventHistory
     roll: PianoRollWindow
     pedal: int = 0
 
 
 class Engine:
-    def __init__(self, settings: Settings, *, sinks: list[Sink | RoutedSink], velocity_worker: Any | None = None, realtime: bool = True) -> None:
+    """Assembled by :func:`cadenza.stream.build.build_engine`, which starts and stops its stages.
+
+    ``velocity_worker`` colorizes note-ons, ``lookahead`` delays everything by a fixed time for
+    the full-context model, ``phrase_factory(engine)`` makes the phrase stage (it needs the
+    engine to emit its answers); each is None when the mode does not use it.
+    """
+
+    def __init__(self, settings: Settings, *, sinks: list[AnySink], velocity_worker: VelocityWorker | None = None, lookahead: LookaheadStage | None = None,
+                 phrase_factory: Callable[[Engine], PhraseStage] | None = None, realtime: bool = True) -> None:
         self.settings = settings
-        self.sinks = list(sinks)
+        self.sinks: list[AnySink] = []
+        self._plain: list[Sink] = []
+        self._routed: list[RoutedSink] = []
+        self._tagged: list[TaggedSink] = []
+        for sink in sinks:
+            self.add_sink(sink)
         self.metrics = Metrics()
         self.ledger = NoteLedger()  # source 0's (the ports'); other sources get their own
         self._ledgers: dict[int, NoteLedger] = {0: self.ledger}
         self.clock = MidiClock(beats_per_bar=settings.engine.beats_per_bar)
         self.velocity = VelocityStage(settings.velocity, velocity_worker)
         self.realtime = realtime
-        self.phrase = None  # set by serve for --mode continue|both
-        self.lookahead = None  # a LookaheadStage for --mode lookahead
-        self.emit_hooks: list[Callable[[float, bytes, object], None]] = []
+        self.lookahead = lookahead
         self._queue: deque = deque()
         self._wake = asyncio.Event()
         self._stop = asyncio.Event()
@@ -75,8 +89,23 @@ class Engine:
         self._idle = asyncio.Event()
         self._last_pump = 0.0  # when the pump last took a batch (monotonic)
         self._idle.set()
+        self.phrase: PhraseStage | None = None
+        if phrase_factory is not None:
+            self.phrase = phrase_factory(self)
 
     # ---- wiring -----------------------------------------------------------------------------
+
+    def add_sink(self, sink: AnySink) -> None:
+        """Send output here too, the way the sink's protocol says (see :mod:`cadenza.stream.sinks`)."""
+        if isinstance(sink, RoutedSink):
+            self._routed.append(sink)
+        elif isinstance(sink, TaggedSink):
+            self._tagged.append(sink)
+        elif isinstance(sink, Sink):
+            self._plain.append(sink)
+        else:
+            raise TypeError(f"{sink!r} is not a sink (send, send_from or send_tagged, and close)")
+        self.sinks.append(sink)
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -161,7 +190,7 @@ class Engine:
         st = self._channels.get(key)
         if st is None:
             eng = self.settings.engine
-            st = self._channels[key] = ChannelState(EventHistory(eng.history_events), PianoRollWindow(frame_s=eng.frame_ms / 1000, window_s=eng.window_s))
+            st = self._channels[key] = ChannelState(PianoRollWindow(frame_s=eng.frame_ms / 1000, window_s=eng.window_s))
         return st
 
     def _process(self, t: float, data: bytes, kind: Kind, source: int, music_t: float) -> list | None:
@@ -174,7 +203,6 @@ class Engine:
         ch = data[0] & 0x0F
         session = (source, ch)
         st = self._session(source, ch)
-        st.history.append(music_t, data)
         if self.lookahead is not None and not self._is_control(data, kind, ch):
             self._delay(t, data, kind, session, music_t)
             return None
@@ -230,14 +258,12 @@ class Engine:
     # ---- output -----------------------------------------------------------------------------
 
     def _emit(self, music_t: float, data: bytes, tag: object, source: int = 0) -> None:
-        self._send(source, data)
+        self._send(source, data, music_t, tag)
         ledger = self.ledger if source == 0 else self._ledgers.get(source)
         if ledger is None:
             ledger = self._ledgers[source] = NoteLedger()
         ledger.track(data)
         self.metrics.inc("out")
-        for hook in self.emit_hooks:
-            hook(music_t, data, tag)
         if tag is None and self.phrase is not None and (data[0] & 0xF0) == 0x90 and len(data) == 3 and data[2] > 0:
             self.phrase.feed_output(music_t, data)
 
@@ -254,12 +280,13 @@ class Engine:
                 return
         self._emit(due, data, tag)
 
-    def _send(self, source: int, data: bytes) -> None:
-        for sink in self.sinks:
-            if getattr(sink, "routed", False):
-                sink.send_from(source, data)
-            else:
-                sink.send(data)
+    def _send(self, source: int, data: bytes, music_t: float, tag: object) -> None:
+        for sink in self._plain:
+            sink.send(data)
+        for routed in self._routed:
+            routed.send_from(source, data)
+        for tagged in self._tagged:
+            tagged.send_tagged(music_t, data, tag)
 
     def panic(self, reason: str, source: int | None = None) -> None:
         """Release every sounding note (matching note-offs, then CC 123) and cancel responses;
@@ -273,9 +300,7 @@ class Engine:
             owed = ledger.release_all()
             released += sum(1 for d in owed if d[0] & 0xF0 == 0x80)
             for data in owed:
-                self._send(src, data)
-                for hook in self.emit_hooks:
-                    hook(self.now_music(), data, "panic")
+                self._send(src, data, self.now_music(), "panic")
         if released:
             log.info("panic (%s): releasing %d", reason, released)
         self.metrics.inc("panics")
@@ -361,6 +386,8 @@ class Engine:
                     tg.create_task(self._watchdog(), name="watchdog"),
                     tg.create_task(self._keep_warm(), name="keep-warm"),
                 ]
+                if self.phrase is not None:  # timers drive it; the task ties its lifetime to the engine's
+                    tasks.append(tg.create_task(self.phrase.run(), name="phrase"))
                 for make in extra_tasks:
                     tasks.append(tg.create_task(make(), name=getattr(make, "__name__", "extra")))
                 await self._stop.wait()

@@ -1,14 +1,19 @@
 """Sinks: where the engine's output goes.
 
 A sink takes raw MIDI messages (bytes, status byte first) in the order the engine emits them.
-The engine does not know which kind it talks to.
+The engine does not know which kind it talks to: it sorts its sinks once, by the protocol each
+one declares (a routed sink first, since a transport may also offer ``send``), and calls each the
+way its protocol says.
 
 =====================  ==========================================================
 ``Sink``               the protocol: ``name``, ``send(data)``, ``close()``
 ``RoutedSink``         for transports serving many sources (sessions):
                        ``send_from(source, data)`` instead of ``send``
+``TaggedSink``         for recorders: ``send_tagged(t, data, tag)`` with the music
+                       time and where the message came from
 ``ListSink``           keeps every message (tests, files)
 ``CountingSink``       counts messages (benches)
+``record.Recorder``    keeps (music time, message, tag) (the demo's files)
 ``audio.AudioSink``    FluidSynth into the sound card (PortAudio)
 ``audio.WavSink``      FluidSynth into a WAV file
 MIDI port              :class:`cadenza.stream.ports.MidiOutputPort`
@@ -41,6 +46,22 @@ class RoutedSink(Protocol):
     def send_from(self, source: int, data: bytes) -> None: ...
 
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class TaggedSink(Protocol):
+    """A sink that also wants each message's music time and origin ``tag``: None for the
+    performer's own notes, an int for a phrase response (its id), or "panic", "release",
+    "state" for what the engine and its stages add."""
+
+    name: str
+
+    def send_tagged(self, t: float, data: bytes, tag: object) -> None: ...
+
+    def close(self) -> None: ...
+
+
+AnySink = Sink | RoutedSink | TaggedSink
 
 
 class ListSink:
