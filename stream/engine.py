@@ -21,6 +21,8 @@ from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
+import numpy as np
+
 from cadenza.buffers.clock import MidiClock
 from cadenza.buffers.ledger import NoteLedger
 from cadenza.buffers.pianoroll import PianoRollWindow
@@ -314,6 +316,15 @@ class Engine:
         for key in [k for k in self._channels if k[0] == source]:
             del self._channels[key]
             self.velocity.forget(key)
+
+    def melody(self, source: int, channel: int, bars: int) -> np.ndarray:
+        """The last ``bars`` of a channel as melody events (``PianoRollWindow.melody_steps``), on
+        the sixteenth grid of the MIDI clock while it runs, else ending now at ``engine.bpm``."""
+        now = self.now_music()
+        end = self.clock.last_grid_time(now, unit_beats=0.25)
+        spb = self.clock.seconds_per_beat if end is not None else 60.0 / self.settings.engine.bpm
+        steps = bars * self.settings.engine.beats_per_bar * 4
+        return self._session(source, channel).roll.melody_steps(now if end is None else end, steps, spb / 4)
 
     def now_music(self) -> float:
         return self._loop.time() if self._loop is not None else time.monotonic()
