@@ -18,7 +18,6 @@ import logging
 import sys
 import time
 from collections import deque
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
@@ -29,10 +28,11 @@ from cadenza.buffers.pianoroll import PianoRollWindow
 from cadenza.config.settings import Settings
 from cadenza.stream.lookahead import LookaheadNote
 from cadenza.messages import NEVER_DROP, Kind, classify
+from cadenza.stream.controls import control_map
 from cadenza.stream.metrics import Metrics
 from cadenza.stream.scheduler import OutputScheduler
-from cadenza.stream.sinks import AnySink, RoutedSink, Sink, TaggedSink
-from cadenza.stream.velocity_stage import MODES, VelocityStage, is_down
+from cadenza.stream.sinks import AnySink, Sinks
+from cadenza.stream.velocity_stage import VelocityStage, is_down
 
 if TYPE_CHECKING:
     from cadenza.models.worker import VelocityWorker
@@ -48,14 +48,6 @@ log = logging.getLogger(__name__)
 BUSY_KEEP_WARM_MS = 0.5
 
 
-@dataclass
-class ChannelState:
-    """What the engine remembers of one input channel."""
-
-    roll: PianoRollWindow
-    pedal: int = 0
-
-
 class Engine:
     """Assembled by :func:`cadenza.stream.build.build_engine`, which starts and stops its stages.
 
@@ -67,12 +59,7 @@ class Engine:
     def __init__(self, settings: Settings, *, sinks: list[AnySink], velocity_worker: VelocityWorker | None = None, lookahead: LookaheadStage | None = None,
                  phrase_factory: Callable[[Engine], PhraseStage] | None = None, realtime: bool = True) -> None:
         self.settings = settings
-        self.sinks: list[AnySink] = []
-        self._plain: list[Sink] = []
-        self._routed: list[RoutedSink] = []
-        self._tagged: list[TaggedSink] = []
-        for sink in sinks:
-            self.add_sink(sink)
+        self.sinks = Sinks(sinks)  # more may be added (serve adds the audio sink once the ports are open)
         self.metrics = Metrics()
         self.ledger = NoteLedger()  # source 0's (the ports'); other sources get their own
         self._ledgers: dict[int, NoteLedger] = {0: self.ledger}
@@ -85,9 +72,8 @@ class Engine:
         self._stop = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self.scheduler: OutputScheduler | None = None
-        self._channels: dict[tuple[int, int], ChannelState] = {}
-        self._control_map = _control_map(settings)
-        self._source_names: dict[int, str] = {}
+        self._rolls: dict[tuple[int, int], PianoRollWindow] = {}  # per (source, channel)
+        self._control_map = control_map(settings)
         self._idle = asyncio.Event()
         self._last_pump = 0.0  # when the pump last took a batch (monotonic)
         self._idle.set()
@@ -96,18 +82,6 @@ class Engine:
             self.phrase = phrase_factory(self)
 
     # ---- wiring -----------------------------------------------------------------------------
-
-    def add_sink(self, sink: AnySink) -> None:
-        """Send output here too, the way the sink's protocol says (see :mod:`cadenza.stream.sinks`)."""
-        if isinstance(sink, RoutedSink):
-            self._routed.append(sink)
-        elif isinstance(sink, TaggedSink):
-            self._tagged.append(sink)
-        elif isinstance(sink, Sink):
-            self._plain.append(sink)
-        else:
-            raise TypeError(f"{sink!r} is not a sink (send, send_from or send_tagged, and close)")
-        self.sinks.append(sink)
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -187,13 +161,12 @@ class Engine:
                 self._emit(music_t, data, None, source)
                 self.metrics.observe("internal", time.monotonic() - t)
 
-    def _session(self, source: int, channel: int) -> ChannelState:
-        key = (source, channel)
-        st = self._channels.get(key)
-        if st is None:
+    def _roll(self, source: int, channel: int) -> PianoRollWindow:
+        roll = self._rolls.get((source, channel))
+        if roll is None:
             eng = self.settings.engine
-            st = self._channels[key] = ChannelState(PianoRollWindow(frame_s=eng.frame_ms / 1000, window_s=eng.window_s))
-        return st
+            roll = self._rolls[(source, channel)] = PianoRollWindow(frame_s=eng.frame_ms / 1000, window_s=eng.window_s)
+        return roll
 
     def _process(self, t: float, data: bytes, kind: Kind, source: int, music_t: float) -> list | None:
         """Update state for one input message; return its output entry, or None if consumed."""
@@ -204,20 +177,20 @@ class Engine:
             return [data, None, 0, t, music_t, source]
         ch = data[0] & 0x0F
         session = (source, ch)
-        st = self._session(source, ch)
+        roll = self._roll(source, ch)
         if self.lookahead is not None and not self._is_control(data, kind, ch):
             self._delay(t, data, kind, session, music_t)
             return None
         cr = self.phrase
         if kind is Kind.NOTE_ON:
             self.metrics.inc("note_on")
-            st.roll.note_on(music_t, data[1], data[2])
+            roll.note_on(music_t, data[1], data[2])
             if cr is not None:
                 cr.performer_note_on(music_t)
             fut = self.velocity.request(session, music_t, data[1], data[2])
             return [data, fut, data[2], t, music_t, source]
         if kind is Kind.NOTE_OFF:
-            st.roll.note_off(music_t, data[1])
+            roll.note_off(music_t, data[1])
             self.velocity.note_off(session, music_t, data[1])
             if cr is not None:
                 cr.performer_event(music_t, data, note_off=True)
@@ -231,7 +204,6 @@ class Engine:
                     self.metrics.inc("consumed")
                     return None
             if data[1] == 64:
-                st.pedal = data[2]
                 self.velocity.pedal(session, music_t, data[2])
                 if cr is not None:
                     cr.performer_event(music_t, data)
@@ -260,7 +232,7 @@ class Engine:
     # ---- output -----------------------------------------------------------------------------
 
     def _emit(self, music_t: float, data: bytes, tag: object, source: int = 0) -> None:
-        self._send(source, data, music_t, tag)
+        self.sinks.send(source, data, music_t, tag)
         ledger = self.ledger if source == 0 else self._ledgers.get(source)
         if ledger is None:
             ledger = self._ledgers[source] = NoteLedger()
@@ -282,14 +254,6 @@ class Engine:
                 return
         self._emit(due, data, tag)
 
-    def _send(self, source: int, data: bytes, music_t: float, tag: object) -> None:
-        for sink in self._plain:
-            sink.send(data)
-        for routed in self._routed:
-            routed.send_from(source, data)
-        for tagged in self._tagged:
-            tagged.send_tagged(music_t, data, tag)
-
     def panic(self, reason: str, source: int | None = None) -> None:
         """Release every sounding note (matching note-offs, then CC 123) and cancel responses;
         with ``source``, only what that source's notes left sounding."""
@@ -302,7 +266,7 @@ class Engine:
             owed = ledger.release_all()
             released += sum(1 for d in owed if d[0] & 0xF0 == 0x80)
             for data in owed:
-                self._send(src, data, self.now_music(), "panic")
+                self.sinks.send(src, data, self.now_music(), "panic")
         if released:
             log.info("panic (%s): releasing %d", reason, released)
         self.metrics.inc("panics")
@@ -313,18 +277,15 @@ class Engine:
         self.panic(reason, source=source)
         if source != 0:
             self._ledgers.pop(source, None)
-        for key in [k for k in self._channels if k[0] == source]:
-            del self._channels[key]
+        for key in [k for k in self._rolls if k[0] == source]:
+            del self._rolls[key]
             self.velocity.forget(key)
 
     def melody(self, source: int, channel: int, bars: int) -> np.ndarray:
         """The last ``bars`` of a channel as melody events (``PianoRollWindow.melody_steps``), on
         the sixteenth grid of the MIDI clock while it runs, else ending now at ``engine.bpm``."""
-        now = self.now_music()
-        end = self.clock.last_grid_time(now, unit_beats=0.25)
-        spb = self.clock.seconds_per_beat if end is not None else 60.0 / self.settings.engine.bpm
-        steps = bars * self.settings.engine.beats_per_bar * 4
-        return self._session(source, channel).roll.melody_steps(now if end is None else end, steps, spb / 4)
+        end, step_s = self.clock.sixteenths(self.now_music(), bpm=self.settings.engine.bpm)
+        return self._roll(source, channel).melody_steps(end, bars * self.settings.engine.beats_per_bar * 4, step_s)
 
     def now_music(self) -> float:
         return self._loop.time() if self._loop is not None else time.monotonic()
@@ -434,17 +395,3 @@ class Engine:
         if mode != self.velocity.mode:
             self.panic(f"mode switch to {mode}")
             self.velocity.mode = mode
-
-
-def _control_map(settings: Settings) -> dict[int, Callable[[Engine, int], None]]:
-    c = settings.controls
-    table = {
-        c.strength_cc: lambda e, v: setattr(e.velocity, "strength", v / 127.0),
-        c.mode_cc: lambda e, v: e.set_mode(MODES[min(2, v * 3 // 128)]),
-        c.bypass_cc: lambda e, v: setattr(e.velocity, "bypass", v >= 64),
-        c.panic_cc: lambda e, v: e.panic("panic CC") if v >= 64 else None,
-        c.temperature_cc: lambda e, v: e.phrase and e.phrase.set_temperature(0.2 + 1.6 * v / 127.0),
-        c.length_cc: lambda e, v: e.phrase and e.phrase.set_length(1.0 + 15.0 * v / 127.0),
-        c.phrase_cc: lambda e, v: e.phrase and e.phrase.set_enabled(v >= 64),
-    }
-    return {cc: fn for cc, fn in table.items() if cc is not None}

@@ -74,7 +74,7 @@ async def serve(settings: Settings, *, mode: str, audio: bool = False, ready=Non
 
             audio_sink = AudioSink(settings.audio)
             opened.callback(audio_sink.close)
-            engine.add_sink(audio_sink)
+            engine.sinks.add(audio_sink)
             log.info("audio: %s", format_audio_latency(audio_sink.latency_report()))
         if install_signals:
             for sig in (signal.SIGINT, signal.SIGTERM):

@@ -118,11 +118,13 @@ def test_clock_tempo_position_and_grid():
     assert clock.beat == pytest.approx(5.0) and clock.bar_phase == pytest.approx(0.25)
     assert clock.next_grid_time(t + 0.1, unit_beats=4) == pytest.approx(t + 1.5)  # next bar line
     assert clock.last_grid_time(t + 0.2, unit_beats=0.25) == pytest.approx(t + 0.125)  # last sixteenth line
+    assert clock.sixteenths(t + 0.2, bpm=90) == pytest.approx((t + 0.125, 0.125))  # the clock's grid, not the set tempo
     clock.handle(t, bytes((0xF2, 16, 0)))  # song position: 16 sixteenths = bar 2
     assert clock.beat == pytest.approx(4.0)
     clock.handle(t, b"\xfc")
     assert not clock.running and clock.next_grid_time(7.0, unit_beats=4) == 7.0
     assert clock.last_grid_time(7.0, unit_beats=0.25) is None
+    assert clock.sixteenths(7.0, bpm=90) == pytest.approx((7.0, 60 / 90 / 4))  # stopped: free time at the set tempo
 
 
 def test_clock_tempo_survives_period_quantised_jittery_ticks():
