@@ -37,7 +37,7 @@ class MidiSettings(_Section):
 
 class EngineSettings(_Section):
     frame_ms: float = Field(10.0, gt=0, le=200, description="piano-roll frame length")
-    window_s: float = Field(10.0, gt=0, le=120, description="sliding piano-roll window length")
+    window_s: float = Field(40.0, gt=0, le=120, description="sliding piano-roll window length; vary mode reads up to 16 bars from it (32 s at 120 bpm)")
     input_queue: int = Field(16384, ge=16, description="bound of the input queue; when full, note-ons are dropped (counted), note-offs/pedal/clock never")
     stats_interval_s: float = Field(10.0, ge=0, description="period of the one-line stats log (0 = off)")
     beats_per_bar: int = Field(4, ge=1, le=32, description="the meter, for bar positions from MIDI clock (clock carries none)")

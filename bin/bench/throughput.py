@@ -17,7 +17,7 @@ from cadenza.stream.sinks import CountingSink
 
 
 def register(b) -> None:
-    t = b.add_parser("throughput", help="highest sustained note rate with < 1 % deadline misses")
+    t = b.add_parser("throughput", help="highest sustained note rate with < 1 %% deadline misses")
     t.add_argument("--seconds", type=float, default=2.0, help="length of each rate step")
     t.add_argument("--rates", default="200,500,1000,2000,5000,10000,20000", help="note rates to try, comma separated")
     t.add_argument("--busy-poll", action="store_true", default=None, help="run the engine on the busy-polling loop (engine.busy_poll)")

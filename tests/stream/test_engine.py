@@ -268,3 +268,20 @@ def test_melody_reads_the_last_bar_on_the_midi_clocks_grid():
     expected = [0] * 16
     expected[6], expected[8] = melody_event(72), NOTE_OFF  # the bar ends on line 20: lines 4..20, notes on line 10 and off in 12
     assert seen["melody"].tolist() == expected
+
+
+def test_without_a_clock_the_last_16_bars_are_read_at_the_set_tempo():
+    settings = _settings(engine={"bpm": 120})  # 125 ms a sixteenth, the default window holds 16 bars
+    seen = {}
+
+    async def body(e):
+        now = asyncio.get_running_loop().time()
+        e.deliver_now(time.monotonic(), bytes((0x90, 67, 80)), music_t=now - 0.95)  # in the 8th sixteenth from the end
+        e.deliver_now(time.monotonic(), bytes((0x80, 67, 0)), music_t=now - 0.56)  # released in the 5th from the end
+        await e.drain()
+        seen["melody"] = e.melody(0, 0, bars=16)
+
+    drive(settings, "thru", body)
+    m = seen["melody"]
+    assert m.shape == (256,) and m[-8] == melody_event(67) and m[-5] == NOTE_OFF
+    assert (m[:-8] == 0).all() and (m[-7:-5] == 0).all() and (m[-4:] == 0).all()
