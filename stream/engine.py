@@ -162,6 +162,7 @@ class Engine:
                 self.metrics.observe("internal", time.monotonic() - t)
 
     def _roll(self, source: int, channel: int) -> PianoRollWindow:
+        """The channel's window, made at its first note (channels that only send controllers have none)."""
         roll = self._rolls.get((source, channel))
         if roll is None:
             eng = self.settings.engine
@@ -177,20 +178,19 @@ class Engine:
             return [data, None, 0, t, music_t, source]
         ch = data[0] & 0x0F
         session = (source, ch)
-        roll = self._roll(source, ch)
         if self.lookahead is not None and not self._is_control(data, kind, ch):
             self._delay(t, data, kind, session, music_t)
             return None
         cr = self.phrase
         if kind is Kind.NOTE_ON:
             self.metrics.inc("note_on")
-            roll.note_on(music_t, data[1], data[2])
+            self._roll(source, ch).note_on(music_t, data[1], data[2])
             if cr is not None:
                 cr.performer_note_on(music_t)
             fut = self.velocity.request(session, music_t, data[1], data[2])
             return [data, fut, data[2], t, music_t, source]
         if kind is Kind.NOTE_OFF:
-            roll.note_off(music_t, data[1])
+            self._roll(source, ch).note_off(music_t, data[1])
             self.velocity.note_off(session, music_t, data[1])
             if cr is not None:
                 cr.performer_event(music_t, data, note_off=True)
