@@ -49,11 +49,10 @@ def run(args, settings) -> int:
 
 async def _demo(settings, source_path: Path, out: Path, *, realtime: bool, audio: bool, seconds: float) -> dict:
     from cadenza.stream.audio import find_soundfont, midi_file_events, render_events
-    from cadenza.stream.engine import Engine
-    from cadenza.stream.phrase import build_phrase_stage
-    from cadenza.stream.velocity_stage import build_velocity_worker
     from cadenza.midifile import MidiFile, write_performance
-    from cadenza.stream.sources import FileSource, Recorder, events_to_performance
+    from cadenza.stream.build import build_engine
+    from cadenza.stream.sinks.record import Recorder, events_to_performance
+    from cadenza.stream.sources import FileSource
 
     find_soundfont(settings.audio.soundfont)  # the WAV needs one: fail now, not after the run
     midi = MidiFile.load(source_path)
@@ -72,36 +71,33 @@ async def _demo(settings, source_path: Path, out: Path, *, realtime: bool, audio
     # excerpt through as fast as the loop can take it, so a note's "deadline" there would only
     # measure the backlog; it gets 100 ms, and the summary says which deadline was used.
     settings.velocity.deadline_ms = settings.velocity.deadline_ms if realtime else 100.0
-    worker = build_velocity_worker(settings)
-    await asyncio.to_thread(worker.start, loop)
-    sinks = []
+    recorder = Recorder()
+    audio_sink = None
     audio_report = None
     if audio:
         from cadenza.stream.sinks.audio import AudioSink
 
-        sinks.append(AudioSink(settings.audio))
-    engine = Engine(settings, sinks=sinks, velocity_worker=worker, realtime=realtime)
-    engine.bind(loop)
-    recorder = Recorder()
-    engine.emit_hooks.append(recorder)
-    cr = build_phrase_stage(engine, settings)
-    await cr.start()
-    run_task = asyncio.create_task(engine.run(cr.run))
+        audio_sink = AudioSink(settings.audio)
     try:
-        t_first = loop.time()
-        end_t = await FileSource(events, realtime=realtime).play(engine)
-        await engine.drain()
-        if not realtime:
-            await cr.worker.caught_up()
-            cr.end_call(end_t + settings.phrase.silence_ms / 1000)
-        # Wait for the phrase end, the response, and its last note.
-        await _wait_until(lambda: cr.state == 0 and recorder_has_response(recorder), timeout=seconds + 30)
+        async with build_engine(settings, "both", [recorder] + ([audio_sink] if audio_sink else []), realtime=realtime, loop=loop) as engine:
+            cr = engine.phrase
+            run_task = asyncio.create_task(engine.run())
+            try:
+                t_first = loop.time()
+                end_t = await FileSource(events, realtime=realtime).play(engine)
+                await engine.drain()
+                if not realtime:
+                    await cr.worker.caught_up()
+                    cr.end_call(end_t + settings.phrase.silence_ms / 1000)
+                # Wait for the phrase end, the response, and its last note.
+                await _wait_until(lambda: cr.state == 0 and recorder_has_response(recorder), timeout=seconds + 30)
+            finally:
+                engine.stop()
+                await run_task
     finally:
-        engine.stop()
-        await run_task
-        for sink in sinks:
-            audio_report = sink.latency_report()
-            sink.close()
+        if audio_sink is not None:
+            audio_report = audio_sink.latency_report()
+            audio_sink.close()
 
     # ---- files ------------------------------------------------------------------------------
     vel = recorder.performer_velocities()

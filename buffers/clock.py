@@ -92,3 +92,21 @@ class MidiClock:
         beat_now = beat_at_last_tick + (now - self.last_tick_t) / spb
         target = (np.floor(beat_now / unit_beats + 1e-9) + 1) * unit_beats
         return self.last_tick_t + (target - beat_at_last_tick) * spb
+
+    def last_grid_time(self, now: float, *, unit_beats: float) -> float | None:
+        """The time of the last multiple of ``unit_beats`` at or before ``now`` (e.g. 0.25 = a
+        sixteenth); None when no clock is running."""
+        spb = self.seconds_per_beat
+        if spb is None or self.last_tick_t is None or not self.running:
+            return None
+        beat_now = self.beat + (now - self.last_tick_t) / spb
+        target = np.floor(beat_now / unit_beats + 1e-9) * unit_beats
+        return self.last_tick_t + (target - self.beat) * spb
+
+    def sixteenths(self, now: float, *, bpm: float) -> tuple[float, float]:
+        """(the last sixteenth line at or before ``now``, seconds per sixteenth): the clock's grid
+        while it runs, else free time at ``bpm`` (the grid then ends at ``now``)."""
+        line = self.last_grid_time(now, unit_beats=0.25)
+        if line is None:
+            return now, 15.0 / bpm
+        return line, self.seconds_per_beat / 4

@@ -37,11 +37,11 @@ class MidiSettings(_Section):
 
 class EngineSettings(_Section):
     frame_ms: float = Field(10.0, gt=0, le=200, description="piano-roll frame length")
-    window_s: float = Field(10.0, gt=0, le=120, description="sliding piano-roll window length")
-    history_events: int = Field(4096, ge=64, description="events kept per channel in the event history ring")
+    window_s: float = Field(40.0, gt=0, le=120, description="sliding piano-roll window length; vary mode reads up to 16 bars from it (32 s at 120 bpm)")
     input_queue: int = Field(16384, ge=16, description="bound of the input queue; when full, note-ons are dropped (counted), note-offs/pedal/clock never")
     stats_interval_s: float = Field(10.0, ge=0, description="period of the one-line stats log (0 = off)")
     beats_per_bar: int = Field(4, ge=1, le=32, description="the meter, for bar positions from MIDI clock (clock carries none)")
+    bpm: float = Field(120.0, ge=20, le=400, description="tempo of the sixteenth grid the last bars are read on (vary mode) while no MIDI clock runs")
     busy_poll: bool = Field(
         False, description="serve: the event loop never sleeps and reads MIDI input itself (no input thread, no wake-up, the core stays "
         "awake): lowest latency, at the price of one core at 100 percent while serving; for a machine with a core to spare")

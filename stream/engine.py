@@ -18,11 +18,11 @@ import logging
 import sys
 import time
 from collections import deque
-from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
+
+import numpy as np
 
 from cadenza.buffers.clock import MidiClock
-from cadenza.buffers.history import EventHistory
 from cadenza.buffers.ledger import NoteLedger
 from cadenza.buffers.pianoroll import PianoRollWindow
 from cadenza.config.settings import Settings
@@ -30,10 +30,16 @@ from cadenza.models.runtime import Event, ModelStage
 from cadenza.models.velocity.worker import VelocityWorker
 from cadenza.stream.lookahead import LookaheadNote
 from cadenza.messages import NEVER_DROP, Kind, classify
+from cadenza.stream.controls import control_map
 from cadenza.stream.metrics import Metrics
 from cadenza.stream.scheduler import OutputScheduler
-from cadenza.stream.sinks import RoutedSink, Sink
-from cadenza.stream.velocity_stage import MODES, VelocityStage, is_down
+from cadenza.stream.sinks import AnySink, Sinks
+from cadenza.stream.velocity_stage import VelocityStage, is_down
+
+if TYPE_CHECKING:
+    from cadenza.models.velocity.worker import VelocityWorker
+    from cadenza.stream.lookahead import LookaheadStage
+    from cadenza.stream.phrase import PhraseStage
 
 log = logging.getLogger(__name__)
 
@@ -57,39 +63,38 @@ def _model_stages(engine: Engine) -> list[ModelStage]:
     return stages
 
 
-@dataclass
-class ChannelState:
-    """What the engine remembers of one input channel."""
-
-    history: EventHistory
-    roll: PianoRollWindow
-    pedal: int = 0
-
-
 class Engine:
-    def __init__(self, settings: Settings, *, sinks: list[Sink | RoutedSink], velocity_worker: VelocityWorker | None = None, realtime: bool = True) -> None:
+    """Assembled by :func:`cadenza.stream.build.build_engine`, which starts and stops its stages.
+
+    ``velocity_worker`` colorizes note-ons, ``lookahead`` delays everything by a fixed time for
+    the full-context model, ``phrase_factory(engine)`` makes the phrase stage (it needs the
+    engine to emit its answers); each is None when the mode does not use it.
+    """
+
+    def __init__(self, settings: Settings, *, sinks: list[AnySink], velocity_worker: VelocityWorker | None = None, lookahead: LookaheadStage | None = None,
+                 phrase_factory: Callable[[Engine], PhraseStage] | None = None, realtime: bool = True) -> None:
         self.settings = settings
-        self.sinks = list(sinks)
+        self.sinks = Sinks(sinks)  # more may be added (serve adds the audio sink once the ports are open)
         self.metrics = Metrics()
         self.ledger = NoteLedger()  # source 0's (the ports'); other sources get their own
         self._ledgers: dict[int, NoteLedger] = {0: self.ledger}
         self.clock = MidiClock(beats_per_bar=settings.engine.beats_per_bar)
         self.velocity = VelocityStage(settings.velocity, velocity_worker)
         self.realtime = realtime
-        self.phrase = None  # set by serve for --mode continue|both
-        self.lookahead = None  # a LookaheadStage for --mode lookahead
-        self.emit_hooks: list[Callable[[float, bytes, object], None]] = []
+        self.lookahead = lookahead
         self._queue: deque = deque()
         self._wake = asyncio.Event()
         self._stop = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self.scheduler: OutputScheduler | None = None
-        self._channels: dict[tuple[int, int], ChannelState] = {}
-        self._control_map = _control_map(settings)
-        self._source_names: dict[int, str] = {}
+        self._rolls: dict[tuple[int, int], PianoRollWindow] = {}  # per (source, channel)
+        self._control_map = control_map(settings)
         self._idle = asyncio.Event()
         self._last_pump = 0.0  # when the pump last took a batch (monotonic)
         self._idle.set()
+        self.phrase: PhraseStage | None = None
+        if phrase_factory is not None:
+            self.phrase = phrase_factory(self)
 
     # ---- wiring -----------------------------------------------------------------------------
 
@@ -171,13 +176,13 @@ class Engine:
                 self._emit(music_t, data, None, source)
                 self.metrics.observe("internal", time.monotonic() - t)
 
-    def _session(self, source: int, channel: int) -> ChannelState:
-        key = (source, channel)
-        st = self._channels.get(key)
-        if st is None:
+    def _roll(self, source: int, channel: int) -> PianoRollWindow:
+        """The channel's window, made at its first note (channels that only send controllers have none)."""
+        roll = self._rolls.get((source, channel))
+        if roll is None:
             eng = self.settings.engine
-            st = self._channels[key] = ChannelState(EventHistory(eng.history_events), PianoRollWindow(frame_s=eng.frame_ms / 1000, window_s=eng.window_s))
-        return st
+            roll = self._rolls[(source, channel)] = PianoRollWindow(frame_s=eng.frame_ms / 1000, window_s=eng.window_s)
+        return roll
 
     def _process(self, t: float, data: bytes, kind: Kind, source: int, music_t: float) -> list | None:
         """Update state for one input message; return its output entry, or None if consumed."""
@@ -188,21 +193,19 @@ class Engine:
             return [data, None, 0, t, music_t, source]
         ch = data[0] & 0x0F
         session = (source, ch)
-        st = self._session(source, ch)
-        st.history.append(music_t, data)
         if self.lookahead is not None and not self._is_control(data, kind, ch):
             self._delay(t, data, kind, session, music_t)
             return None
         cr = self.phrase
         if kind is Kind.NOTE_ON:
             self.metrics.inc("note_on")
-            st.roll.note_on(music_t, data[1], data[2])
+            self._roll(source, ch).note_on(music_t, data[1], data[2])
             if cr is not None:
                 cr.performer_note_on(music_t)
             fut = self.velocity.request(session, music_t, data[1], data[2])
             return [data, fut, data[2], t, music_t, source]
         if kind is Kind.NOTE_OFF:
-            st.roll.note_off(music_t, data[1])
+            self._roll(source, ch).note_off(music_t, data[1])
             self.velocity.note_off(session, music_t, data[1])
             if cr is not None:
                 cr.performer_event(music_t, data, note_off=True)
@@ -216,7 +219,6 @@ class Engine:
                     self.metrics.inc("consumed")
                     return None
             if data[1] == 64:
-                st.pedal = data[2]
                 self.velocity.pedal(session, music_t, data[2])
                 if cr is not None:
                     cr.performer_event(music_t, data)
@@ -245,14 +247,12 @@ class Engine:
     # ---- output -----------------------------------------------------------------------------
 
     def _emit(self, music_t: float, data: bytes, tag: object, source: int = 0) -> None:
-        self._send(source, data)
+        self.sinks.send(source, data, music_t, tag)
         ledger = self.ledger if source == 0 else self._ledgers.get(source)
         if ledger is None:
             ledger = self._ledgers[source] = NoteLedger()
         ledger.track(data)
         self.metrics.inc("out")
-        for hook in self.emit_hooks:
-            hook(music_t, data, tag)
         if tag is None and self.phrase is not None and (data[0] & 0xF0) == 0x90 and len(data) == 3 and data[2] > 0:
             self.phrase.feed_output(music_t, data)
 
@@ -269,13 +269,6 @@ class Engine:
                 return
         self._emit(due, data, tag)
 
-    def _send(self, source: int, data: bytes) -> None:
-        for sink in self.sinks:
-            if getattr(sink, "routed", False):
-                sink.send_from(source, data)
-            else:
-                sink.send(data)
-
     def panic(self, reason: str, source: int | None = None) -> None:
         """Release every sounding note (matching note-offs, then CC 123) and cancel responses;
         with ``source``, only what that source's notes left sounding."""
@@ -288,9 +281,7 @@ class Engine:
             owed = ledger.release_all()
             released += sum(1 for d in owed if d[0] & 0xF0 == 0x80)
             for data in owed:
-                self._send(src, data)
-                for hook in self.emit_hooks:
-                    hook(self.now_music(), data, "panic")
+                self.sinks.send(src, data, self.now_music(), "panic")
         if released:
             log.info("panic (%s): releasing %d", reason, released)
         self.metrics.inc("panics")
@@ -301,9 +292,15 @@ class Engine:
         self.panic(reason, source=source)
         if source != 0:
             self._ledgers.pop(source, None)
-        for key in [k for k in self._channels if k[0] == source]:
-            del self._channels[key]
+        for key in [k for k in self._rolls if k[0] == source]:
+            del self._rolls[key]
             self.velocity.forget(key)
+
+    def melody(self, source: int, channel: int, bars: int) -> np.ndarray:
+        """The last ``bars`` of a channel as melody events (``PianoRollWindow.melody_steps``), on
+        the sixteenth grid of the MIDI clock while it runs, else ending now at ``engine.bpm``."""
+        end, step_s = self.clock.sixteenths(self.now_music(), bpm=self.settings.engine.bpm)
+        return self._roll(source, channel).melody_steps(end, bars * self.settings.engine.beats_per_bar * 4, step_s)
 
     def now_music(self) -> float:
         return self._loop.time() if self._loop is not None else time.monotonic()
@@ -386,6 +383,8 @@ class Engine:
                     tg.create_task(self._watchdog(), name="watchdog"),
                     tg.create_task(self._keep_warm(), name="keep-warm"),
                 ]
+                if self.phrase is not None:  # timers drive it; the task ties its lifetime to the engine's
+                    tasks.append(tg.create_task(self.phrase.run(), name="phrase"))
                 for make in extra_tasks:
                     tasks.append(tg.create_task(make(), name=getattr(make, "__name__", "extra")))
                 await self._stop.wait()
@@ -420,17 +419,3 @@ class Engine:
         if mode != self.velocity.mode:
             self.panic(f"mode switch to {mode}")
             self.velocity.mode = mode
-
-
-def _control_map(settings: Settings) -> dict[int, Callable[[Engine, int], None]]:
-    c = settings.controls
-    table = {
-        c.strength_cc: lambda e, v: setattr(e.velocity, "strength", v / 127.0),
-        c.mode_cc: lambda e, v: e.set_mode(MODES[min(2, v * 3 // 128)]),
-        c.bypass_cc: lambda e, v: setattr(e.velocity, "bypass", v >= 64),
-        c.panic_cc: lambda e, v: e.panic("panic CC") if v >= 64 else None,
-        c.temperature_cc: lambda e, v: e.phrase and e.phrase.set_temperature(0.2 + 1.6 * v / 127.0),
-        c.length_cc: lambda e, v: e.phrase and e.phrase.set_length(1.0 + 15.0 * v / 127.0),
-        c.phrase_cc: lambda e, v: e.phrase and e.phrase.set_enabled(v >= 64),
-    }
-    return {cc: fn for cc, fn in table.items() if cc is not None}

@@ -314,6 +314,4 @@ def _default_live(settings: PhraseSettings) -> Callable[[], LivePhraseModel]:
 
 
 def build_phrase_stage(engine: Engine, settings: Settings) -> PhraseStage:
-    cr = PhraseStage(engine, settings.phrase, settings.controls)
-    engine.phrase = cr
-    return cr
+    return PhraseStage(engine, settings.phrase, settings.controls)

@@ -8,13 +8,10 @@ import json
 import logging
 import signal
 import sys
-from typing import Any
 
 from cadenza.config.settings import Settings
 from cadenza.models.runtime import pick_device
-from cadenza.stream.lookahead import build_lookahead
-from cadenza.stream.phrase import build_phrase_stage
-from cadenza.stream.velocity_stage import build_velocity_worker
+from cadenza.stream.build import build_engine
 from cadenza.stream.engine import Engine
 from cadenza.stream.ports import MidiInputPort, MidiOutputPort, api_name, resolve_api
 from cadenza.stream.spin import SpinEventLoop
@@ -60,22 +57,10 @@ async def serve(settings: Settings, *, mode: str, audio: bool = False, ready=Non
     """
     loop = asyncio.get_running_loop()
     api = resolve_api(settings.midi.api)
-    with contextlib.ExitStack() as opened:
-        worker = lookahead = None
-        if mode in ("colorize", "both"):
-            worker = build_velocity_worker(settings)
-            await asyncio.to_thread(worker.start, loop)
-            opened.callback(worker.stop)
-        if mode == "lookahead":
-            lookahead = build_lookahead(settings)
-            await asyncio.to_thread(lookahead.start, loop)
-            opened.callback(lookahead.stop)
+    async with contextlib.AsyncExitStack() as opened:
         out = MidiOutputPort(api, client_name=settings.midi.client_name, name=settings.midi.out_port, attach=settings.midi.attach_out)
         opened.callback(out.close)
-        sinks: list[Any] = [out]
-        engine = Engine(settings, sinks=sinks, velocity_worker=worker)
-        engine.bind(loop)
-        engine.lookahead = lookahead
+        engine = await opened.enter_async_context(build_engine(settings, mode, [out], loop=loop))
         spinning = isinstance(loop, SpinEventLoop)  # busy polling: the loop reads the input itself
         inp = MidiInputPort(api, client_name=settings.midi.client_name, name=settings.midi.in_port, attach=settings.midi.attach_in,
                             deliver=engine.deliver_now if spinning else engine.deliver, poll_on=loop if spinning else None)
@@ -89,24 +74,18 @@ async def serve(settings: Settings, *, mode: str, audio: bool = False, ready=Non
 
             audio_sink = AudioSink(settings.audio)
             opened.callback(audio_sink.close)
-            engine.sinks.append(audio_sink)
+            engine.sinks.add(audio_sink)
             log.info("audio: %s", format_audio_latency(audio_sink.latency_report()))
-        tasks = [PortSupervisor(engine, inp, out, settings.midi.reattach_interval_s).run]
-        if mode in ("continue", "both"):
-            cr = build_phrase_stage(engine, settings)
-            await cr.start()
-            opened.callback(cr.close)
-            tasks.append(cr.run)
         if install_signals:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, engine.stop)
                 opened.callback(loop.remove_signal_handler, sig)
-        device = pick_device(settings.velocity.device) if (worker or lookahead) else "-"
+        device = pick_device(settings.velocity.device) if mode in ("colorize", "both", "lookahead") else "-"
         log.info("listening on %r -> %r (%s, mode %s, model on %s%s); Ctrl-C to stop", inp.name, out.name, api_name(api), mode, device,
                  ", busy polling: one core at 100 %" if spinning else "")
         if ready is not None:
             ready(engine)
-        await engine.run(*tasks)
+        await engine.run(PortSupervisor(engine, inp, out, settings.midi.reattach_interval_s).run)
         snapshot = engine.metrics.snapshot()
         if audio_sink is not None:
             snapshot["audio"] = audio_sink.latency_report()

@@ -85,7 +85,7 @@ async def _play(host: str, port: int, sessions: dict[str, list], ready_wait: flo
 
 
 def _bench(args, settings) -> int:
-    from cadenza.bench import _stats_ms, added_ms, pattern, print_paths, run_service
+    from cadenza.bench.latency import _stats_ms, added_ms, pattern, print_paths, run_service
     from cadenza.harness.mosquitto import MosquittoBroker
 
     broker = MosquittoBroker().start() if args.broker == "own" else None

@@ -21,11 +21,10 @@ log = logging.getLogger(__name__)
 class MqttTransport:
     """The daemon's source and sink: sessions in, each session's output back to its own topic.
 
-    It is an engine sink with ``routed = True``: the engine hands it ``(source, data)`` and it
-    publishes to that source's ``out`` topic. Session names map to engine sources 1, 2, ...
+    It is a :class:`~cadenza.stream.sinks.RoutedSink`: the engine hands it ``(source, data)`` and
+    it publishes to that source's ``out`` topic. Session names map to engine sources 1, 2, ...
     """
 
-    routed = True
     name = "mqtt"
 
     def __init__(self, settings: MqttSettings, engine_settings) -> None:
@@ -234,8 +233,7 @@ async def serve_mqtt(settings: Settings, *, mode: str = "colorize", ready: Calla
     import signal
 
     from cadenza.models.runtime import pick_device
-    from cadenza.stream.engine import Engine
-    from cadenza.stream.velocity_stage import build_velocity_worker
+    from cadenza.stream.build import build_engine
 
     if mode != "colorize":
         raise ConfigError(f"--transport mqtt serves --mode colorize (got {mode}); continuation and lookahead answer one performer on one port pair")
@@ -243,11 +241,7 @@ async def serve_mqtt(settings: Settings, *, mode: str = "colorize", ready: Calla
     transport = MqttTransport(settings.mqtt, settings.engine)
     await transport.connect()
     try:
-        worker = build_velocity_worker(settings)
-        await asyncio.to_thread(worker.start, loop)
-        try:
-            engine = Engine(settings, sinks=[transport], velocity_worker=worker)
-            engine.bind(loop)
+        async with build_engine(settings, mode, [transport], loop=loop) as engine:
             transport.engine = engine
             if install_signals:
                 for sig in (signal.SIGINT, signal.SIGTERM):
@@ -262,8 +256,6 @@ async def serve_mqtt(settings: Settings, *, mode: str = "colorize", ready: Calla
                     for sig in (signal.SIGINT, signal.SIGTERM):
                         loop.remove_signal_handler(sig)
             snapshot = engine.metrics.snapshot()
-        finally:
-            worker.stop()
     finally:
         await transport.close()
     return snapshot

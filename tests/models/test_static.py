@@ -90,7 +90,7 @@ def test_worker_with_the_static_step_answers_like_the_numpy_step():
     import asyncio
 
     from cadenza.models.velocity.features import LiveVelocityFeatures
-    from cadenza.models.worker import VelocityWorker
+    from cadenza.models.velocity.worker import VelocityWorker
 
     rng = np.random.default_rng(3)
     events = [(int(rng.integers(0, 4)), 0.05 * k, int(p)) for k in range(60) for p in rng.choice(np.arange(40, 90), int(rng.choice([1, 3])), replace=False)]

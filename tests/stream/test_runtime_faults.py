@@ -1,6 +1,6 @@
 """Fault drills for every model stage, through the engine with the shipped models: a killed
 model's requests fall back at once and are counted, the runtime restarts it by itself, and answers
-come back. No ports: the engine's output is recorded by an emit hook."""
+come back. No ports: the engine's output is recorded by a tagged sink."""
 
 from __future__ import annotations
 
@@ -13,9 +13,8 @@ import pytest
 from cadenza.config.settings import Settings, load_settings
 from cadenza.models.runtime import Backoff
 from cadenza.stream.engine import Engine
-from cadenza.stream.lookahead import build_lookahead
-from cadenza.stream.phrase import IDLE, RESPONDING, build_phrase_stage
-from cadenza.stream.velocity_stage import build_velocity_worker
+from cadenza.stream.build import build_engine
+from cadenza.stream.phrase import IDLE, RESPONDING
 
 from .conftest import sounding
 
@@ -31,33 +30,33 @@ def _settings(**sections) -> Settings:
     return load_settings(overrides={"engine": {"stats_interval_s": 0}, **sections})
 
 
+class _Out(list):
+    """A tagged sink keeping (data, tag) of everything the engine sent."""
+
+    name = "out"
+
+    def send_tagged(self, t: float, data: bytes, tag: object) -> None:
+        self.append((data, tag))
+
+    def close(self) -> None:
+        pass
+
+
 async def _with_engine(settings: Settings, body: Callable[[Engine, list[tuple[bytes, object]]], Awaitable[None]], *,
                        velocity: bool = False, lookahead: bool = False, phrase: bool = False) -> dict:
-    loop = asyncio.get_running_loop()
-    worker = build_velocity_worker(settings) if velocity else None
-    if worker is not None:
-        await asyncio.to_thread(worker.start, loop)
-    engine = Engine(settings, sinks=[], velocity_worker=worker)
-    engine.bind(loop)
-    out: list[tuple[bytes, object]] = []
-    engine.emit_hooks.append(lambda t, data, tag: out.append((data, tag)))
-    tasks = []
-    if lookahead:
-        engine.lookahead = build_lookahead(settings)
-        engine.lookahead.margin = settings.velocity.lookahead_s / 2  # a generous model time: a busy CI machine
-        engine.lookahead.stage.backoff = Backoff(first=1.0, at_once=False)  # down long enough for notes to fall due meanwhile
-        await asyncio.to_thread(engine.lookahead.start, loop)
-    if phrase:
-        cr = build_phrase_stage(engine, settings)
-        await cr.start()
-        tasks.append(cr.run)
-    run = asyncio.create_task(engine.run(*tasks))
-    try:
-        await asyncio.sleep(0.05)
-        await body(engine, out)
-    finally:
-        engine.stop()
-        await run
+    mode = "colorize" if velocity else "lookahead" if lookahead else "continue" if phrase else "thru"
+    out = _Out()
+    async with build_engine(settings, mode, [out]) as engine:
+        if lookahead:
+            engine.lookahead.margin = settings.velocity.lookahead_s / 2  # a generous model time: a busy CI machine
+            engine.lookahead.stage.backoff = Backoff(first=1.0, at_once=False)  # down long enough for notes to fall due meanwhile
+        run = asyncio.create_task(engine.run())
+        try:
+            await asyncio.sleep(0.05)
+            await body(engine, out)
+        finally:
+            engine.stop()
+            await run
     return engine.metrics.snapshot()
 
 

@@ -1,0 +1,31 @@
+"""Performer controls, as data: CC number -> what it does to the engine (config ``[controls]``).
+
+Each action takes the engine and the CC value (0-127); a control whose CC is None is off, and a
+phrase control does nothing while no phrase stage runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from cadenza.config.settings import Settings
+from cadenza.stream.velocity_stage import MODES
+
+if TYPE_CHECKING:
+    from cadenza.stream.engine import Engine
+
+
+def control_map(settings: Settings) -> dict[int, Callable[[Engine, int], None]]:
+    """The engine's control table from the settings."""
+    c = settings.controls
+    table = {
+        c.strength_cc: lambda e, v: setattr(e.velocity, "strength", v / 127.0),
+        c.mode_cc: lambda e, v: e.set_mode(MODES[min(2, v * 3 // 128)]),
+        c.bypass_cc: lambda e, v: setattr(e.velocity, "bypass", v >= 64),
+        c.panic_cc: lambda e, v: e.panic("panic CC") if v >= 64 else None,
+        c.temperature_cc: lambda e, v: e.phrase and e.phrase.set_temperature(0.2 + 1.6 * v / 127.0),
+        c.length_cc: lambda e, v: e.phrase and e.phrase.set_length(1.0 + 15.0 * v / 127.0),
+        c.phrase_cc: lambda e, v: e.phrase and e.phrase.set_enabled(v >= 64),
+    }
+    return {cc: fn for cc, fn in table.items() if cc is not None}

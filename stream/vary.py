@@ -1,0 +1,270 @@
+"""Vary: the performer plays a loop, Cadenza plays it back changed, bar-aligned, on its own channel.
+
+The loop is ``vary.bars`` bars (2 for ``mel_2bar``, 16 for ``mel_16bar``) on the sixteenth grid of
+the MIDI clock, or without a clock at ``engine.bpm`` counted from the first note played. Half a
+sixteenth before each loop boundary the stage reads the loop just played from the engine's
+piano-roll window (its top voice), hands it to the MusicVAE in the model runtime, and schedules
+the answer from the boundary on:
+
+* ``vary``: the loop's latent code plus noise (``vary.amount``, or the amount CC);
+* ``morph``: when a new loop comes in, a path from what was playing to it over
+  ``vary.morph_repeats`` repetitions;
+* attribute CCs (density, interval, register, syncopation) move the code along the attribute
+  vectors shipped with the weights, applied to whatever is played.
+
+Reading half a step early centres each sixteenth on its grid line (a note played a little early
+still counts for its beat) and leaves the model that half step to answer; an answer that is not
+back by the boundary is a counted miss and that loop plays nothing. The answer's notes go through
+the engine (ledger, sinks) like every other output, so panic, a mode switch or shutdown release
+them; a loop with fewer than ``vary.min_notes`` notes ends the variation (and releases it).
+
+States, reported on ``state_out_cc``: idle (0), listening (64), playing (127).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
+
+import numpy as np
+
+from cadenza.config.settings import ControlSettings, Settings, VarySettings
+from cadenza.messages import control, note_off, note_on
+from cadenza.models.runtime import Event, ModelStage, SessionKey
+
+if TYPE_CHECKING:
+    from cadenza.models.vae.live import VAE
+    from cadenza.models.vae.worker import VaryJob
+    from cadenza.stream.engine import Engine
+
+log = logging.getLogger(__name__)
+
+IDLE, LISTENING, PLAYING = 0, 64, 127
+ATTRIBUTES = ("density", "interval", "register", "syncopation")
+
+
+@dataclass(frozen=True)
+class VaryTag:
+    """Scheduler tag of one loop's answer: cancelled as a whole."""
+
+    gen: int
+
+
+class VaryStage:
+    def __init__(self, engine: Engine, settings: VarySettings, controls: ControlSettings, *,
+                 load_vae: Callable[[], VAE] | None = None) -> None:
+        self.engine = engine
+        self.settings = settings
+        self.controls = controls
+        self.mode = settings.mode
+        self.amount = settings.amount
+        self.attributes = {name: 0.0 for name in ATTRIBUTES}
+        self.state = IDLE
+        self._load_vae = load_vae or _default_vae(settings)
+        self.stage: ModelStage[VaryJob] | None = None
+        self.steps = 0  # sixteenths in a loop (the model's length)
+        self._session: SessionKey | None = None  # the channel the loop is read from
+        self._anchor: float | None = None  # without a clock: the first note's time, bar 1 beat 1
+        self._timer: asyncio.TimerHandle | None = None
+        self._gens = itertools.count(1)
+        self._gen: int | None = None
+        self._seeds = itertools.count(settings.seed)
+        self._sounding: set[int] = set()  # pitches of the answer sounding now
+
+    # ---- lifecycle --------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        from cadenza.models.vae.worker import VaeHandler
+
+        handler = VaeHandler(self._load_vae)
+        # Inline on the loop: an encode + decode of a loop is a few milliseconds on one core
+        # (`cadenza bench vae`) and comes once per loop; a thread would only add hand-offs.
+        self.stage = ModelStage(handler, name="vae", inline=self.settings.inline)
+        await asyncio.to_thread(self.stage.start, self.engine._loop)
+        assert handler.vae is not None
+        self.steps = handler.vae.steps
+        bars = self.steps // 16
+        if bars * self.engine.clock.beats_per_bar * 4 != self.steps:
+            log.warning("vary: %s is %d bars of 4/4; engine.beats_per_bar is %d", self.settings.model, bars, self.engine.clock.beats_per_bar)
+        self.stage.listen(self._model_event)
+        self._set_state(IDLE)
+
+    def _model_event(self, event: Event, stage: ModelStage[VaryJob]) -> None:
+        if event == "crash":
+            self.cancel(release=True)
+
+    def close(self) -> None:
+        self._disarm()
+        if self.stage is not None:
+            self.stage.stop()
+
+    # ---- the grid ---------------------------------------------------------------------------
+
+    def _step_s(self) -> float:
+        spb = self.engine.clock.seconds_per_beat if self.engine.clock.running else None
+        return (spb if spb is not None else 60.0 / self.engine.settings.engine.bpm) / 4
+
+    def _next_boundary(self, now: float) -> float:
+        """The next loop boundary after ``now`` (a bar line that starts a loop)."""
+        clock = self.engine.clock
+        loop_beats = self.steps / 4
+        if clock.running and clock.seconds_per_beat is not None:
+            return clock.next_grid_time(now, unit_beats=loop_beats)
+        loop_s = self.steps * self._step_s()
+        assert self._anchor is not None
+        return self._anchor + loop_s * (math.floor((now - self._anchor) / loop_s + 1e-9) + 1)
+
+    def _arm(self, boundary: float) -> None:
+        self._disarm()
+        read_at = boundary - self._step_s() / 2
+        self._timer = self.engine._loop.call_at(max(self.engine.now_music(), read_at), self._read_loop, boundary)
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    # ---- performer input --------------------------------------------------------------------
+
+    def performer_note_on(self, t: float, session: SessionKey) -> None:
+        """A note of the performer's: the first one after silence starts the loop grid."""
+        if self.stage is None or self._session not in (None, session) and self._timer is not None:
+            return  # one loop at a time: the channel that started it
+        if self._timer is None:
+            self._session = session
+            clock = self.engine.clock
+            if not (clock.running and clock.seconds_per_beat is not None):
+                self._anchor = t  # free time: the loop starts on this note
+            self._arm(self._next_boundary(t))
+            if self.state == IDLE:
+                self._set_state(LISTENING)
+
+    def _read_loop(self, boundary: float) -> None:
+        """Half a step before ``boundary``: the loop just played goes to the model."""
+        self._timer = None
+        assert self.stage is not None and self._session is not None
+        step_s = self._step_s()
+        events = self.engine.melody_at(self._session, boundary - step_s / 2, self.steps, step_s)
+        events = to_vae_events(events)
+        if int(np.count_nonzero(events >= 2)) < self.settings.min_notes:
+            log.debug("vary: loop before %.3f has too few notes; stopping", boundary)
+            self.cancel(release=False)  # what plays now ends on its own at the boundary
+            self._session = None
+            self._set_state(IDLE)
+            return
+        from cadenza.models.vae.worker import VaryJob
+
+        fut: asyncio.Future = self.engine._loop.create_future()
+        job = VaryJob(session=self._session, events=events, mode=self.mode, amount=self.amount, repeats=self.settings.morph_repeats,
+                      attributes=dict(self.attributes), temperature=self.settings.temperature, seed=next(self._seeds), future=fut)
+        gen = next(self._gens)
+        fut.add_done_callback(lambda f: self._answer(f, gen, boundary, step_s))
+        self.stage.submit(job, deadline=time.monotonic() + max(0.0, boundary - self.engine.now_music()))
+        self.stage.flush()
+        self._arm(boundary + self.steps * step_s)  # keep reading, loop after loop
+
+    def _answer(self, fut: asyncio.Future, gen: int, boundary: float, step_s: float) -> None:
+        metrics = self.engine.metrics
+        if fut.cancelled():
+            metrics.inc("deadline_miss")
+            return
+        events, _z = fut.result()
+        now = self.engine.now_music()
+        metrics.observe("vary_lead", max(0.0, boundary - now))
+        if now > boundary + step_s / 2:
+            metrics.inc("deadline_miss")  # too late to start on its bar line: skip this loop
+            return
+        from cadenza.models.vae.live import events_to_notes
+
+        ch = self.settings.out_channel
+        sched = self.engine.scheduler
+        self._gen = gen
+        tag = VaryTag(gen)
+        for t_on, t_off, pitch in events_to_notes(events, step_s):
+            sched.schedule(boundary + t_on, note_on(ch, pitch, self.settings.velocity), tag)
+            # ends a hair before the next loop's notes, so a repeated pitch re-strikes cleanly
+            sched.schedule(boundary + min(t_off, self.steps * step_s) - 0.001, note_off(ch, pitch), tag)
+        self._set_state(PLAYING)
+
+    def on_scheduled(self, data: bytes, tag: VaryTag) -> bytes | None:
+        """An answer event is due: keep what is sounding (for a clean cut)."""
+        if (data[0] & 0xF0) == 0x90 and data[2] > 0:
+            if tag.gen != self._gen:
+                return None  # an older loop's note that a newer answer replaced
+            self._sounding.add(data[1])
+        elif (data[0] & 0xF0) in (0x80, 0x90):
+            if data[1] not in self._sounding:
+                return None
+            self._sounding.discard(data[1])
+        return data
+
+    def cancel(self, *, release: bool) -> None:
+        """Stop what plays: pending answer events dropped; with ``release``, note-offs for the
+        notes it left sounding (the engine's panic releases them itself)."""
+        for gen in range(1, (self._gen or 0) + 1):
+            self.engine.scheduler.cancel(VaryTag(gen))
+        if release:
+            ch = self.settings.out_channel
+            for pitch in sorted(self._sounding):
+                self.engine._emit(self.engine.now_music(), note_off(ch, pitch), "release")
+        self._sounding.clear()
+
+    def reset(self) -> None:
+        """Panic or mode switch: nothing plays, the grid waits for the next note."""
+        self._disarm()
+        self.cancel(release=False)
+        self._session = None
+        self._set_state(IDLE)
+
+    # ---- performer controls -----------------------------------------------------------------
+
+    def set_amount(self, value: float) -> None:
+        self.amount = value
+
+    def set_attribute(self, name: str, amount: float) -> None:
+        self.attributes[name] = amount
+
+    def set_mode(self, mode: str) -> None:
+        self.mode = mode  # type: ignore[assignment]
+
+    def _set_state(self, state: int) -> None:
+        if state == self.state:
+            return
+        self.state = state
+        cc = self.controls.state_out_cc
+        if cc is not None:
+            self.engine._emit(self.engine.now_music(), control(self.controls.channel or 0, cc, state), "state")
+
+
+def to_vae_events(window_events: np.ndarray) -> np.ndarray:
+    """The window's melody events (``buffers.pianoroll.melody_event``) in the VAE's encoding:
+    the same grid and note-offs, pitches folded by octaves into the model's range."""
+    from cadenza.buffers.pianoroll import MIN_PITCH
+    from cadenza.models.vae.data import HI, LO
+
+    out = np.asarray(window_events, np.int64).copy()
+    on = out >= 2
+    pitch = out[on] - 2 + MIN_PITCH
+    pitch = np.where(pitch < LO, pitch + 12 * ((LO - pitch + 11) // 12), pitch)
+    pitch = np.where(pitch > HI, pitch - 12 * ((pitch - HI + 11) // 12), pitch)
+    out[on] = pitch - LO + 2
+    return out
+
+
+def _default_vae(settings: VarySettings) -> Callable[[], VAE]:
+    def load() -> VAE:
+        from cadenza.models.vae.live import load_vae
+
+        return load_vae(settings.model)
+
+    return load
+
+
+def build_vary_stage(engine: Engine, settings: Settings) -> VaryStage:
+    return VaryStage(engine, settings.vary, settings.controls)
+
