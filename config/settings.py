@@ -88,6 +88,23 @@ class PhraseSettings(_Section):
     device: Literal["auto", "cpu", "cuda"] = Field("auto")
 
 
+class VarySettings(_Section):
+    """``serve --mode vary``: the performer's loop, played back varied through the MusicVAE."""
+
+    model: Literal["mel_2bar", "mel_16bar"] = Field("mel_2bar", description="the loop is 2 or 16 bars of 4/4, as the model")
+    mode: Literal["vary", "morph"] = Field("vary", description="vary: the loop's code plus noise; morph: a path from the previous loop "
+                                            "to a new one over morph_repeats repetitions")
+    amount: float = Field(0.6, ge=0, le=3, description="vary: size of the noise added to the loop's latent code (the amount CC sets it 0-2)")
+    morph_repeats: int = Field(4, ge=1, le=64, description="morph: repetitions from the old loop to the new one")
+    temperature: float = Field(0.0, ge=0, le=3, description="decoder sampling temperature; 0 = greedy (the noise alone varies)")
+    min_notes: int = Field(2, ge=1, le=64, description="a loop with fewer notes ends the variation")
+    out_channel: int = Field(1, ge=0, le=15, description="MIDI channel of the variation (0-15; default 1 = channel 2)")
+    velocity: int = Field(90, ge=1, le=127, description="velocity of the variation's notes")
+    seed: int = Field(0, description="first seed of the noise; each loop takes the next")
+    inline: bool = Field(False, description="run the model on the event loop's thread instead of its own (the performer's notes then wait "
+                         "for each encode + decode)")
+
+
 class ControlSettings(_Section):
     """Performer controls, as data: CC number -> function. None disables a control."""
 
@@ -99,6 +116,12 @@ class ControlSettings(_Section):
     temperature_cc: int | None = Field(24, ge=0, le=127, description="maps 0-127 to temperature 0.2-1.8")
     length_cc: int | None = Field(25, ge=0, le=127, description="maps 0-127 to 1-16 s")
     phrase_cc: int | None = Field(26, ge=0, le=127, description="value >= 64 turns continuation on")
+    vary_amount_cc: int | None = Field(28, ge=0, le=127, description="vary: maps 0-127 to noise amount 0-2")
+    vary_mode_cc: int | None = Field(29, ge=0, le=127, description="vary: value < 64 vary, >= 64 morph")
+    density_cc: int | None = Field(30, ge=0, le=127, description="vary: note density attribute, 64 = as played, 0 / 127 = -2 / +2")
+    register_cc: int | None = Field(31, ge=0, le=127, description="vary: register attribute, 64 = as played")
+    interval_cc: int | None = Field(85, ge=0, le=127, description="vary: interval-size attribute, 64 = as played")
+    syncopation_cc: int | None = Field(86, ge=0, le=127, description="vary: syncopation attribute, 64 = as played")
     state_out_cc: int | None = Field(27, ge=0, le=127, description="the engine reports its state (0 idle, 64 listening, 127 responding) on this CC")
     consume: bool = Field(True, description="control CCs are not passed through to the output")
 
@@ -169,6 +192,7 @@ class Settings(BaseSettings):
     engine: EngineSettings = EngineSettings()
     velocity: VelocitySettings = VelocitySettings()
     phrase: PhraseSettings = PhraseSettings()
+    vary: VarySettings = VarySettings()
     controls: ControlSettings = ControlSettings()
     audio: AudioSettings = AudioSettings()
     mqtt: MqttSettings = MqttSettings()

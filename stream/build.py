@@ -12,6 +12,7 @@ colorize   velocity worker (the causal model, per note, with a deadline)
 continue   phrase stage (answers when the performer stops)
 both       velocity worker and phrase stage
 lookahead  full-context stage; everything leaves ``velocity.lookahead_s`` late
+vary       MusicVAE stage: the performer's loop, varied, from the next loop line on
 thru       none: messages pass through the engine's buffers and ledger only
 =========  ===================================================================
 
@@ -35,7 +36,7 @@ if TYPE_CHECKING:
     from cadenza.models.phrase.live import LivePhrase
     from cadenza.stream.phrase import PhraseStage
 
-MODES = ("colorize", "continue", "both", "lookahead", "thru")
+MODES = ("colorize", "continue", "both", "lookahead", "vary", "thru")
 
 
 @contextlib.asynccontextmanager
@@ -49,6 +50,7 @@ async def build_engine(settings: Settings, mode: str, sinks: list[AnySink], *, r
     """
     from cadenza.stream.lookahead import build_lookahead
     from cadenza.stream.phrase import PhraseStage, build_phrase_stage
+    from cadenza.stream.vary import build_vary_stage
     from cadenza.stream.velocity_stage import build_velocity_worker
 
     if mode not in MODES:
@@ -70,9 +72,14 @@ async def build_engine(settings: Settings, mode: str, sinks: list[AnySink], *, r
                 phrase_factory = lambda e: build_phrase_stage(e, settings)
             else:
                 phrase_factory = lambda e: PhraseStage(e, settings.phrase, settings.controls, make_live=make_live)
-        engine = Engine(settings, sinks=sinks, velocity_worker=worker, lookahead=lookahead, phrase_factory=phrase_factory, realtime=realtime)
+        vary_factory = (lambda e: build_vary_stage(e, settings)) if mode == "vary" else None
+        engine = Engine(settings, sinks=sinks, velocity_worker=worker, lookahead=lookahead, phrase_factory=phrase_factory,
+                        vary_factory=vary_factory, realtime=realtime)
         engine.bind(loop)
         if engine.phrase is not None:
             started.callback(engine.phrase.close)
             await engine.phrase.start()
+        if engine.vary is not None:
+            started.callback(engine.vary.close)
+            await engine.vary.start()
         yield engine

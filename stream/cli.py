@@ -17,7 +17,8 @@ def register(groups) -> None:
     p.set_defaults(func=_ports)
 
     s = root.add_parser("serve", help="run the live service between MIDI ports")
-    s.add_argument("--mode", choices=["colorize", "continue", "both", "lookahead"], default="colorize", help="colorize velocities, answer phrases, or both (default: colorize)")
+    s.add_argument("--mode", choices=["colorize", "continue", "both", "lookahead", "vary"], default="colorize",
+                   help="colorize velocities, answer phrases, both, delay for a DAW, or vary a played loop (default: colorize)")
     s.add_argument("--in", dest="in_port", metavar="NAME", help="input port: a virtual port name, or with --attach-in an existing port (name or /regex/)")
     s.add_argument("--out", dest="out_port", metavar="NAME", help="output port name (virtual, or existing with --attach-out)")
     s.add_argument("--attach-in", action="store_true", default=None, help="attach to an existing input port instead of creating one")
@@ -27,6 +28,9 @@ def register(groups) -> None:
     s.add_argument("--strength", type=float, help="blend strength 0-1")
     s.add_argument("--deadline-ms", type=float, help="per-note model deadline")
     s.add_argument("--lookahead", type=float, metavar="SECONDS", help="with --mode lookahead: delay output by exactly this much")
+    s.add_argument("--vary-model", choices=["mel_2bar", "mel_16bar"], help="with --mode vary: the loop length (2 or 16 bars) and its model")
+    s.add_argument("--vary-amount", type=float, metavar="X", help="with --mode vary: noise added to the loop's latent code (default 0.6)")
+    s.add_argument("--morph", action="store_const", const="morph", dest="vary_style", help="with --mode vary: morph from the previous loop to a new one instead of varying it")
     s.add_argument("--audio", action="store_true", help="also play the output through FluidSynth")
     s.add_argument("--busy-poll", action="store_true", default=None, help="the event loop never sleeps (engine.busy_poll): lowest latency, one core at 100 %%")
     s.add_argument("--transport", choices=["ports", "mqtt"], default="ports", help="ports: one performer on MIDI ports (default); mqtt: the headless daemon, sessions from `cadenza bridge` over an MQTT broker")
@@ -100,6 +104,9 @@ def _serve_overrides(args) -> None:
     add_override(args, "velocity", "strength", args.strength)
     add_override(args, "velocity", "deadline_ms", args.deadline_ms)
     add_override(args, "velocity", "lookahead_s", args.lookahead)
+    add_override(args, "vary", "model", args.vary_model)
+    add_override(args, "vary", "amount", args.vary_amount)
+    add_override(args, "vary", "mode", args.vary_style)
 
 
 def _serve(args, settings) -> int:

@@ -1,7 +1,7 @@
 """Performer controls, as data: CC number -> what it does to the engine (config ``[controls]``).
 
 Each action takes the engine and the CC value (0-127); a control whose CC is None is off, and a
-phrase control does nothing while no phrase stage runs.
+phrase or vary control does nothing while that stage is not running.
 """
 
 from __future__ import annotations
@@ -27,5 +27,16 @@ def control_map(settings: Settings) -> dict[int, Callable[[Engine, int], None]]:
         c.temperature_cc: lambda e, v: e.phrase and e.phrase.set_temperature(0.2 + 1.6 * v / 127.0),
         c.length_cc: lambda e, v: e.phrase and e.phrase.set_length(1.0 + 15.0 * v / 127.0),
         c.phrase_cc: lambda e, v: e.phrase and e.phrase.set_enabled(v >= 64),
+        c.vary_amount_cc: lambda e, v: e.vary and e.vary.set_amount(2.0 * v / 127.0),
+        c.vary_mode_cc: lambda e, v: e.vary and e.vary.set_mode("morph" if v >= 64 else "vary"),
+        c.density_cc: lambda e, v: e.vary and e.vary.set_attribute("density", _bipolar(v)),
+        c.register_cc: lambda e, v: e.vary and e.vary.set_attribute("register", _bipolar(v)),
+        c.interval_cc: lambda e, v: e.vary and e.vary.set_attribute("interval", _bipolar(v)),
+        c.syncopation_cc: lambda e, v: e.vary and e.vary.set_attribute("syncopation", _bipolar(v)),
     }
     return {cc: fn for cc, fn in table.items() if cc is not None}
+
+
+def _bipolar(value: int) -> float:
+    """CC value -> attribute amount: 64 is 0 (as played), 0 is -2, 127 is +2."""
+    return (value - 64) / 63.0 * 2.0 if value >= 64 else (value - 64) / 64.0 * 2.0

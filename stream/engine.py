@@ -26,41 +26,24 @@ from cadenza.buffers.clock import MidiClock
 from cadenza.buffers.ledger import NoteLedger
 from cadenza.buffers.pianoroll import PianoRollWindow
 from cadenza.config.settings import Settings
-from cadenza.models.runtime import Event, ModelStage
 from cadenza.models.velocity.worker import VelocityWorker
 from cadenza.stream.lookahead import LookaheadNote
 from cadenza.messages import NEVER_DROP, Kind, classify
+from cadenza.stream import tasks as background
 from cadenza.stream.controls import control_map
 from cadenza.stream.metrics import Metrics
 from cadenza.stream.scheduler import OutputScheduler
 from cadenza.stream.sinks import AnySink, Sinks
+from cadenza.stream.vary import VaryTag
 from cadenza.stream.velocity_stage import VelocityStage, is_down
 
 if TYPE_CHECKING:
     from cadenza.models.velocity.worker import VelocityWorker
     from cadenza.stream.lookahead import LookaheadStage
     from cadenza.stream.phrase import PhraseStage
+    from cadenza.stream.vary import VaryStage
 
 log = logging.getLogger(__name__)
-
-
-# With busy polling: the scratch inference's period. A step's code and weights go cold within a
-# few milliseconds on a shared machine even while the thread spins; `cadenza bench velocity`
-# (rows live vs live_warm) and `cadenza bench latency --busy-poll` measure it.
-BUSY_KEEP_WARM_MS = 0.5
-SUPERVISE_S = 0.02  # how often the model stages' statistics reach the metrics
-
-
-def _model_stages(engine: Engine) -> list[ModelStage]:
-    """Every model stage the engine runs (velocity, phrase, lookahead), in the model runtime."""
-    stages: list[ModelStage] = []
-    if engine.velocity.worker is not None:
-        stages.append(engine.velocity.worker.stage)
-    if engine.phrase is not None and engine.phrase.worker is not None:
-        stages.append(engine.phrase.worker.stage)
-    if engine.lookahead is not None:
-        stages.append(engine.lookahead.stage)
-    return stages
 
 
 class Engine:
@@ -72,7 +55,8 @@ class Engine:
     """
 
     def __init__(self, settings: Settings, *, sinks: list[AnySink], velocity_worker: VelocityWorker | None = None, lookahead: LookaheadStage | None = None,
-                 phrase_factory: Callable[[Engine], PhraseStage] | None = None, realtime: bool = True) -> None:
+                 phrase_factory: Callable[[Engine], PhraseStage] | None = None, vary_factory: Callable[[Engine], VaryStage] | None = None,
+                 realtime: bool = True) -> None:
         self.settings = settings
         self.sinks = Sinks(sinks)  # more may be added (serve adds the audio sink once the ports are open)
         self.metrics = Metrics()
@@ -90,11 +74,12 @@ class Engine:
         self._rolls: dict[tuple[int, int], PianoRollWindow] = {}  # per (source, channel)
         self._control_map = control_map(settings)
         self._idle = asyncio.Event()
-        self._last_pump = 0.0  # when the pump last took a batch (monotonic)
+        self.last_pump = 0.0  # when the pump last took a batch (monotonic)
         self._idle.set()
         self.phrase: PhraseStage | None = None
         if phrase_factory is not None:
             self.phrase = phrase_factory(self)
+        self.vary: VaryStage | None = vary_factory(self) if vary_factory is not None else None
 
     # ---- wiring -----------------------------------------------------------------------------
 
@@ -144,7 +129,7 @@ class Engine:
             out: list[list] = []  # [data, future|None, player_velocity, t_arrival, music_t, source]
             asked = []
             t_pump = time.monotonic()
-            self._last_pump = t_pump
+            self.last_pump = t_pump
             self.metrics.observe("input_wait", t_pump - batch[0][0])  # arrival -> the pump has it
             for t, data, kind, source, music_t in batch:
                 entry = self._process(t, data, kind, source, music_t)
@@ -202,6 +187,8 @@ class Engine:
             self._roll(source, ch).note_on(music_t, data[1], data[2])
             if cr is not None:
                 cr.performer_note_on(music_t)
+            if self.vary is not None:
+                self.vary.performer_note_on(music_t, session)
             fut = self.velocity.request(session, music_t, data[1], data[2])
             return [data, fut, data[2], t, music_t, source]
         if kind is Kind.NOTE_OFF:
@@ -263,6 +250,10 @@ class Engine:
                 self.metrics.inc("deadline_miss")
             data = bytes((data[0], data[1], self.velocity.combine(data[2], value)))
             tag = None
+        elif isinstance(tag, VaryTag):
+            data = self.vary.on_scheduled(data, tag)
+            if data is None:
+                return
         elif tag is not None and self.phrase is not None:
             data = self.phrase.on_scheduled(data, tag)
             if data is None:
@@ -274,6 +265,8 @@ class Engine:
         with ``source``, only what that source's notes left sounding."""
         if self.phrase is not None and source in (None, 0):
             self.phrase.cancel_response(release=False)
+        if self.vary is not None and source in (None, 0):
+            self.vary.reset()
         released = 0
         for src, ledger in list(self._ledgers.items()):
             if source is not None and src != source:
@@ -302,63 +295,26 @@ class Engine:
         end, step_s = self.clock.sixteenths(self.now_music(), bpm=self.settings.engine.bpm)
         return self._roll(source, channel).melody_steps(end, bars * self.settings.engine.beats_per_bar * 4, step_s)
 
+    def melody_at(self, session: tuple[int, int], end_t: float, steps: int, seconds_per_step: float) -> np.ndarray:
+        """``steps`` sixteenths of a channel ending at ``end_t``, as melody events (silence if it
+        has played nothing yet)."""
+        roll = self._rolls.get(session)
+        return np.zeros(steps, np.int16) if roll is None else roll.melody_steps(end_t, steps, seconds_per_step)
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        assert self._loop is not None, "engine used before bind()"
+        return self._loop
+
+    @property
+    def backlog(self) -> int:
+        """Input messages queued for the pump."""
+        return len(self._queue)
+
     def now_music(self) -> float:
         return self._loop.time() if self._loop is not None else time.monotonic()
 
     # ---- background tasks -------------------------------------------------------------------
-
-    async def _stats(self) -> None:
-        interval = self.settings.engine.stats_interval_s
-        if interval <= 0:
-            return
-        while True:
-            await asyncio.sleep(interval)
-            log.info("stats %s", self.metrics.line())
-
-    async def _loop_lag(self) -> None:
-        loop = self._loop
-        while True:
-            t0 = loop.time()
-            await asyncio.sleep(0.01)
-            self.metrics.observe("loop_lag", max(0.0, loop.time() - t0 - 0.01))
-
-    async def _keep_warm(self) -> None:
-        """Inline CPU velocity model: a scratch inference whenever the pump has been idle for
-        ``velocity.keep_warm_ms`` (see ``VelocityBatcher.keep_warm``). A busy-polling loop burns
-        its core anyway, so there it is on by default, every ``BUSY_KEEP_WARM_MS``."""
-        worker = self.velocity.worker
-        interval = self.settings.velocity.keep_warm_ms / 1000.0
-        if interval <= 0 and self.settings.engine.busy_poll:
-            interval = BUSY_KEEP_WARM_MS / 1000.0
-        if worker is None or not worker.inline or interval <= 0:
-            return
-        while True:
-            await asyncio.sleep(interval)
-            if time.monotonic() - self._last_pump >= interval and not self._queue:
-                worker.keep_warm()
-
-    async def _watchdog(self) -> None:
-        """Supervision of the model stages. Each restarts itself after a crash (the runtime's
-        backoff timer) and answers requests with their fallback meanwhile; here the engine
-        releases what is sounding when the velocity model crashes (its notes' state is gone)
-        and publishes every stage's statistics."""
-        def velocity_event(event: Event, stage: ModelStage) -> None:
-            if event == "crash":
-                log.warning("velocity model down: releasing notes; it restarts by itself")
-                self.panic("worker crash")
-            else:
-                self.metrics.inc("worker_restarts")
-
-        worker = self.velocity.worker
-        undo = worker.stage.listen(velocity_event) if worker is not None else None
-        try:
-            while True:
-                for stage in _model_stages(self):
-                    stage.publish(self.metrics)
-                await asyncio.sleep(SUPERVISE_S)
-        finally:
-            if undo is not None:
-                undo()
 
     async def run(self, *extra_tasks: Callable[[], Any]) -> None:
         """Run until :meth:`stop`; on the way out release every note and stop the workers."""
@@ -378,10 +334,10 @@ class Engine:
             async with asyncio.TaskGroup() as tg:
                 tasks = [
                     tg.create_task(self._pump(), name="pump"),
-                    tg.create_task(self._stats(), name="stats"),
-                    tg.create_task(self._loop_lag(), name="loop-lag"),
-                    tg.create_task(self._watchdog(), name="watchdog"),
-                    tg.create_task(self._keep_warm(), name="keep-warm"),
+                    tg.create_task(background.stats(self), name="stats"),
+                    tg.create_task(background.loop_lag(self), name="loop-lag"),
+                    tg.create_task(background.watchdog(self), name="watchdog"),
+                    tg.create_task(background.keep_warm(self), name="keep-warm"),
                 ]
                 if self.phrase is not None:  # timers drive it; the task ties its lifetime to the engine's
                     tasks.append(tg.create_task(self.phrase.run(), name="phrase"))
@@ -406,7 +362,9 @@ class Engine:
         if self.scheduler is not None:
             self.scheduler.close()
         self.panic("shutdown")
-        stages = _model_stages(self)
+        stages = background.model_stages(self)
+        if self.vary is not None:
+            self.vary.close()
         if self.phrase is not None:
             self.phrase.close()
         for stage in stages:

@@ -14,7 +14,7 @@ the answer from the boundary on:
 
 Reading half a step early centres each sixteenth on its grid line (a note played a little early
 still counts for its beat) and leaves the model that half step to answer; an answer that is not
-back by the boundary is a counted miss and that loop plays nothing. The answer's notes go through
+back by the boundary is counted late and plays from where the loop is by then. The answer's notes go through
 the engine (ledger, sinks) like every other output, so panic, a mode switch or shutdown release
 them; a loop with fewer than ``vary.min_notes`` notes ends the variation (and releases it).
 
@@ -28,8 +28,9 @@ import itertools
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -72,7 +73,9 @@ class VaryStage:
         self._anchor: float | None = None  # without a clock: the first note's time, bar 1 beat 1
         self._timer: asyncio.TimerHandle | None = None
         self._gens = itertools.count(1)
-        self._gen: int | None = None
+        self._gen: int | None = None  # the answer playing
+        self._scheduled: set[int] = set()  # answers with events still in the scheduler
+        self._dropped_before = 0  # answers of loops read before this gen are not played (reset)
         self._seeds = itertools.count(settings.seed)
         self._sounding: set[int] = set()  # pitches of the answer sounding now
 
@@ -82,8 +85,8 @@ class VaryStage:
         from cadenza.models.vae.worker import VaeHandler
 
         handler = VaeHandler(self._load_vae)
-        # Inline on the loop: an encode + decode of a loop is a few milliseconds on one core
-        # (`cadenza bench vae`) and comes once per loop; a thread would only add hand-offs.
+        # Its own thread by default: an encode + decode takes milliseconds (`cadenza bench vae`),
+        # and the performer's notes pass through the loop meanwhile.
         self.stage = ModelStage(handler, name="vae", inline=self.settings.inline)
         await asyncio.to_thread(self.stage.start, self.engine._loop)
         assert handler.vae is not None
@@ -119,9 +122,15 @@ class VaryStage:
         assert self._anchor is not None
         return self._anchor + loop_s * (math.floor((now - self._anchor) / loop_s + 1e-9) + 1)
 
+    def _ahead_steps(self) -> int:
+        """How far before a loop boundary the loop is read. A 2-bar loop is read half a step
+        early (a short decode); a 16-bar one a bar early, so its long decode is done before the
+        boundary: its last bar is then taken from the previous repetition of the loop."""
+        return 16 if self.steps > 32 else 0
+
     def _arm(self, boundary: float) -> None:
         self._disarm()
-        read_at = boundary - self._step_s() / 2
+        read_at = boundary - (self._ahead_steps() + 0.5) * self._step_s()
         self._timer = self.engine._loop.call_at(max(self.engine.now_music(), read_at), self._read_loop, boundary)
 
     def _disarm(self) -> None:
@@ -133,29 +142,52 @@ class VaryStage:
 
     def performer_note_on(self, t: float, session: SessionKey) -> None:
         """A note of the performer's: the first one after silence starts the loop grid."""
-        if self.stage is None or self._session not in (None, session) and self._timer is not None:
-            return  # one loop at a time: the channel that started it
-        if self._timer is None:
-            self._session = session
-            clock = self.engine.clock
-            if not (clock.running and clock.seconds_per_beat is not None):
+        if self.stage is None or self._timer is not None:
+            return  # already counting loops (one loop at a time: the channel that started it)
+        self._session = session
+        clock = self.engine.clock
+        if clock.running and clock.seconds_per_beat is None:
+            # the clock has just started and its tempo is not known yet: count from the next
+            # loop line of the clock's grid once it is (the loop was started on the clock)
+            self._timer = self.engine._loop.call_later(0.05, self._wait_for_tempo)
+        else:
+            if not clock.running:
                 self._anchor = t  # free time: the loop starts on this note
             self._arm(self._next_boundary(t))
-            if self.state == IDLE:
-                self._set_state(LISTENING)
+        if self.state == IDLE:
+            self._set_state(LISTENING)
+
+    def _wait_for_tempo(self) -> None:
+        self._timer = None
+        clock = self.engine.clock
+        if clock.running and clock.seconds_per_beat is None:
+            self._timer = self.engine._loop.call_later(0.05, self._wait_for_tempo)
+        elif clock.running:
+            self._arm(self._next_boundary(self.engine.now_music()))
+        else:
+            self.reset()  # the clock stopped before it had a tempo: start again at the next note
 
     def _read_loop(self, boundary: float) -> None:
         """Half a step before ``boundary``: the loop just played goes to the model."""
         self._timer = None
         assert self.stage is not None and self._session is not None
         step_s = self._step_s()
-        events = self.engine.melody_at(self._session, boundary - step_s / 2, self.steps, step_s)
+        ahead = self._ahead_steps()
+        end = boundary - (ahead + 0.5) * step_s  # half a step early: each step centred on its grid line
+        try:
+            events = self.engine.melody_at(self._session, end, self.steps - ahead, step_s)
+            if ahead:  # the loop's last bar, as it was played one repetition ago
+                last = self.engine.melody_at(self._session, end - (self.steps - ahead) * step_s, ahead, step_s)
+                events = np.concatenate([events, last])
+        except ValueError as exc:  # the loop is longer than the window at this tempo
+            log.warning("vary: %s; raise engine.window_s", exc)
+            self.reset()
+            return
         events = to_vae_events(events)
         if int(np.count_nonzero(events >= 2)) < self.settings.min_notes:
             log.debug("vary: loop before %.3f has too few notes; stopping", boundary)
-            self.cancel(release=False)  # what plays now ends on its own at the boundary
-            self._session = None
-            self._set_state(IDLE)
+            self._session = None  # what plays now ends on its own at the boundary
+            self.engine._loop.call_at(boundary, self._idle_if_stopped)
             return
         from cadenza.models.vae.worker import VaryJob
 
@@ -168,24 +200,32 @@ class VaryStage:
         self.stage.flush()
         self._arm(boundary + self.steps * step_s)  # keep reading, loop after loop
 
+    def _idle_if_stopped(self) -> None:
+        if self._timer is None:  # no new loop was started meanwhile
+            self._set_state(IDLE)
+
     def _answer(self, fut: asyncio.Future, gen: int, boundary: float, step_s: float) -> None:
         metrics = self.engine.metrics
+        if gen < self._dropped_before:
+            return  # read before a panic or mode switch: not wanted any more
         if fut.cancelled():
             metrics.inc("deadline_miss")
             return
         events, _z = fut.result()
         now = self.engine.now_music()
-        metrics.observe("vary_lead", max(0.0, boundary - now))
-        if now > boundary + step_s / 2:
-            metrics.inc("deadline_miss")  # too late to start on its bar line: skip this loop
-            return
+        metrics.observe("vary_lead", max(0.0, boundary - now))  # how long before its line the answer was ready
+        if now > boundary:
+            metrics.inc("vary_late")  # it still plays from where the loop is now; what is past is skipped
         from cadenza.models.vae.live import events_to_notes
 
         ch = self.settings.out_channel
         sched = self.engine.scheduler
         self._gen = gen
+        self._scheduled = {g for g in self._scheduled if g >= gen - 1} | {gen}  # older ones have played out
         tag = VaryTag(gen)
         for t_on, t_off, pitch in events_to_notes(events, step_s):
+            if boundary + t_on < now:
+                continue
             sched.schedule(boundary + t_on, note_on(ch, pitch, self.settings.velocity), tag)
             # ends a hair before the next loop's notes, so a repeated pitch re-strikes cleanly
             sched.schedule(boundary + min(t_off, self.steps * step_s) - 0.001, note_off(ch, pitch), tag)
@@ -206,8 +246,9 @@ class VaryStage:
     def cancel(self, *, release: bool) -> None:
         """Stop what plays: pending answer events dropped; with ``release``, note-offs for the
         notes it left sounding (the engine's panic releases them itself)."""
-        for gen in range(1, (self._gen or 0) + 1):
+        for gen in self._scheduled:
             self.engine.scheduler.cancel(VaryTag(gen))
+        self._scheduled.clear()
         if release:
             ch = self.settings.out_channel
             for pitch in sorted(self._sounding):
@@ -217,6 +258,7 @@ class VaryStage:
     def reset(self) -> None:
         """Panic or mode switch: nothing plays, the grid waits for the next note."""
         self._disarm()
+        self._dropped_before = next(self._gens)  # answers still in the model are dropped
         self.cancel(release=False)
         self._session = None
         self._set_state(IDLE)
