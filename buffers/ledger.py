@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from cadenza.messages import control, note_off
+
 
 class NoteLedger:
     """Counts of sounding notes, preallocated: (16 channels, 128 pitches)."""
@@ -71,11 +73,11 @@ class NoteLedger:
         out: list[bytes] = []
         ch, p = np.nonzero(self._count)
         for c, n in zip(ch.tolist(), p.tolist()):
-            out.extend(bytes((0x80 | c, n, 0)) for _ in range(int(self._count[c, n])))
+            out.extend(note_off(c, n) for _ in range(int(self._count[c, n])))
         for c in np.nonzero(self._pedal)[0].tolist():
-            out.append(bytes((0xB0 | c, 64, 0)))
+            out.append(control(c, 64, 0))
         for c in np.nonzero(self._used)[0].tolist():
-            out.append(bytes((0xB0 | c, 123, 0)))
+            out.append(control(c, 123, 0))
         self._count[:] = 0
         self._used[:] = False
         self._pedal[:] = False

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from cadenza.errors import PortError
+from cadenza.messages import control, note_off, note_on, pitch_bend
 
 
 def register(b) -> None:
@@ -46,20 +47,20 @@ def pattern(seconds: float, rate: float, seed: int = 0) -> list[tuple[float, byt
     bar = 0
     while t < seconds:
         if bar % 1 == 0:
-            events.append((t - 0.02, bytes((0xB0, 64, 0))))
-            events.append((t + 0.01, bytes((0xB0, 64, 127))))
+            events.append((t - 0.02, control(0, 64, 0)))
+            events.append((t + 0.01, control(0, 64, 127)))
         root = int(rng.integers(40, 60))
         for q in (root, root + 4, root + 7, root + 12):  # a chord on the bar line
-            events.append((t, bytes((0x90, q, 64))))
-            events.append((t + beat * 1.5, bytes((0x80, q, 0))))
+            events.append((t, note_on(0, q, 64)))
+            events.append((t + beat * 1.5, note_off(0, q)))
         n_melody = max(1, int(rate * 4 * beat) - 4)
         for k in range(n_melody):
             on = t + k * 4 * beat / n_melody + 0.003
             p = int(rng.integers(64, 88))
-            events.append((on, bytes((0x90, p, 64))))
-            events.append((on + 0.8 * 4 * beat / n_melody, bytes((0x80, p, 0))))
+            events.append((on, note_on(0, p, 64)))
+            events.append((on + 0.8 * 4 * beat / n_melody, note_off(0, p)))
         if rng.random() < 0.3:
-            events.append((t + beat, bytes((0xE0, 0, int(rng.integers(0, 128))))))
+            events.append((t + beat, pitch_bend(0, int(rng.integers(0, 128)) << 7)))
         t += 4 * beat
         bar += 1
     events.sort(key=lambda e: e[0])

@@ -12,6 +12,7 @@ import time
 import numpy as np
 
 from cadenza.cli import add_override
+from cadenza.messages import note_off, note_on
 from cadenza.stream.build import build_engine
 from cadenza.stream.sinks import CountingSink
 
@@ -47,8 +48,8 @@ async def _feed(engine, task: asyncio.Task, loop: asyncio.AbstractEventLoop, rat
         while sent < due:
             now = time.monotonic()
             ch = sent % 16
-            engine.deliver_now(now, bytes((0x90 | ch, int(pitches[sent]), 64)))
-            engine.deliver_now(now, bytes((0x80 | ch, int(pitches[sent]), 0)))
+            engine.deliver_now(now, note_on(ch, int(pitches[sent]), 64))
+            engine.deliver_now(now, note_off(ch, int(pitches[sent])))
             sent += 1
         await asyncio.sleep(tick)
     await engine.drain(30)

@@ -7,6 +7,7 @@ import time
 
 import numpy as np
 
+from cadenza.messages import note_off, note_on
 from cadenza.stream.build import build_engine
 from cadenza.stream.sinks import CountingSink
 
@@ -37,9 +38,9 @@ async def _calls(engine, loop: asyncio.AbstractEventLoop, calls: int):
     try:
         for k in range(calls):
             for p in rng.integers(55, 80, 8):
-                engine.deliver_now(time.monotonic(), bytes((0x90, int(p), 80)))
+                engine.deliver_now(time.monotonic(), note_on(0, int(p), 80))
                 await asyncio.sleep(0.03)
-                engine.deliver_now(time.monotonic(), bytes((0x80, int(p), 0)))
+                engine.deliver_now(time.monotonic(), note_off(0, int(p)))
                 await asyncio.sleep(0.01)
             await engine.drain()
             await cr.worker.caught_up()  # live input never runs ahead of the model either

@@ -20,6 +20,7 @@ import time
 import numpy as np
 
 from cadenza.buffers.pianoroll import PianoRollWindow
+from cadenza.messages import note_off, note_on
 from cadenza.stream.build import build_engine
 
 
@@ -74,10 +75,10 @@ async def through_engine(settings, gap: float, notes: int) -> float:
             base += gap
             t = time.monotonic()
             sent.append(t)
-            engine.deliver_now(t, bytes((0x90, 60 + k % 12, 64)), music_t=base)
+            engine.deliver_now(t, note_on(0, 60 + k % 12, 64), music_t=base)
             await engine.drain()
             base += 0.05
-            engine.deliver_now(time.monotonic(), bytes((0x80, 60 + k % 12, 0)), music_t=base)
+            engine.deliver_now(time.monotonic(), note_off(0, 60 + k % 12), music_t=base)
             await engine.drain()
         engine.stop()
         await run

@@ -13,8 +13,8 @@ import pytest
 from cadenza.cli import main
 from cadenza.config.settings import AudioSettings
 from cadenza.errors import AudioError, MidiFileError
-from cadenza.stream.audio import find_soundfont, render_events, render_midi
 from cadenza.midifile import MidiFile
+from cadenza.stream.audio import find_soundfont, render_events, render_midi
 
 RATE = 22050  # enough for the checks, half the work
 

@@ -12,6 +12,7 @@ import pytest
 
 from cadenza.buffers.pianoroll import NOTE_OFF, melody_event
 from cadenza.config.settings import load_settings
+from cadenza.messages import control, note_off, note_on
 from cadenza.stream.build import build_engine
 from cadenza.stream.engine import Engine
 from cadenza.stream.sinks import AnySink, ListSink
@@ -149,7 +150,7 @@ def test_panic_control_releases_every_sounding_note():
     e = drive(settings, "colorize", body)
     assert seen["before"] == {(0, 60): 1, (1, 64): 1}
     msgs = out(e)
-    assert sounding(msgs) == {} and bytes((0xB0, 64, 0)) in msgs  # the pedal is lifted too
+    assert sounding(msgs) == {} and control(0, 64, 0) in msgs  # the pedal is lifted too
     assert e.metrics.counters["panics"] >= 1
 
 
@@ -188,13 +189,13 @@ def test_a_full_queue_drops_note_ons_but_never_note_offs_pedal_or_clock():
         for k in range(10_000):  # one burst: the pump runs only once it is all queued
             kind = k % 4
             if kind == 0:
-                e.deliver_now(now, bytes((0x90, 40 + k % 40, 64)))
+                e.deliver_now(now, note_on(0, 40 + k % 40, 64))
                 sent["note_on"] += 1
             elif kind == 1:
-                e.deliver_now(now, bytes((0x80, 40 + k % 40, 0)))
+                e.deliver_now(now, note_off(0, 40 + k % 40))
                 sent["note_off"] += 1
             elif kind == 2:
-                e.deliver_now(now, bytes((0xB0, 64, 127 if k % 8 == 2 else 0)))
+                e.deliver_now(now, control(0, 64, 127 if k % 8 == 2 else 0))
                 sent["pedal"] += 1
             else:
                 e.deliver_now(now, b"\xf8")
@@ -257,8 +258,8 @@ def test_melody_reads_the_last_bar_on_the_midi_clocks_grid():
         t0 = asyncio.get_running_loop().time() - 3.0
         tick, step = 0.6 / 24, 0.15  # 100 bpm: 25 ms a tick, 150 ms a sixteenth
         events = [(t0, b"\xfa")] + [(t0 + tick * k, b"\xf8") for k in range(1, 121)]
-        events += [(t0 + step * 10 + 0.01, bytes((0x90, 72, 80))), (t0 + step * 10 + 0.02, bytes((0x90, 60, 80))),
-                   (t0 + step * 12 + 0.05, bytes((0x80, 72, 0))), (t0 + step * 12 + 0.05, bytes((0x80, 60, 0)))]
+        events += [(t0 + step * 10 + 0.01, note_on(0, 72, 80)), (t0 + step * 10 + 0.02, note_on(0, 60, 80)),
+                   (t0 + step * 12 + 0.05, note_off(0, 72)), (t0 + step * 12 + 0.05, note_off(0, 60))]
         for t, data in sorted(events, key=lambda ev: ev[0]):
             e.deliver_now(time.monotonic(), data, music_t=t)
         await e.drain()
@@ -276,8 +277,8 @@ def test_without_a_clock_the_last_16_bars_are_read_at_the_set_tempo():
 
     async def body(e):
         now = asyncio.get_running_loop().time()
-        e.deliver_now(time.monotonic(), bytes((0x90, 67, 80)), music_t=now - 0.95)  # in the 8th sixteenth from the end
-        e.deliver_now(time.monotonic(), bytes((0x80, 67, 0)), music_t=now - 0.56)  # released in the 5th from the end
+        e.deliver_now(time.monotonic(), note_on(0, 67, 80), music_t=now - 0.95)  # in the 8th sixteenth from the end
+        e.deliver_now(time.monotonic(), note_off(0, 67), music_t=now - 0.56)  # released in the 5th from the end
         await e.drain()
         seen["melody"] = e.melody(0, 0, bars=16)
 

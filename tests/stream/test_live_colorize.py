@@ -132,13 +132,12 @@ def test_sigterm_mid_chord_releases_every_note(jack_server, tmp_path, busy):
 
 
 def test_vanished_output_port_gets_its_notes_released_when_back(jack_server):
-    from cadenza.config.settings import load_settings
-
     import rtmidi
 
-    from .conftest import LiveService
-
+    from cadenza.config.settings import load_settings
     from cadenza.stream.ports import InputPoller
+
+    from .conftest import LiveService
 
     synth = rtmidi.MidiIn(rtmidi.API_UNIX_JACK, "synth")
     synth.open_virtual_port("synth in")

@@ -6,6 +6,8 @@ import time
 
 import pytest
 
+from cadenza.messages import control
+
 from .conftest import Listener, Player, pedal_down, running_service, sounding
 
 pytestmark = pytest.mark.jack
@@ -57,8 +59,8 @@ def test_barge_in_stops_the_answer_and_releases_its_notes(continue_service):
     # The answer presses the sustain pedal (an event of the answer, played by the scheduler like
     # the model's own): a cut-short answer must lift it, or everything after it rings on.
     eng = svc.engine
-    svc.call(lambda: eng.scheduler.schedule(eng.now_music(), bytes((0xB0, 64, 127)), eng.phrase._gen))
-    assert listener.wait_for(lambda ms: bytes((0xB0, 64, 127)) in ms, 2.0)
+    svc.call(lambda: eng.scheduler.schedule(eng.now_music(), control(0, 64, 127), eng.phrase._gen))
+    assert listener.wait_for(lambda ms: control(0, 64, 127) in ms, 2.0)
     assert pedal_down(listener.messages()) == {0}
     t_barge = time.monotonic()
     player.send((0x90, 72, 90))  # the performer plays again: the answer yields

@@ -236,10 +236,10 @@ def test_daemon_survives_a_broker_restart(tmp_path):
 
 
 def test_unreachable_broker_is_one_line():
-    from cadenza.cli import main
-
     import io
     import sys
+
+    from cadenza.cli import main
 
     err = io.StringIO()
     old, sys.stderr = sys.stderr, err

@@ -11,9 +11,10 @@ from collections.abc import Awaitable, Callable
 import pytest
 
 from cadenza.config.settings import Settings, load_settings
+from cadenza.messages import note_off, note_on
 from cadenza.models.runtime import Backoff
-from cadenza.stream.engine import Engine
 from cadenza.stream.build import build_engine
+from cadenza.stream.engine import Engine
 from cadenza.stream.phrase import IDLE, RESPONDING
 
 from .conftest import sounding
@@ -61,11 +62,11 @@ async def _with_engine(settings: Settings, body: Callable[[Engine, list[tuple[by
 
 
 def _play(engine: Engine, pitch: int, velocity: int = 64) -> None:
-    engine.deliver_now(time.monotonic(), bytes((0x90, pitch, velocity)))
+    engine.deliver_now(time.monotonic(), note_on(0, pitch, velocity))
 
 
 def _release(engine: Engine, pitch: int) -> None:
-    engine.deliver_now(time.monotonic(), bytes((0x80, pitch, 0)))
+    engine.deliver_now(time.monotonic(), note_off(0, pitch))
 
 
 def _note_ons(out, tag=None) -> list[bytes]:
