@@ -22,7 +22,6 @@ COMMAND_MODULES = (
     "cadenza.stream.audio_cli",
     "cadenza.models.velocity.cli",
     "cadenza.models.phrase.cli",
-    "cadenza.models.vae.cli",
     "cadenza.bench",
     "cadenza.bench.device",
     "cadenza.demo",
