@@ -312,8 +312,9 @@ def _play(events: Sequence[tuple[float, bytes]], end_s: float, synth: Synth, wri
     return handled
 
 
-def _scale(level: _Level, normalize: bool, loudness: float | None) -> float:
-    if not normalize or level.peak <= 0:
+def _scale(level: _Level, loudness: float | None) -> float:
+    """The gain that normalizes what ``level`` measured (see NORMALIZE_PEAK)."""
+    if level.peak <= 0:  # silence stays silence
         return 1.0
     ceiling = NORMALIZE_PEAK / level.peak
     if loudness is None or not np.isfinite(level.lufs()):
@@ -339,7 +340,7 @@ def _render(events: Sequence[tuple[float, bytes]], end_s: float, out_wav, *, sou
                 # the end, then the spool is scaled into the WAV (memory stays one block).
                 with tempfile.TemporaryFile() as spool:
                     handled = _play(events, end_s, synth, _Measured(level, lambda b: spool.write(b.tobytes())), tail_s)
-                    scale = _scale(level, normalize, loudness)
+                    scale = _scale(level, loudness)
                     spool.seek(0)
                     writer = _WavWriter(tmp, sample_rate, scale)
                     try:
