@@ -3,8 +3,8 @@
 A shipped 40 s excerpt of a MAESTRO performance loses its velocities and is streamed through the
 same live engine `serve` runs (file source → causal colorize → continuation after the phrase →
 recorder, and the sound card too with ``--audio``). Written to the output folder:
-``input_flat.mid``, ``colorized.mid``, ``continuation.mid``, ``result.wav``, ``pianoroll.png``
-and ``summary.txt``.
+``input_flat.mid``, ``colorized.mid``, ``continuation.mid``, ``result.wav``, ``flat.wav`` (the
+excerpt at velocity 64, to hear what the colorizer changed), ``pianoroll.png`` and ``summary.txt``.
 """
 
 from __future__ import annotations
@@ -48,8 +48,8 @@ def run(args, settings) -> int:
 
 
 async def _demo(settings, source_path: Path, out: Path, *, realtime: bool, audio: bool, seconds: float) -> dict:
-    from cadenza.stream.audio import find_soundfont, midi_file_events, render_events
     from cadenza.midifile import MidiFile, write_performance
+    from cadenza.stream.audio import find_soundfont, midi_file_events, render_events
     from cadenza.stream.build import build_engine
     from cadenza.stream.sinks.record import Recorder, events_to_performance
     from cadenza.stream.sources import FileSource
@@ -114,6 +114,10 @@ async def _demo(settings, source_path: Path, out: Path, *, realtime: bool, audio
     write_performance(cont_perf, out / "continuation.mid")
     everything = recorder.timed(tags={None, *response_tags, "release", "panic"}, origin=t_first)
     wav = render_events(everything, out / "result.wav", soundfont=settings.audio.soundfont, normalize=True)
+    # The A/B is fair only at equal loudness (the louder one sounds better), and velocity 64 is
+    # louder on average than most playing: flat.wav is matched to result.wav's loudness, so what
+    # differs is how the dynamics move, not the volume knob (stream/loudness.py).
+    flat_wav = render_events(events, out / "flat.wav", soundfont=settings.audio.soundfont, normalize=True, loudness=wav["loudness_lufs"])
     colorized = original.with_velocity(np.asarray(vel))
     try:
         from cadenza.plot import plot_velocity_roll
@@ -140,6 +144,8 @@ async def _demo(settings, source_path: Path, out: Path, *, realtime: bool, audio
         "mae_vs_performer": round(float(err.mean()), 2),
         "velocity_sd": round(float(np.std(vel)), 2),
         "wav_seconds": wav["duration_s"],
+        "wav_lufs": round(wav["loudness_lufs"], 1),
+        "flat_lufs": round(flat_wav["loudness_lufs"], 1),
         "audio_latency": audio_report,
         "out": str(out),
     }
@@ -168,9 +174,9 @@ def _summary_text(s: dict) -> str:
         f"deadline misses:        {s['deadline_misses']} at a {s['deadline_ms']:g} ms deadline (dropped {s['dropped']})",
         f"velocity vs performer:  MAE {s['mae_vs_performer']:.2f}, SD of colorized velocities {s['velocity_sd']:.1f}",
         f"continuation:           {s['continuation_notes']} notes over {s['continuation_seconds']:.1f} s, first note {ttfn.get('p50_ms', float('nan')):.1f} ms after the phrase ended",
-        f"audio:                  result.wav, {s['wav_seconds']:.1f} s",
+        f"audio:                  result.wav, {s['wav_seconds']:.1f} s at {s['wav_lufs']:.1f} LUFS; flat.wav (velocity 64) at {s['flat_lufs']:.1f} LUFS",
         *([f"sound card:             {format_audio_latency(s['audio_latency'])}"] if s.get("audio_latency") else []),
-        f"files in {s['out']}/:   input_flat.mid colorized.mid continuation.mid result.wav pianoroll.png summary.txt",
+        f"files in {s['out']}/:   input_flat.mid colorized.mid continuation.mid result.wav flat.wav pianoroll.png summary.txt",
         f"wall time:              {s['wall_s']} s",
     ]
     return "\n".join(lines) + "\n"

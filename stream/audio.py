@@ -14,6 +14,7 @@ import glob
 import io
 import logging
 import os
+import tempfile
 import time
 import wave
 from collections.abc import Callable, Sequence
@@ -24,12 +25,20 @@ import numpy as np
 from cadenza.atomic import atomic_path
 from cadenza.errors import AudioError, MidiFileError
 from cadenza.messages import control
+from cadenza.stream.loudness import LoudnessMeter
 
 log = logging.getLogger(__name__)
 
-# Where OS packages put a General MIDI SoundFont, small and fast ones first: TimGM6mb is 6 MB and
-# loads in milliseconds, FluidR3 is 140 MB and sounds better but takes a second to load.
+# Where OS packages put a General MIDI SoundFont, the piano that shows the dynamics first: MuseScore
+# General's piano is sampled at several velocities, so a harder strike is brighter as well as
+# louder, where TimGM6mb and FluidR3 only get louder (`cadenza bench piano`, docs/benchmarks.md).
+# The Lite build has the same piano as the Full one and loads faster. TimGM6mb (6 MB,
+# loads in milliseconds) is the fallback. Reading .sf3 needs a FluidSynth built with libsndfile
+# (Debian's, Homebrew's).
 SOUNDFONT_CANDIDATES: tuple[str, ...] = (
+    "/usr/share/sounds/sf3/MuseScore_General_Lite.sf3",  # Debian/Ubuntu: musescore-general-soundfont-small
+    "/usr/share/sounds/sf3/MuseScore_General_Full.sf3",  # Debian/Ubuntu: musescore-general-soundfont
+    "/usr/share/sounds/sf3/MuseScore_General.sf3",  # Debian alternatives link to one of the two
     "/usr/share/sounds/sf2/TimGM6mb.sf2",  # Debian/Ubuntu: timgm6mb-soundfont
     "/usr/share/sounds/sf2/FluidR3_GM.sf2",  # Debian/Ubuntu: fluid-soundfont-gm
     "/usr/share/sounds/sf2/default-GM.sf2",  # Debian alternatives link
@@ -43,7 +52,7 @@ SOUNDFONT_CANDIDATES: tuple[str, ...] = (
     "~/Library/Audio/Sounds/Banks/*.sf2",  # macOS: where users keep SoundFonts
 )
 
-INSTALL_HINT = "install one (Debian/Ubuntu: apt-get install timgm6mb-soundfont; macOS: brew install fluid-synth and put a GM .sf2 in /opt/homebrew/share/soundfonts) or set audio.soundfont"
+INSTALL_HINT = "install one (Debian/Ubuntu: apt-get install musescore-general-soundfont-small for a piano that shows the dynamics, or apt-get install timgm6mb-soundfont, 6 MB; macOS: brew install fluid-synth and put a GM .sf2 in /opt/homebrew/share/soundfonts) or set audio.soundfont"
 
 
 def find_soundfont(configured: Path | str | None = None, *, candidates: Sequence[str] = SOUNDFONT_CANDIDATES) -> Path:
@@ -208,46 +217,78 @@ PANIC: tuple[bytes, ...] = tuple(control(ch, cc, 0) for ch in range(16) for cc i
 # --------------------------------------------------------------------------------------------
 # Offline rendering
 
-NORMALIZE_PEAK = 10 ** (-1 / 20)  # -1 dBFS: loud, with room for the 16-bit conversion
+# normalize=True: the loudest sample at -1 dBFS, below the 16-bit ceiling with a decibel to spare
+# for the overshoot between samples when the file is played or resampled. For a piano this is also
+# a sensible loudness: its peak-to-loudness ratio is around 15 dB (`cadenza bench piano` and the
+# demo's loudness in docs/benchmarks.md), so a -1 dBFS peak lands near the -16 LUFS streaming
+# services aim at, while a louder loudness target would clip, or need a limiter that flattens
+# exactly the hammer attacks the velocities shape. ``loudness=`` aims at an integrated loudness
+# instead (to compare two renderings fairly), never above the same peak ceiling.
+NORMALIZE_PEAK = 10 ** (-1 / 20)
 
 
-class _WavWriter:
-    """Float blocks in, 16-bit stereo PCM out, scaled by ``scale``; keeps peak and energy."""
+class _Level:
+    """Peak, RMS and integrated loudness of the blocks that pass through (float, full scale 1)."""
 
-    def __init__(self, path: Path | None, sample_rate: int, scale: float = 1.0) -> None:
-        self._w = None
-        if path is not None:  # None: only measure
-            self._w = wave.open(str(path), "wb")
-            self._w.setnchannels(2)
-            self._w.setsampwidth(2)
-            self._w.setframerate(sample_rate)
-        self.scale = scale
+    def __init__(self, sample_rate: int) -> None:
         self.frames = 0
         self.peak = 0.0
         self._sq = 0.0
+        self._meter = LoudnessMeter(sample_rate)
 
-    def write(self, block: np.ndarray) -> None:
-        if len(block) == 0:
-            return
-        if self.scale != 1.0:
-            block *= self.scale
+    def add(self, block: np.ndarray) -> None:
         self.frames += len(block)
         self.peak = max(self.peak, float(np.abs(block).max()))
         self._sq += float(np.square(block, dtype=np.float64).sum())
-        if self._w is not None:
-            pcm = np.clip(np.rint(block * 32767.0), -32768, 32767).astype("<i2")
-            self._w.writeframes(pcm.tobytes())
+        self._meter.add(block)
 
     @property
     def rms(self) -> float:
         return (self._sq / max(1, 2 * self.frames)) ** 0.5
 
+    def lufs(self, gain_db: float = 0.0) -> float:
+        """Integrated loudness after ``gain_db`` (LUFS)."""
+        return self._meter.after_gain(gain_db)
+
+    def gain_to(self, lufs: float) -> float:
+        return self._meter.gain_to(lufs)
+
+
+class _WavWriter:
+    """Float blocks in, 16-bit stereo PCM out, scaled by ``scale``."""
+
+    def __init__(self, path: Path, sample_rate: int, scale: float = 1.0) -> None:
+        self._w = wave.open(str(path), "wb")
+        self._w.setnchannels(2)
+        self._w.setsampwidth(2)
+        self._w.setframerate(sample_rate)
+        self.scale = scale
+
+    def write(self, block: np.ndarray) -> None:
+        if len(block) == 0:
+            return
+        if self.scale != 1.0:
+            block = block * self.scale
+        pcm = np.clip(np.rint(block * 32767.0), -32768, 32767).astype("<i2")
+        self._w.writeframes(pcm.tobytes())
+
     def close(self) -> None:
-        if self._w is not None:
-            self._w.close()
+        self._w.close()
 
 
-def _play(events: Sequence[tuple[float, bytes]], end_s: float, synth: Synth, writer: _WavWriter, tail_s: float) -> int:
+class _Measured:
+    """Measures every block, then hands it to ``out`` (a :class:`_WavWriter` or a spool file)."""
+
+    def __init__(self, level: _Level, out: Callable[[np.ndarray], object]) -> None:
+        self.level, self._out = level, out
+
+    def write(self, block: np.ndarray) -> None:
+        if len(block):
+            self.level.add(block)
+            self._out(block)
+
+
+def _play(events: Sequence[tuple[float, bytes]], end_s: float, synth: Synth, writer: _Measured, tail_s: float) -> int:
     """Render exactly the frames between events, so every event lands on its sample."""
     rate = synth.sample_rate
     block = np.empty((4096, 2), np.float32)
@@ -271,57 +312,79 @@ def _play(events: Sequence[tuple[float, bytes]], end_s: float, synth: Synth, wri
     return handled
 
 
-def _render(events: Sequence[tuple[float, bytes]], end_s: float, out_wav, *, soundfont, sample_rate: int, gain: float, tail_s: float, normalize: bool) -> dict:
+def _scale(level: _Level, loudness: float | None) -> float:
+    """The gain that normalizes what ``level`` measured (see NORMALIZE_PEAK)."""
+    if level.peak <= 0:  # silence stays silence
+        return 1.0
+    ceiling = NORMALIZE_PEAK / level.peak
+    if loudness is None or not np.isfinite(level.lufs()):
+        return ceiling
+    return min(ceiling, 10 ** (level.gain_to(loudness) / 20))
+
+
+def _render(events: Sequence[tuple[float, bytes]], end_s: float, out_wav, *, soundfont, sample_rate: int, gain: float, tail_s: float, normalize: bool, loudness: float | None = None) -> dict:
     t0 = time.perf_counter()
-    scale = 1.0
-    if normalize:  # a first, silent pass finds the peak; FluidSynth renders deterministically
-        meter = _WavWriter(None, sample_rate)
-        synth = Synth(soundfont=soundfont, sample_rate=sample_rate, gain=gain)
-        try:
-            _play(events, end_s, synth, meter, tail_s)
-        finally:
-            synth.close()
-        scale = NORMALIZE_PEAK / meter.peak if meter.peak > 0 else 1.0
+    level = _Level(sample_rate)
     synth = Synth(soundfont=soundfont, sample_rate=sample_rate, gain=gain)
+    scale = 1.0
     try:
         with atomic_path(out_wav) as tmp:
-            writer = _WavWriter(tmp, sample_rate, scale)
-            try:
-                handled = _play(events, end_s, synth, writer, tail_s)
-            finally:
-                writer.close()
+            if not normalize:
+                writer = _WavWriter(tmp, sample_rate)
+                try:
+                    handled = _play(events, end_s, synth, _Measured(level, writer.write), tail_s)
+                finally:
+                    writer.close()
+            else:
+                # The synth plays once, into an anonymous float spool; the gain is known only at
+                # the end, then the spool is scaled into the WAV (memory stays one block).
+                with tempfile.TemporaryFile() as spool:
+                    handled = _play(events, end_s, synth, _Measured(level, lambda b: spool.write(b.tobytes())), tail_s)
+                    scale = _scale(level, loudness)
+                    spool.seek(0)
+                    writer = _WavWriter(tmp, sample_rate, scale)
+                    try:
+                        while chunk := spool.read(4096 * 8):
+                            writer.write(np.frombuffer(chunk, np.float32).reshape(-1, 2))
+                    finally:
+                        writer.close()
     except OSError as exc:  # unwritable folder, full disk: nothing is left under the final name
         raise AudioError(f"cannot write {out_wav}: {exc.strerror or exc}") from None
     finally:
         synth.close()
     elapsed = time.perf_counter() - t0
-    duration = writer.frames / sample_rate
+    duration = level.frames / sample_rate
+    gain_db = 20 * float(np.log10(scale))
     return {
         "path": str(out_wav),
         "soundfont": str(synth.soundfont),
         "sample_rate": sample_rate,
-        "frames": writer.frames,
+        "frames": level.frames,
         "duration_s": duration,
         "events": handled,
-        "peak": writer.peak,
-        "rms": writer.rms,
-        "gain_db": 20 * float(np.log10(scale)),
+        "peak": level.peak * scale,
+        "rms": level.rms * scale,
+        "loudness_lufs": level.lufs(gain_db),
+        "gain_db": gain_db,
         "render_s": elapsed,
         "realtime_factor": duration / elapsed if elapsed > 0 else float("inf"),
     }
 
 
-def render_events(events: Sequence[tuple[float, bytes]], out_wav, *, soundfont: Path | str | None = None, sample_rate: int = 44100, tail_s: float = 1.0, gain: float = 0.5, normalize: bool = False) -> dict:
+def render_events(events: Sequence[tuple[float, bytes]], out_wav, *, soundfont: Path | str | None = None, sample_rate: int = 44100, tail_s: float = 1.0, gain: float = 0.5, normalize: bool = False, loudness: float | None = None) -> dict:
     """Render (time in seconds, raw MIDI bytes) events to a 16-bit stereo WAV, atomically.
 
-    soundfont: .sf2 path, default :func:`find_soundfont`. gain: FluidSynth's master gain.
+    soundfont: .sf2/.sf3 path, default :func:`find_soundfont`. gain: FluidSynth's master gain.
     tail_s: the audio lasts until the last event plus this; then every note is released and rings out.
-    normalize: scale the result so its peak is -1 dBFS (two passes; quiet pieces become audible).
-    Returns duration, real-time factor, peak and RMS level (0..1 full scale), events played.
+    normalize: scale the result so its peak is -1 dBFS (quiet pieces become audible; see NORMALIZE_PEAK).
+    loudness: with normalize, aim at this integrated loudness in LUFS instead, the peak staying at
+    or below -1 dBFS (so the result may be quieter than asked).
+    Returns duration, real-time factor, peak and RMS level (0..1 full scale), loudness (LUFS),
+    the gain applied (dB), events played.
     """
     ordered = sorted(events, key=lambda e: e[0])  # stable: equal times keep their order
     end = ordered[-1][0] if ordered else 0.0
-    return _render(ordered, end, out_wav, soundfont=soundfont, sample_rate=sample_rate, gain=gain, tail_s=tail_s, normalize=normalize)
+    return _render(ordered, end, out_wav, soundfont=soundfont, sample_rate=sample_rate, gain=gain, tail_s=tail_s, normalize=normalize, loudness=loudness)
 
 
 def midi_file_events(in_path) -> tuple[list[tuple[float, bytes]], float]:
@@ -343,10 +406,10 @@ def midi_file_events(in_path) -> tuple[list[tuple[float, bytes]], float]:
     return events, t
 
 
-def render_midi(in_path, out_wav, *, soundfont: Path | str | None = None, sample_rate: int = 44100, tail_s: float = 1.0, gain: float = 0.5, normalize: bool = False) -> dict:
+def render_midi(in_path, out_wav, *, soundfont: Path | str | None = None, sample_rate: int = 44100, tail_s: float = 1.0, gain: float = 0.5, normalize: bool = False, loudness: float | None = None) -> dict:
     """Render a MIDI file (all channels, pedals, programs, tempo map) to WAV; see :func:`render_events`."""
     events, length = midi_file_events(in_path)
-    return _render(events, length, out_wav, soundfont=soundfont, sample_rate=sample_rate, gain=gain, tail_s=tail_s, normalize=normalize)
+    return _render(events, length, out_wav, soundfont=soundfont, sample_rate=sample_rate, gain=gain, tail_s=tail_s, normalize=normalize, loudness=loudness)
 
 
 def __getattr__(name: str):

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 
 def register(groups) -> None:
-    from cadenza.bench import latency, mqtt, throughput, window
+    from cadenza.bench import latency, mqtt, piano, throughput, window
 
     b = groups["bench"]
-    for module in (latency, throughput, window, mqtt):
+    for module in (latency, throughput, window, mqtt, piano):
         module.register(b)
 
 

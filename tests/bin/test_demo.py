@@ -24,11 +24,12 @@ def demo_out(tmp_path_factory):
 
 def test_demo_writes_every_file(demo_out):
     out, stdout = demo_out
-    for name in ("input_flat.mid", "colorized.mid", "continuation.mid", "result.wav", "pianoroll.png", "summary.txt"):
+    for name in ("input_flat.mid", "colorized.mid", "continuation.mid", "result.wav", "flat.wav", "pianoroll.png", "summary.txt"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     assert not [p for p in out.iterdir() if p.name.startswith(".")], "temporary files left behind"
     assert (out / "pianoroll.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "notes processed:        128" in stdout
+    assert "flat.wav (velocity 64) at" in stdout and "result.wav flat.wav pianoroll.png" in stdout
     assert stdout == (out / "summary.txt").read_text()
 
 
@@ -52,6 +53,31 @@ def test_continuation_and_audio(demo_out):
     # excerpt + silence before the answer + answer + render tail, give or take
     assert flat.end + 1.0 < seconds < flat.end + 6.0 + 4.0
     assert np.abs(audio).max() > 1000
+
+
+def read_wav(path) -> tuple[np.ndarray, int]:
+    with wave.open(str(path)) as w:
+        return np.frombuffer(w.readframes(w.getnframes()), "<i2").reshape(-1, 2) / 32768.0, w.getframerate()
+
+
+def test_flat_wav_is_the_excerpt_at_velocity_64_as_loud_as_the_result(demo_out):
+    from cadenza.stream.loudness import LoudnessMeter
+
+    out, _ = demo_out
+    flat_end = MidiFile.load(out / "input_flat.mid").performance.end
+    loudness = {}
+    for name in ("flat.wav", "result.wav"):
+        audio, rate = read_wav(out / name)
+        assert 0.5 < np.abs(audio).max() <= 10 ** (-0.9 / 20), name  # normalized, not clipped
+        meter = LoudnessMeter(rate)
+        meter.add(audio)
+        loudness[name] = meter.integrated
+        if name == "flat.wav":
+            assert flat_end < len(audio) / rate < flat_end + 2.0  # the excerpt alone, no continuation
+    # Matched, unless velocity 64 would have to peak above -1 dBFS to be as loud (then it is quieter).
+    assert loudness["flat.wav"] == pytest.approx(loudness["result.wav"], abs=0.2) or (
+        loudness["flat.wav"] < loudness["result.wav"] and np.abs(read_wav(out / "flat.wav")[0]).max() > 10 ** (-1.1 / 20)
+    )
 
 
 def test_demo_without_a_soundfont_fails_at_once_in_one_line(tmp_path):
