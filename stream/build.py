@@ -35,6 +35,7 @@ from cadenza.stream.sinks import AnySink
 if TYPE_CHECKING:
     from cadenza.models.phrase.live import LivePhrase
     from cadenza.stream.phrase import PhraseStage
+    from cadenza.stream.vary import VaryStage
 
 MODES = ("colorize", "continue", "both", "lookahead", "vary", "thru")
 
@@ -66,15 +67,17 @@ async def build_engine(settings: Settings, mode: str, sinks: list[AnySink], *, r
             lookahead = build_lookahead(settings)
             started.callback(lookahead.stop)
             await asyncio.to_thread(lookahead.start, loop)
-        phrase_factory: Callable[[Engine], PhraseStage] | None = None
-        if mode in ("continue", "both"):
+        def phrase_stage(e: Engine) -> PhraseStage:
             if make_live is None:
-                phrase_factory = lambda e: build_phrase_stage(e, settings)
-            else:
-                phrase_factory = lambda e: PhraseStage(e, settings.phrase, settings.controls, make_live=make_live)
-        vary_factory = (lambda e: build_vary_stage(e, settings)) if mode == "vary" else None
-        engine = Engine(settings, sinks=sinks, velocity_worker=worker, lookahead=lookahead, phrase_factory=phrase_factory,
-                        vary_factory=vary_factory, realtime=realtime)
+                return build_phrase_stage(e, settings)
+            return PhraseStage(e, settings.phrase, settings.controls, make_live=make_live)
+
+        def vary_stage(e: Engine) -> VaryStage:
+            return build_vary_stage(e, settings)
+
+        engine = Engine(settings, sinks=sinks, velocity_worker=worker, lookahead=lookahead,
+                        phrase_factory=phrase_stage if mode in ("continue", "both") else None,
+                        vary_factory=vary_stage if mode == "vary" else None, realtime=realtime)
         engine.bind(loop)
         if engine.phrase is not None:
             started.callback(engine.phrase.close)

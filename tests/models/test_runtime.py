@@ -114,7 +114,7 @@ def test_default_policy_restarts_a_one_off_crash_at_once_and_a_crash_loop_later(
             for n in range(3):
                 worker.kill()
                 delays.append(worker.stage.restart_delay)
-                await _wait(lambda: worker.stats.restarts == n + 1)
+                await _wait(lambda n=n: worker.stats.restarts == n + 1)
         finally:
             worker.stop()
         return delays
