@@ -83,9 +83,10 @@ def _sync(dev) -> None:
         torch.cuda.synchronize()
 
 
-def model_ttfn(model, *, calls: int, seed: int = 0) -> np.ndarray:
-    """Milliseconds from the end of a phrase to the first note-on yielded, for ``calls`` calls."""
-    live = LivePhrase(model)
+def model_ttfn(model, *, calls: int, seed: int = 0, answer=None) -> np.ndarray:
+    """Milliseconds from the end of a phrase to the first note-on yielded, for ``calls`` calls
+    (``answer``: best-of-N options, as configured for the live stage)."""
+    live = LivePhrase(model, answer=answer)
     rng = np.random.default_rng(seed)
     out = []
     t = 0.0
@@ -119,13 +120,17 @@ def run_bench(*, weights=None, device: str = "auto", threads: int | None = None,
     _naive(model, p, 4, torch.Generator().manual_seed(0))
     cached_s, slides, _ = _cached(model, p, tokens, torch.Generator().manual_seed(1))
     naive_s, _ = _naive(model, p, tokens, torch.Generator().manual_seed(1))
-    lat = model_ttfn(model, calls=calls)
+    from cadenza.models.phrase.answer import options_from
+
+    answer = options_from(settings.phrase) if settings is not None else None
+    lat = model_ttfn(model, calls=calls, answer=answer)
     result = {
         "device": dev, "threads": torch.get_num_threads(), "params": model.num_params(), "block_size": model.config.block_size,
         "prompt_tokens": prompt, "generated_tokens": tokens, "cache_slides": slides,
         "tokens_per_s": tokens / cached_s, "naive_tokens_per_s": tokens / naive_s, "speedup_vs_naive": naive_s / cached_s,
         "ttfn_model_ms_p50": float(np.percentile(lat, 50)), "ttfn_model_ms_p99": float(np.percentile(lat, 99)), "calls": calls,
-        "ttfn_ms_p50": None, "ttfn_ms_p99": None,
+        "ttfn_ms_p50": None, "ttfn_ms_p99": None, "best_of": answer.best_of if answer else 1,
+        "first_lookahead_tokens": answer.first_tokens if answer else None,
     }
     if ttfn is not None:
         result.update(ttfn(model, settings, calls=calls))
@@ -138,7 +143,7 @@ def format_bench(r: dict) -> str:
         f"tokens_per_s      {r['tokens_per_s']:10.1f}   (batch 1, KV cache, {r['generated_tokens']} tokens after {r['prompt_tokens']}; {r['cache_slides']} cache slides)",
         f"naive tokens/s    {r['naive_tokens_per_s']:10.1f}   (re-running the sequence every step)",
         f"speedup_vs_naive  {r['speedup_vs_naive']:10.1f}x",
-        f"ttfn (model)      p50 {r['ttfn_model_ms_p50']:.1f} ms   p99 {r['ttfn_model_ms_p99']:.1f} ms   ({r['calls']} calls: phrase end -> first note-on from respond)",
+        f"ttfn (model)      p50 {r['ttfn_model_ms_p50']:.1f} ms   p99 {r['ttfn_model_ms_p99']:.1f} ms   ({r['calls']} calls: phrase end -> first note-on from respond; best of {r.get('best_of', 1)})",
     ]
     if r.get("ttfn_ms_p50") is not None:
         lines.append(f"ttfn (engine)     p50 {r['ttfn_ms_p50']:.1f} ms   p99 {r['ttfn_ms_p99']:.1f} ms   (phrase end -> note-on at the port)")
