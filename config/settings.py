@@ -89,10 +89,11 @@ class PhraseSettings(_Section):
     best_of: int = Field(4, ge=1, le=32, description="sample this many candidate answers per horizon in one batched pass and keep the one "
                          "that scores best (model likelihood + fit to the call, weights fit_*); 1 = off")
     lookahead_s: float = Field(1.0, gt=0, le=10, description="best-of-N horizon: candidates are compared over this much music, then the kept one goes on")
-    lookahead_tokens: int = Field(48, ge=1, le=256, description="at most this many tokens per best-of-N horizon")
-    first_lookahead_tokens: int = Field(12, ge=0, le=256, description="at most this many tokens in the first horizon: the first note waits "
-                                        "for it, so this bounds the added time to first note (cadenza bench continue); 0 = the first "
-                                        "onset is sampled alone (no wait) and best-of-N starts after it")
+    lookahead_tokens: int = Field(48, ge=1, le=256, description="at most this many tokens per best-of-N horizon (live, also no more than "
+                                  "generation can afford while the music already generated plays)")
+    first_lookahead_tokens: int = Field(0, ge=0, le=256, description="tokens of a best-of-N horizon before the first note, which waits for "
+                                        "it (adds to the time to first note: cadenza bench continue); 0 = the first onset is sampled alone "
+                                        "and best-of-N starts once generation is ahead of playback")
     fit_loglik: float = Field(1.0, ge=0, description="best-of-N score: weight of the model's mean log-likelihood per token")
     fit_pc: float = Field(1.0, ge=0, description="best-of-N score: weight of the pitch-class profile correlation with the call")
     fit_register: float = Field(1.0, ge=0, description="best-of-N score: penalty per octave between the mean pitches of answer and call")

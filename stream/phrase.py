@@ -312,7 +312,7 @@ def _default_live(settings: PhraseSettings) -> Callable[[], LivePhraseModel]:
 
         # best-of-N and the guards come from [phrase] (best_of, lookahead_*, fit_*, *_guard)
         return LivePhrase(load_phrase(settings.weights, device=pick_device(settings.device)), style=settings.style,
-                          answer=options_from(settings))
+                          answer=options_from(settings), paced=True)
 
     return make
 

@@ -12,14 +12,20 @@ Best-of-N (:func:`search`). The prompt's KV cache is computed once, as the perfo
 played; at answer time its filled part is copied into every row of an N-row cache
 (:class:`~cadenza.models.phrase.static.StaticDecoder` with ``batch=N``: a CUDA graph on CUDA),
 the N candidates are sampled in one batched pass over a short horizon (``lookahead_s`` of music,
-at most ``lookahead_tokens`` tokens, and at most ``first_tokens`` for the first horizon: that
-cap is what bounds the time to the first note, which waits for it; ``cadenza bench continue``
-measures it), each is scored by
+at most ``lookahead_tokens`` tokens), each is scored by
 :func:`~cadenza.models.phrase.relatedness.fit_score` (the model's mean log-likelihood of its
 sampled tokens plus how it fits the call), and the best one is kept: its keys and values are
 copied back into the live cache and the answer goes on from its end, choosing again every
-horizon. Only the first horizon is waited for; later ones are computed while the earlier
-music plays (generation runs well ahead of playback).
+horizon.
+
+Latency. The answer is played while it is generated, so a horizon computed before a note delays
+that note. By default (``first_tokens`` = 0) the first onset is sampled alone (guards apply), so
+the time to first note is what it is without best-of-N; after it, live (``LivePhrase(paced=True)``)
+each horizon gets only as many tokens as can be computed in half the music that is generated
+but not yet played (one onset alone while there is too little), so candidates are compared
+without ever making the answer late. ``first_tokens`` > 0 compares candidates for the very
+first notes too, at the price of that many batched steps before the first note
+(``cadenza bench continue`` measures the time to first note either way).
 """
 
 from __future__ import annotations
@@ -43,7 +49,7 @@ class AnswerOptions:
     best_of: int = 1
     lookahead_s: float = 1.0
     lookahead_tokens: int = 48
-    first_tokens: int = 12
+    first_tokens: int = 0
     weights: FitWeights = field(default_factory=FitWeights)
     key_guard: float = 0.0
     register_guard: float = 0.0

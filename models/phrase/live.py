@@ -20,6 +20,7 @@ engine's ledger does that on barge-in) and, if it passed a pedal press on, sends
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import torch
@@ -32,19 +33,23 @@ from cadenza.models.phrase.relatedness import Notes
 MAX_GAP_S = 3.0  # longer silences are tokenized as this long: the model never saw longer ones
 MAX_HOLD_S = 2.0  # a response key held this long is released (see respond)
 MAX_VOICES = 10  # at most this many response keys down at once
+PACE_SHARE = 0.5  # paced best-of-N: a horizon's compute may take this share of the music ahead of playback
+MIN_HORIZON_TOKENS = 4  # below this many tokens a horizon compares nothing worth comparing
 
 
 class LivePhrase:
     """Appendable context + streaming response for one performer (one worker thread)."""
 
     def __init__(self, model: PhraseModel, *, max_context: int | None = None, keep: int | None = None, style: str = "classical",
-                 static: bool | None = None, answer: AnswerOptions | None = None):
+                 static: bool | None = None, answer: AnswerOptions | None = None, paced: bool = False):
         """``max_context``: tokens held in the cache (≤ the model's block size); when it is full
         the most recent ``keep`` tokens (default 3/4 of it) are re-prefilled and work goes on.
         ``style``: one of :data:`~cadenza.models.phrase.model.STYLES` the weights were trained with.
         ``static``: one-token steps through :class:`~cadenza.models.phrase.static.StaticDecoder`
         (a CUDA graph on CUDA); default: when the model is on a CUDA device. ``answer``: best-of-N
-        and the key/register guards (:mod:`~cadenza.models.phrase.answer`); default: neither."""
+        and the key/register guards (:mod:`~cadenza.models.phrase.answer`); default: neither.
+        ``paced``: the answer is played as it is yielded (live): best-of-N horizons are sized so
+        that generation stays ahead of playback (see ``_horizon_tokens``)."""
         from cadenza.models.phrase.model import style_index
 
         self.model = model
@@ -62,6 +67,8 @@ class LivePhrase:
         self.cache = self.decoder.cache if self.decoder else model.new_cache(max_len=self.max_context)
         self.answer = answer or AnswerOptions()
         self._bank = None  # the N-row decoder of best-of-N, made at the first answer that needs it
+        self.paced = paced
+        self._step_s = 0.005  # time per batched best-of-N step, measured as it runs (warm_up starts it)
         self.choices: list[Choice] = []  # the last answer's best-of-N decisions, in order
         self._gen = 0
         self.reset()
@@ -84,7 +91,11 @@ class LivePhrase:
         for i, p in enumerate((60, 64, 67, 72, 67, 64)):
             self.feed(0.2 * i, bytes((0x90, p, 80)))
             self.feed(0.2 * i + 0.15, bytes((0x80, p, 0)))
-        n = sum(1 for _ in self.respond(start_t=1.6, seconds=1.0, seed=0))
+        paced, self.paced = self.paced, False  # so that best-of-N runs too: its decoder is made, its step timed
+        try:
+            n = sum(1 for _ in self.respond(start_t=1.6, seconds=1.0, seed=0))
+        finally:
+            self.paced = paced
         self.reset()
         return n
 
@@ -245,17 +256,21 @@ class LivePhrase:
         def draw(logits, g):
             return sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=g)
 
+        first: list[tuple[float, float]] = []  # (wall clock, music time) of the answer's first note, once yielded
+
         def message(ev):
             t = st.time_of(ev.tick)
             if ev.kind == tk.ON:
+                if not first:
+                    first.append((time.perf_counter(), t))
                 return t, bytes((0x90 | channel, ev.pitch, max(1, ev.value)))
             if ev.kind == tk.OFF:
                 return t, bytes((0x80 | channel, ev.pitch, 0))
             return t, bytes((0xB0 | channel, 64, ev.value))
 
         def single(handover: bool):
-            """Sample one row; with ``handover``, return True at the first TIME_SHIFT after the
-            answer's first onset (not taken: best-of-N goes on from there). False: the end."""
+            """Sample one row; with ``handover``, return True at the first TIME_SHIFT after an
+            onset (not taken: best-of-N goes on from there). False: the end."""
             struck = False
             while self._gen == me and st.tick < end_tick:
                 tok = row.forced()
@@ -275,10 +290,11 @@ class LivePhrase:
 
         horizon = max(1, int(round(opts.lookahead_s / st.quantum)))
         going = opts.best_of > 1
-        if going and opts.first_tokens == 0:  # the first onset is sampled alone: no wait before the first note
-            going = yield from single(True)
         while going and self._gen == me and st.tick < end_tick and self.cache.free > 1:
-            cap = opts.lookahead_tokens if (self.choices or opts.first_tokens == 0) else opts.first_tokens
+            cap = self._horizon_tokens(first, st.time_of(st.tick))
+            if cap < MIN_HORIZON_TOKENS:  # no time to compare candidates: one onset alone, then look again
+                going = yield from single(True)
+                continue
             found = self._best_of(row, horizon_tick=min(end_tick, st.tick + horizon), cap=cap, call=call,
                                   sampling=(temperature, top_k, top_p), gen=gen)
             if not found.tokens:
@@ -313,6 +329,19 @@ class LivePhrase:
         mine.clear()
         resp["pedal"] = False
 
+    def _horizon_tokens(self, first: list[tuple[float, float]], music_now: float) -> int:
+        """Token cap of the next best-of-N horizon. Before the first note it is the configured
+        first cap (the first note waits for it). Paced (the answer is played as it is yielded),
+        a horizon may take at most PACE_SHARE of the music already generated but not yet played,
+        at the measured time per batched step, so generation stays ahead of playback."""
+        if not first:
+            return self.answer.first_tokens
+        if not self.paced:
+            return self.answer.lookahead_tokens
+        wall0, music0 = first[0]
+        ahead = (music_now - music0) - (time.perf_counter() - wall0)
+        return max(0, min(self.answer.lookahead_tokens, int(PACE_SHARE * ahead / self._step_s)))
+
     def _best_of(self, row: AnswerRow, *, horizon_tick: int, cap: int, call: Notes, sampling: tuple[float, int, float],
                  gen: torch.Generator) -> Found:
         """One best-of-N horizon from the live cache (see answer.py), committed into it."""
@@ -320,8 +349,11 @@ class LivePhrase:
             from cadenza.models.phrase.static import StaticDecoder
 
             self._bank = StaticDecoder(self.model, batch=self.answer.best_of, max_len=self.max_context, style=self._style)
+        t0 = time.perf_counter()
         found = search(self._bank, self.cache, self._logits, row, horizon_tick=horizon_tick, cap=min(cap, self.cache.free - 1), call=call,
                        opts=self.answer, sampling=sampling, generator=gen)
+        steps = max(map(len, found.choice.tokens)) + 1
+        self._step_s = 0.7 * self._step_s + 0.3 * (time.perf_counter() - t0) / steps  # for pacing the next horizons
         commit(self._bank, self.cache, found)
         self.hist.extend(found.tokens)
         self._logits = found.logits
