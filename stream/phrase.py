@@ -18,8 +18,7 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from cadenza.config.settings import ControlSettings, PhraseSettings, Settings
 from cadenza.models.phrase.worker import (

@@ -53,8 +53,10 @@ def plot_distributions(ref: SetStats, st: SetStats, path: Path) -> None:
         for s, colour, label in ((ref, "0.6", ref.name), (st, "tab:blue", st.name)):
             h = s.hist[k]
             ax.bar(x, h / h.sum() if h.sum() else h, width=w, color=colour, alpha=0.55, label=label, align="center")
-        if k in ("step", "duration"):
+        if k == "duration":
             ax.set_xscale("log")
+        elif k == "step":  # chords put many steps at 0: linear there, logarithmic above 10 ms
+            ax.set_xscale("symlog", linthresh=0.01)
         ax.set_title(k)
         ax.grid(alpha=0.3)
     axes.flat[0].legend(fontsize=8)
@@ -137,7 +139,8 @@ def markdown(result: dict, figures: dict[str, list[str]], extra: str = "") -> st
         cells = [f"{_fmt(result['sets'][n]['vs_reference'][k]['overlap'])} / {_fmt(result['sets'][n]['vs_reference'][k]['kl'])}" for n in names]
         lines.append(f"| {'**mean**' if k == 'mean' else k} | " + " | ".join(cells) + " |")
     lines += ["", "## Summary", "", "| | " + ref["name"] + " | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
-    for k in ("files", "notes", "seconds", "notes_per_second", *(f"{f}_{m}" for f in FEATURES for m in ("mean", "sd"))):
+    summary = [f for f in FEATURES if f != "pitch_class"]  # the mean of a circular quantity says nothing
+    for k in ("files", "notes", "seconds", "notes_per_second", *(f"{f}_{m}" for f in summary for m in ("mean", "sd"))):
         lines.append(f"| {k} | {_fmt(ref.get(k))} | " + " | ".join(_fmt(result["sets"][n].get(k)) for n in names) + " |")
     skipped = {n: result["sets"][n]["skipped"] for n in names if result["sets"][n]["skipped"]}
     if skipped:

@@ -31,12 +31,18 @@ first notes too, at the price of that many batched steps before the first note
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from cadenza.models.phrase import tokens as tk
 from cadenza.models.phrase.relatedness import FitWeights, Notes, fit_score, key_bias, register_bias
+
+if TYPE_CHECKING:
+    from cadenza.config.settings import PhraseSettings
+    from cadenza.models.phrase.model import KVCache
+    from cadenza.models.phrase.static import StaticDecoder
 
 PIANO = range(21, 109)  # NOTE_ONs outside the piano are never generated
 NEG = -float("inf")
@@ -61,7 +67,7 @@ class AnswerOptions:
         return self.key_guard > 0 or self.register_guard > 0
 
 
-def options_from(ps) -> AnswerOptions:
+def options_from(ps: PhraseSettings) -> AnswerOptions:
     """AnswerOptions from a ``PhraseSettings`` section."""
     w = FitWeights(loglik=ps.fit_loglik, pc=ps.fit_pc, register=ps.fit_register, density=ps.fit_density, ioi=ps.fit_ioi)
     return AnswerOptions(best_of=ps.best_of, lookahead_s=ps.lookahead_s, lookahead_tokens=ps.lookahead_tokens,
@@ -193,7 +199,7 @@ def sample_rows(logits: torch.Tensor, *, temperature: float, top_k: int, top_p: 
 
 
 @torch.inference_mode()
-def search(bank, cache, logits: torch.Tensor, row: AnswerRow, *, horizon_tick: int, cap: int, call: Notes, opts: AnswerOptions,
+def search(bank: StaticDecoder, cache: KVCache, logits: torch.Tensor, row: AnswerRow, *, horizon_tick: int, cap: int, call: Notes, opts: AnswerOptions,
            sampling: tuple[float, int, float], generator: torch.Generator) -> Found:
     """Sample ``bank.batch`` candidates from the live cache's state for up to ``horizon_tick`` /
     ``cap`` tokens, score them, keep the best; ``bank`` is an N-row StaticDecoder whose cache is
@@ -256,7 +262,7 @@ def search(bank, cache, logits: torch.Tensor, row: AnswerRow, *, horizon_tick: i
     return Found(rows[best], toks[best], events[best], saved[best], Choice(scores, toks, best))
 
 
-def commit(bank, cache, found: Found, row_index: int | None = None) -> None:
+def commit(bank: StaticDecoder, cache: KVCache, found: Found, row_index: int | None = None) -> None:
     """Copy the kept candidate's keys and values into row 0 of the live cache after its prompt."""
     r = found.choice.chosen if row_index is None else row_index
     p0, n = cache.pos, len(found.tokens)

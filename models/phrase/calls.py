@@ -18,12 +18,26 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
 from cadenza.midifile import Performance
 from cadenza.models.phrase import tokens as tk
 from cadenza.models.phrase.relatedness import RELATEDNESS, Notes, relatedness
+
+if TYPE_CHECKING:
+    from cadenza.models.phrase.live import LivePhrase
+    from cadenza.models.phrase.ngram import NGram
+
+
+class Sampling(Protocol):
+    """Sampling settings (``PhraseSettings`` has them)."""
+
+    temperature: float
+    top_k: int
+    top_p: float
+
 
 NoteArrays = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # onset, offset, pitch, velocity (absolute s)
 
@@ -73,7 +87,7 @@ def real_next(p: Prompt, rng: np.random.Generator) -> NoteArrays:
     return r.onset, r.offset, r.pitch.astype(np.float64), r.velocity.astype(np.float64)
 
 
-def live_generator(live, sampling) -> Generator:
+def live_generator(live: LivePhrase, sampling: Sampling) -> Generator:
     """A ``LivePhrase`` fed the prompt and answering from t0, as on stage."""
     from cadenza.models.phrase.evaluate import _pair
 
@@ -87,7 +101,7 @@ def live_generator(live, sampling) -> Generator:
     return gen
 
 
-def ngram_generator(ng, temperature: float) -> Generator:
+def ngram_generator(ng: NGram, temperature: float) -> Generator:
     from cadenza.models.phrase.evaluate import _events_to_notes, _ngram_continue
 
     def gen(p: Prompt, rng: np.random.Generator) -> NoteArrays:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -24,6 +25,10 @@ from cadenza.models.phrase import tokens as tk
 from cadenza.models.phrase.data import TokenSplit, load_split
 from cadenza.models.phrase.model import load_phrase
 from cadenza.models.phrase.ngram import NGram
+
+if TYPE_CHECKING:
+    from cadenza.models.phrase.answer import AnswerOptions
+    from cadenza.models.phrase.calls import Named, StudyResult
 
 OVERLAP = 128
 STATS = ("pitch_class", "ioi", "density", "velocity", "polyphony")
@@ -135,8 +140,8 @@ def _events_to_notes(events: list[tk.Event], stream: tk.TokenStream, end: float)
     return a[:, 0], a[:, 1], a[:, 2], a[:, 3]
 
 
-def generation_stats(model, ng: NGram, ts: TokenSplit, *, prompts: int, seconds: float, seed: int, sampling, answer=None,
-                     extra: list | None = None, progress: bool = False):
+def generation_stats(model, ng: NGram, ts: TokenSplit, *, prompts: int, seconds: float, seed: int, sampling,
+                     answer: AnswerOptions | None = None, extra: list[Named] | None = None, progress: bool = False) -> StudyResult:
     """Overlap with the real continuation and call-relatedness (models/phrase/calls.py) of the
     transformer (through the live API as on stage; ``answer``: best-of-N and guards), the n-gram,
     the real continuation, and any ``extra`` generators (calls.Named). Returns calls.StudyResult."""
@@ -165,8 +170,8 @@ def _pair(msgs, end):
 
 
 def evaluate(maestro_root: Path, *, split: str, limit: int | None, prompts: int, seconds: float, ngram_order: int,
-             weights: Path | None, seed: int, threads: int, sampling, pop909_root: Path | None = None, answer=None,
-             report: Path | None = None) -> dict:
+             weights: Path | None, seed: int, threads: int, sampling, pop909_root: Path | None = None,
+             answer: AnswerOptions | None = None, report: Path | None = None) -> dict:
     torch.set_num_threads(threads)
     t_start = time.monotonic()
     model = load_phrase(weights)

@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Protocol, TypedDict
+from typing import Callable, Iterator, Protocol, TypedDict
 
 from cadenza.models.runtime import DEFAULT_BACKOFF, Backoff, ModelStage, Post
 
