@@ -99,6 +99,8 @@ class PhraseSettings(_Section):
     fit_register: float = Field(1.0, ge=0, description="best-of-N score: penalty per octave between the mean pitches of answer and call")
     fit_density: float = Field(0.5, ge=0, description="best-of-N score: penalty per doubling/halving of notes per second against the call")
     fit_ioi: float = Field(0.5, ge=0, description="best-of-N score: penalty per doubling/halving of the median inter-onset interval")
+    fit_velocity: float = Field(0.0, ge=0, description="best-of-N score: penalty per 16 velocity units between the mean velocities")
+    fit_polyphony: float = Field(0.0, ge=0, description="best-of-N score: penalty per doubling/halving of the keys down at an onset")
     key_guard: float = Field(0.0, ge=0, le=20, description="soft guard: logit penalty on notes outside the call's estimated key; 0 = off")
     register_guard: float = Field(0.0, ge=0, le=20, description="soft guard: logit penalty per octave beyond the call's range (+ margin); 0 = off")
     register_margin: float = Field(5.0, ge=0, le=48, description="semitones beyond the call's lowest/highest note before the register guard bites")

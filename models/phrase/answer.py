@@ -69,7 +69,8 @@ class AnswerOptions:
 
 def options_from(ps: PhraseSettings) -> AnswerOptions:
     """AnswerOptions from a ``PhraseSettings`` section."""
-    w = FitWeights(loglik=ps.fit_loglik, pc=ps.fit_pc, register=ps.fit_register, density=ps.fit_density, ioi=ps.fit_ioi)
+    w = FitWeights(loglik=ps.fit_loglik, pc=ps.fit_pc, register=ps.fit_register, density=ps.fit_density, ioi=ps.fit_ioi,
+                   velocity=ps.fit_velocity, polyphony=ps.fit_polyphony)
     return AnswerOptions(best_of=ps.best_of, lookahead_s=ps.lookahead_s, lookahead_tokens=ps.lookahead_tokens,
                          first_tokens=ps.first_lookahead_tokens, weights=w,
                          key_guard=ps.key_guard, register_guard=ps.register_guard, register_margin=ps.register_margin)
@@ -77,16 +78,28 @@ def options_from(ps: PhraseSettings) -> AnswerOptions:
 
 def call_notes(hist: list[int], seconds: float, quantum: float = tk.QUANTUM_S) -> Notes:
     """The notes struck in the last ``seconds`` of the context's tokens (times relative)."""
-    tick, on = 0, []
-    for tok in hist:
+    return _notes(hist, 0, seconds, quantum, tail=True)
+
+
+def _notes(toks: list[int], tick0: int, seconds: float, quantum: float, *, tail: bool, vel_bin: int = -1) -> Notes:
+    """Onset, pitch, velocity and keys down at each onset of the NOTE_ONs in ``toks``; with
+    ``tail`` only those in the last ``seconds``, else all, over ``seconds``."""
+    tick, down, rows = tick0, set(), []
+    for tok in toks:
         if tk.SHIFT0 <= tok < tk.VEL0:
             tick += tok - tk.SHIFT0 + 1
+        elif tk.VEL0 <= tok < tk.SUSTAIN_ON:
+            vel_bin = tok - tk.VEL0
         elif tk.NOTE_ON0 <= tok < tk.NOTE_OFF0:
-            on.append((tick, tok - tk.NOTE_ON0))
-    a = np.asarray(on, np.float64).reshape(-1, 2)
-    a = a[a[:, 0] >= tick - seconds / quantum]
-    span = (tick - a[0, 0]) * quantum if len(a) else 0.0
-    return Notes(a[:, 0] * quantum, a[:, 1], max(span, quantum))
+            down.add(tok - tk.NOTE_ON0)
+            rows.append((tick, tok - tk.NOTE_ON0, tk.bin_velocity(vel_bin if vel_bin >= 0 else tk.VELOCITY_BINS // 2), len(down)))
+        elif tk.NOTE_OFF0 <= tok < tk.SHIFT0:
+            down.discard(tok - tk.NOTE_OFF0)
+    a = np.asarray(rows, np.float64).reshape(-1, 4)
+    if tail:
+        a = a[a[:, 0] >= tick - seconds / quantum]
+        seconds = (tick - a[0, 0]) * quantum if len(a) else 0.0
+    return Notes((a[:, 0] - tick0) * quantum, a[:, 1], max(seconds, quantum), a[:, 2], a[:, 3])
 
 
 def note_bias(call: Notes, opts: AnswerOptions) -> torch.Tensor | None:
@@ -254,9 +267,8 @@ def search(bank: StaticDecoder, cache: KVCache, logits: torch.Tensor, row: Answe
     saved = [cur[r].clone() if x is None else x for r, x in enumerate(saved)]
     scores = []
     for r in range(n):
-        a = np.asarray([(e.tick, e.pitch) for e in events[r] if e.kind == tk.ON], np.float64).reshape(-1, 2)
         span = max(rows[r].st.tick - start_tick, 10) * row.st.quantum
-        ans = Notes((a[:, 0] - start_tick) * row.st.quantum, a[:, 1], span)
+        ans = _notes(toks[r], start_tick, span, row.st.quantum, tail=False, vel_bin=row.st.vel_bin)
         scores.append(fit_score(call, ans, ll[r] / counted[r] if counted[r] else 0.0, opts.weights))
     best = int(np.argmax(scores))
     return Found(rows[best], toks[best], events[best], saved[best], Choice(scores, toks, best))

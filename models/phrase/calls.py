@@ -24,7 +24,7 @@ import numpy as np
 
 from cadenza.midifile import Performance
 from cadenza.models.phrase import tokens as tk
-from cadenza.models.phrase.relatedness import RELATEDNESS, Notes, relatedness
+from cadenza.models.phrase.relatedness import RELATEDNESS, Notes, keys_down_at_onsets, relatedness
 
 if TYPE_CHECKING:
     from cadenza.models.phrase.live import LivePhrase
@@ -115,7 +115,7 @@ def _window(notes: NoteArrays, t0: float, seconds: float) -> tuple[NoteArrays, N
     on, off, p, v = notes
     sel = (on >= t0) & (on < t0 + seconds)
     arrays = (on[sel] - t0, np.minimum(off[sel], t0 + seconds) - t0, p[sel], v[sel])
-    return arrays, Notes(arrays[0], arrays[2], seconds)
+    return arrays, Notes(arrays[0], arrays[2], seconds, arrays[3], keys_down_at_onsets(arrays[0], arrays[1]))
 
 
 def _perf(a: NoteArrays) -> Performance:

@@ -11,6 +11,8 @@ A call or answer is a pair of arrays (onsets in seconds, MIDI pitches) plus its 
 * ``register``: distance between mean pitches, in semitones.
 * ``density``: |log2| of the ratio of notes per second (1 = twice or half as many).
 * ``ioi``: |log2| of the ratio of median inter-onset intervals between distinct onsets (the pace).
+* ``velocity``: distance between mean velocities (when both sides know them).
+* ``polyphony``: |log2| of the ratio of the mean number of keys down at an onset.
 
 A call's key is estimated from its profile with the Krumhansl-Kessler key profiles (the major
 or minor key whose profile correlates best); :func:`key_bias` and :func:`register_bias` turn
@@ -28,7 +30,7 @@ KK_MAJOR = np.array([6.35, 2.23, 3.48, 2.33, 4.38, 4.09, 2.52, 5.19, 2.39, 3.66,
 KK_MINOR = np.array([6.33, 2.68, 3.52, 5.38, 2.60, 3.53, 2.54, 4.75, 3.98, 2.69, 3.34, 3.17])
 MAJOR_SCALE = np.array([0, 2, 4, 5, 7, 9, 11])
 MINOR_SCALE = np.array([0, 2, 3, 5, 7, 8, 10, 11])  # harmonic and natural minor together
-RELATEDNESS = ("pc_corr", "register", "density", "ioi")
+RELATEDNESS = ("pc_corr", "register", "density", "ioi", "velocity", "polyphony")
 
 
 @dataclass(frozen=True)
@@ -36,9 +38,17 @@ class Notes:
     onset: np.ndarray  # (N,) seconds
     pitch: np.ndarray  # (N,) MIDI pitch
     seconds: float  # the span the notes were taken from (for the density)
+    velocity: np.ndarray | None = None  # (N,) note-on velocities, when known
+    poly: np.ndarray | None = None  # (N,) keys down at each onset (the note itself included), when known
 
     def __len__(self) -> int:
         return len(self.pitch)
+
+
+def keys_down_at_onsets(onset: np.ndarray, offset: np.ndarray) -> np.ndarray:
+    """For each note, how many notes (itself included) are down at its onset."""
+    on, off = np.asarray(onset, np.float64), np.sort(np.asarray(offset, np.float64))
+    return (np.searchsorted(np.sort(on), on, side="right") - np.searchsorted(off, on, side="right")).astype(np.float64)
 
 
 def profile(pitch: np.ndarray) -> np.ndarray:
@@ -62,24 +72,30 @@ def relatedness(call: Notes, answer: Notes) -> dict[str, float | None]:
         return {k: None for k in RELATEDNESS}
     dc, da = len(call) / max(call.seconds, 1e-3), len(answer) / max(answer.seconds, 1e-3)
     ic, ia = _median_ioi(call.onset), _median_ioi(answer.onset)
+    both = call.velocity is not None and answer.velocity is not None
     return {
         "pc_corr": _corr(profile(call.pitch), profile(answer.pitch)),
         "register": abs(float(np.mean(call.pitch)) - float(np.mean(answer.pitch))),
         "density": abs(float(np.log2(da / dc))),
         "ioi": abs(float(np.log2(ia / ic))) if ic and ia else None,
+        "velocity": abs(float(np.mean(call.velocity)) - float(np.mean(answer.velocity))) if both else None,
+        "polyphony": abs(float(np.log2(np.mean(answer.poly) / np.mean(call.poly)))) if call.poly is not None and answer.poly is not None else None,
     }
 
 
 @dataclass(frozen=True)
 class FitWeights:
     """Weights of the best-of-N score: loglik * mean log-likelihood per token + pc * pc_corr
-    - register * register/12 - density * density - ioi * ioi (see the module doc)."""
+    - register * register/12 - density * density - ioi * ioi - velocity * velocity/16
+    - polyphony * polyphony (see the module doc)."""
 
     loglik: float = 1.0
     pc: float = 1.0
     register: float = 1.0
     density: float = 0.5
     ioi: float = 0.5
+    velocity: float = 0.0
+    polyphony: float = 0.0
 
 
 def fit_score(call: Notes, answer: Notes, mean_loglik: float, w: FitWeights) -> float:
@@ -93,6 +109,10 @@ def fit_score(call: Notes, answer: Notes, mean_loglik: float, w: FitWeights) -> 
         s += w.pc * r["pc_corr"] - w.register * r["register"] / 12.0 - w.density * r["density"]
     if r["ioi"] is not None:
         s -= w.ioi * r["ioi"]
+    if r["velocity"] is not None:
+        s -= w.velocity * r["velocity"] / 16.0
+    if r["polyphony"] is not None:
+        s -= w.polyphony * r["polyphony"]
     return float(s)
 
 

@@ -12,7 +12,7 @@ from cadenza.models.phrase import tokens as tk
 from cadenza.models.phrase.answer import AnswerOptions
 from cadenza.models.phrase.live import LivePhrase
 from cadenza.models.phrase.model import load_phrase
-from cadenza.models.phrase.relatedness import MAJOR_SCALE, Notes, estimate_key, relatedness
+from cadenza.models.phrase.relatedness import MAJOR_SCALE, Notes, estimate_key, keys_down_at_onsets, relatedness
 
 CALL = (60, 64, 67, 72, 67, 64, 62, 65, 69, 71, 72, 67)  # C major, within 60-72
 
@@ -79,11 +79,14 @@ def test_guards_keep_the_answer_in_key_and_register(shipped):
 
 def test_relatedness_of_a_phrase_with_itself_and_with_another():
     on = np.arange(8) * 0.25
-    call = Notes(on, np.array([60, 62, 64, 65, 67, 69, 71, 72]), 2.0)
+    call = Notes(on, np.array([60, 62, 64, 65, 67, 69, 71, 72]), 2.0, np.full(8, 64.0), keys_down_at_onsets(on, on + 0.2))
     same = relatedness(call, call)
-    assert same == {"pc_corr": pytest.approx(1.0), "register": 0.0, "density": 0.0, "ioi": 0.0}
-    far = relatedness(call, Notes(on[:4] * 2, np.array([85, 87, 90, 92]), 2.0))
-    assert far["pc_corr"] < 0.5 and far["register"] > 20 and far["density"] == pytest.approx(1.0) and far["ioi"] == pytest.approx(1.0)
+    assert same == {"pc_corr": pytest.approx(1.0), "register": 0.0, "density": 0.0, "ioi": 0.0, "velocity": 0.0, "polyphony": 0.0}
+    chords = np.repeat(on[:2] * 4, 2)  # two two-note chords, a second apart, loud
+    far = relatedness(call, Notes(chords, np.array([85, 88, 90, 93]), 2.0, np.full(4, 96.0), keys_down_at_onsets(chords, chords + 0.5)))
+    assert far["pc_corr"] < 0.5 and far["register"] > 20 and far["density"] == pytest.approx(1.0)
+    assert far["ioi"] == pytest.approx(2.0) and far["velocity"] == 32.0 and far["polyphony"] == pytest.approx(1.0)  # 2 keys down at each onset against 1
+    assert relatedness(Notes(on, call.pitch, 2.0), call)["velocity"] is None  # unknown on one side
     assert relatedness(call, Notes(np.zeros(0), np.zeros(0), 2.0))["pc_corr"] is None
 
 
