@@ -95,10 +95,10 @@ class PhraseSettings(_Section):
                                         "it (adds to the time to first note: cadenza bench continue); 0 = the first onset is sampled alone "
                                         "and best-of-N starts once generation is ahead of playback")
     fit_loglik: float = Field(1.0, ge=0, description="best-of-N score: weight of the model's mean log-likelihood per token")
-    fit_pc: float = Field(1.0, ge=0, description="best-of-N score: weight of the pitch-class profile correlation with the call")
+    fit_pc: float = Field(2.0, ge=0, description="best-of-N score: weight of the pitch-class profile correlation with the call")
     fit_register: float = Field(1.0, ge=0, description="best-of-N score: penalty per octave between the mean pitches of answer and call")
-    fit_density: float = Field(0.5, ge=0, description="best-of-N score: penalty per doubling/halving of notes per second against the call")
-    fit_ioi: float = Field(0.5, ge=0, description="best-of-N score: penalty per doubling/halving of the median inter-onset interval")
+    fit_density: float = Field(2.0, ge=0, description="best-of-N score: penalty per doubling/halving of notes per second against the call")
+    fit_ioi: float = Field(1.0, ge=0, description="best-of-N score: penalty per doubling/halving of the median inter-onset interval")
     fit_velocity: float = Field(0.0, ge=0, description="best-of-N score: penalty per 16 velocity units between the mean velocities")
     fit_polyphony: float = Field(0.0, ge=0, description="best-of-N score: penalty per doubling/halving of the keys down at an onset")
     key_guard: float = Field(0.0, ge=0, le=20, description="soft guard: logit penalty on notes outside the call's estimated key; 0 = off")

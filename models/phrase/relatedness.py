@@ -89,11 +89,11 @@ class FitWeights:
     - register * register/12 - density * density - ioi * ioi - velocity * velocity/16
     - polyphony * polyphony (see the module doc)."""
 
-    loglik: float = 1.0
-    pc: float = 1.0
+    loglik: float = 1.0  # defaults = the [phrase] fit_* defaults, chosen on MAESTRO validation (docs/evaluation.md)
+    pc: float = 2.0
     register: float = 1.0
-    density: float = 0.5
-    ioi: float = 0.5
+    density: float = 2.0
+    ioi: float = 1.0
     velocity: float = 0.0
     polyphony: float = 0.0
 
