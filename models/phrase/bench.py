@@ -107,6 +107,34 @@ def model_ttfn(model, *, calls: int, seed: int = 0, answer=None) -> np.ndarray:
     return np.asarray(out)
 
 
+def answer_lateness(model, *, answer, calls: int = 10, seconds: float = 6.0) -> dict:
+    """Best-of-N live (paced): how late answer events come out of ``respond`` against their place
+    in the music, counted from the first note's wall time, consumed as fast as it yields (as the
+    worker does); and how many best-of-N horizons an answer gets."""
+    live = LivePhrase(model, answer=answer, paced=True)
+    live.warm_up()
+    rng = np.random.default_rng(0)
+    t, late, horizons = 0.0, [], []
+    for c in range(calls):
+        for _ in range(16):  # a quick phrase: eighth notes at 120 bpm
+            p = int(rng.integers(48, 84))
+            live.feed(t, note_on(0, p, 80))
+            live.feed(t + 0.1, note_off(0, p))
+            t += 0.125
+        first = None
+        for tm, m in live.respond(start_t=t + 0.3, seconds=seconds, temperature=0.9, top_k=0, top_p=0.95, seed=c):
+            now = time.perf_counter()
+            if first is None and m[0] & 0xF0 == 0x90:
+                first = (now, tm)
+            if first is not None:
+                late.append(max(0.0, now - first[0] - (tm - first[1])) * 1e3)
+        horizons.append(len(live.choices))
+        t += seconds + 1.0
+    a = np.asarray(late)
+    return {"answer_late_ms_p99": float(np.percentile(a, 99)), "answer_late_ms_max": float(a.max()),
+            "horizons_per_answer": float(np.mean(horizons))}
+
+
 def run_bench(*, weights=None, device: str = "auto", threads: int | None = None, prompt: int = 512, tokens: int = 256,
               calls: int = 50, settings=None, ttfn: Callable[..., dict] | None = None) -> dict:
     """The figures above as one dict. ``ttfn(model, settings, calls=...)``, when given, measures
@@ -132,6 +160,8 @@ def run_bench(*, weights=None, device: str = "auto", threads: int | None = None,
         "ttfn_ms_p50": None, "ttfn_ms_p99": None, "best_of": answer.best_of if answer else 1,
         "first_lookahead_tokens": answer.first_tokens if answer else None,
     }
+    if answer is not None and answer.best_of > 1:
+        result.update(answer_lateness(model, answer=answer, calls=min(calls, 10)))
     if ttfn is not None:
         result.update(ttfn(model, settings, calls=calls))
     return result
@@ -145,6 +175,9 @@ def format_bench(r: dict) -> str:
         f"speedup_vs_naive  {r['speedup_vs_naive']:10.1f}x",
         f"ttfn (model)      p50 {r['ttfn_model_ms_p50']:.1f} ms   p99 {r['ttfn_model_ms_p99']:.1f} ms   ({r['calls']} calls: phrase end -> first note-on from respond; best of {r.get('best_of', 1)})",
     ]
+    if r.get("horizons_per_answer") is not None:
+        lines.append(f"best-of-{r['best_of']} live     {r['horizons_per_answer']:.1f} horizons per 6 s answer, events late against the music: "
+                     f"p99 {r['answer_late_ms_p99']:.1f} ms, max {r['answer_late_ms_max']:.1f} ms")
     if r.get("ttfn_ms_p50") is not None:
         lines.append(f"ttfn (engine)     p50 {r['ttfn_ms_p50']:.1f} ms   p99 {r['ttfn_ms_p99']:.1f} ms   (phrase end -> note-on at the port)")
     else:
