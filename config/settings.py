@@ -86,6 +86,24 @@ class PhraseSettings(_Section):
     style: Literal["classical", "pop"] = Field("classical", description="style of the answers: classical (MAESTRO) or pop (POP909)")
     weights: Path | None = Field(None, description="phrase model weights; default: the shipped ones")
     device: Literal["auto", "cpu", "cuda"] = Field("auto")
+    best_of: int = Field(4, ge=1, le=32, description="sample this many candidate answers per horizon in one batched pass and keep the one "
+                         "that scores best (model likelihood + fit to the call, weights fit_*); 1 = off")
+    lookahead_s: float = Field(1.0, gt=0, le=10, description="best-of-N horizon: candidates are compared over this much music, then the kept one goes on")
+    lookahead_tokens: int = Field(48, ge=1, le=256, description="at most this many tokens per best-of-N horizon (live, also no more than "
+                                  "generation can afford while the music already generated plays)")
+    first_lookahead_tokens: int = Field(0, ge=0, le=256, description="tokens of a best-of-N horizon before the first note, which waits for "
+                                        "it (adds to the time to first note: cadenza bench continue); 0 = the first onset is sampled alone "
+                                        "and best-of-N starts once generation is ahead of playback")
+    fit_loglik: float = Field(1.0, ge=0, description="best-of-N score: weight of the model's mean log-likelihood per token")
+    fit_pc: float = Field(2.0, ge=0, description="best-of-N score: weight of the pitch-class profile correlation with the call")
+    fit_register: float = Field(1.0, ge=0, description="best-of-N score: penalty per octave between the mean pitches of answer and call")
+    fit_density: float = Field(2.0, ge=0, description="best-of-N score: penalty per doubling/halving of notes per second against the call")
+    fit_ioi: float = Field(1.0, ge=0, description="best-of-N score: penalty per doubling/halving of the median inter-onset interval")
+    fit_velocity: float = Field(0.0, ge=0, description="best-of-N score: penalty per 16 velocity units between the mean velocities")
+    fit_polyphony: float = Field(0.0, ge=0, description="best-of-N score: penalty per doubling/halving of the keys down at an onset")
+    key_guard: float = Field(0.0, ge=0, le=20, description="soft guard: logit penalty on notes outside the call's estimated key; 0 = off")
+    register_guard: float = Field(0.0, ge=0, le=20, description="soft guard: logit penalty per octave beyond the call's range (+ margin); 0 = off")
+    register_margin: float = Field(5.0, ge=0, le=48, description="semitones beyond the call's lowest/highest note before the register guard bites")
 
 
 class VarySettings(_Section):

@@ -305,10 +305,13 @@ class PhraseStage:
 
 def _default_live(settings: PhraseSettings) -> Callable[[], LivePhraseModel]:
     def make() -> LivePhraseModel:
+        from cadenza.models.phrase.answer import options_from
         from cadenza.models.phrase.live import LivePhrase, load_phrase
         from cadenza.models.runtime import pick_device
 
-        return LivePhrase(load_phrase(settings.weights, device=pick_device(settings.device)), style=settings.style)
+        # best-of-N and the guards come from [phrase] (best_of, lookahead_*, fit_*, *_guard)
+        return LivePhrase(load_phrase(settings.weights, device=pick_device(settings.device)), style=settings.style,
+                          answer=options_from(settings), paced=True)
 
     return make
 

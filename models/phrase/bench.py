@@ -83,9 +83,10 @@ def _sync(dev) -> None:
         torch.cuda.synchronize()
 
 
-def model_ttfn(model, *, calls: int, seed: int = 0) -> np.ndarray:
-    """Milliseconds from the end of a phrase to the first note-on yielded, for ``calls`` calls."""
-    live = LivePhrase(model)
+def model_ttfn(model, *, calls: int, seed: int = 0, answer=None) -> np.ndarray:
+    """Milliseconds from the end of a phrase to the first note-on yielded, for ``calls`` calls
+    (``answer``: best-of-N options, as configured for the live stage)."""
+    live = LivePhrase(model, answer=answer)
     rng = np.random.default_rng(seed)
     out = []
     t = 0.0
@@ -106,6 +107,34 @@ def model_ttfn(model, *, calls: int, seed: int = 0) -> np.ndarray:
     return np.asarray(out)
 
 
+def answer_lateness(model, *, answer, calls: int = 10, seconds: float = 6.0) -> dict:
+    """Best-of-N live (paced): how late answer events come out of ``respond`` against their place
+    in the music, counted from the first note's wall time, consumed as fast as it yields (as the
+    worker does); and how many best-of-N horizons an answer gets."""
+    live = LivePhrase(model, answer=answer, paced=True)
+    live.warm_up()
+    rng = np.random.default_rng(0)
+    t, late, horizons = 0.0, [], []
+    for c in range(calls):
+        for _ in range(16):  # a quick phrase: eighth notes at 120 bpm
+            p = int(rng.integers(48, 84))
+            live.feed(t, note_on(0, p, 80))
+            live.feed(t + 0.1, note_off(0, p))
+            t += 0.125
+        first = None
+        for tm, m in live.respond(start_t=t + 0.3, seconds=seconds, temperature=0.9, top_k=0, top_p=0.95, seed=c):
+            now = time.perf_counter()
+            if first is None and m[0] & 0xF0 == 0x90:
+                first = (now, tm)
+            if first is not None:
+                late.append(max(0.0, now - first[0] - (tm - first[1])) * 1e3)
+        horizons.append(len(live.choices))
+        t += seconds + 1.0
+    a = np.asarray(late)
+    return {"answer_late_ms_p99": float(np.percentile(a, 99)), "answer_late_ms_max": float(a.max()),
+            "horizons_per_answer": float(np.mean(horizons))}
+
+
 def run_bench(*, weights=None, device: str = "auto", threads: int | None = None, prompt: int = 512, tokens: int = 256,
               calls: int = 50, settings=None, ttfn: Callable[..., dict] | None = None) -> dict:
     """The figures above as one dict. ``ttfn(model, settings, calls=...)``, when given, measures
@@ -119,14 +148,20 @@ def run_bench(*, weights=None, device: str = "auto", threads: int | None = None,
     _naive(model, p, 4, torch.Generator().manual_seed(0))
     cached_s, slides, _ = _cached(model, p, tokens, torch.Generator().manual_seed(1))
     naive_s, _ = _naive(model, p, tokens, torch.Generator().manual_seed(1))
-    lat = model_ttfn(model, calls=calls)
+    from cadenza.models.phrase.answer import options_from
+
+    answer = options_from(settings.phrase) if settings is not None else None
+    lat = model_ttfn(model, calls=calls, answer=answer)
     result = {
         "device": dev, "threads": torch.get_num_threads(), "params": model.num_params(), "block_size": model.config.block_size,
         "prompt_tokens": prompt, "generated_tokens": tokens, "cache_slides": slides,
         "tokens_per_s": tokens / cached_s, "naive_tokens_per_s": tokens / naive_s, "speedup_vs_naive": naive_s / cached_s,
         "ttfn_model_ms_p50": float(np.percentile(lat, 50)), "ttfn_model_ms_p99": float(np.percentile(lat, 99)), "calls": calls,
-        "ttfn_ms_p50": None, "ttfn_ms_p99": None,
+        "ttfn_ms_p50": None, "ttfn_ms_p99": None, "best_of": answer.best_of if answer else 1,
+        "first_lookahead_tokens": answer.first_tokens if answer else None,
     }
+    if answer is not None and answer.best_of > 1:
+        result.update(answer_lateness(model, answer=answer, calls=min(calls, 10)))
     if ttfn is not None:
         result.update(ttfn(model, settings, calls=calls))
     return result
@@ -138,8 +173,11 @@ def format_bench(r: dict) -> str:
         f"tokens_per_s      {r['tokens_per_s']:10.1f}   (batch 1, KV cache, {r['generated_tokens']} tokens after {r['prompt_tokens']}; {r['cache_slides']} cache slides)",
         f"naive tokens/s    {r['naive_tokens_per_s']:10.1f}   (re-running the sequence every step)",
         f"speedup_vs_naive  {r['speedup_vs_naive']:10.1f}x",
-        f"ttfn (model)      p50 {r['ttfn_model_ms_p50']:.1f} ms   p99 {r['ttfn_model_ms_p99']:.1f} ms   ({r['calls']} calls: phrase end -> first note-on from respond)",
+        f"ttfn (model)      p50 {r['ttfn_model_ms_p50']:.1f} ms   p99 {r['ttfn_model_ms_p99']:.1f} ms   ({r['calls']} calls: phrase end -> first note-on from respond; best of {r.get('best_of', 1)})",
     ]
+    if r.get("horizons_per_answer") is not None:
+        lines.append(f"best-of-{r['best_of']} live     {r['horizons_per_answer']:.1f} horizons per 6 s answer, events late against the music: "
+                     f"p99 {r['answer_late_ms_p99']:.1f} ms, max {r['answer_late_ms_max']:.1f} ms")
     if r.get("ttfn_ms_p50") is not None:
         lines.append(f"ttfn (engine)     p50 {r['ttfn_ms_p50']:.1f} ms   p99 {r['ttfn_ms_p99']:.1f} ms   (phrase end -> note-on at the port)")
     else:

@@ -42,7 +42,11 @@ def register(groups) -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--save", type=Path, help="also write the JSON result to this file")
-    p.set_defaults(func=_eval)
+    p.add_argument("--files", type=Path, metavar="DIR", help="instead of a split: NLL per token and per second of the MIDI files in DIR")
+    p.add_argument("--report", type=Path, metavar="OUT_DIR",
+                   help="write the eval-midi report (report.md, figures) of the model's, the n-gram's and the real continuations")
+    _answer_flags(p)
+    p.set_defaults(func=_eval, prepare=_answer_overrides)
 
     for name, help_ in (("continue", "append a generated continuation to a MIDI file"), ("generate", "generate a MIDI file from nothing")):
         p = groups["root"].add_parser(name, help=help_)
@@ -53,6 +57,8 @@ def register(groups) -> None:
         _sampling_flags(p)
         if name == "generate":  # a continuation plays on the input's own channel
             p.add_argument("--channel", type=int, default=0, help="MIDI channel of the generated notes (0-15)")
+        if name == "continue":
+            _answer_flags(p)
         p.set_defaults(func=_continue if name == "continue" else _generate, prepare=_sampling_overrides)
 
     p = groups["bench"].add_parser("continue", help="phrase model speed: cached tokens/s, speedup over re-running, time to first note")
@@ -75,12 +81,26 @@ def _sampling_flags(p) -> None:
     p.add_argument("--weights", type=Path)
 
 
+def _answer_flags(p) -> None:
+    p.add_argument("--best-of", type=int, help="candidate answers per horizon, the best kept ([phrase] best_of; 1 = off)")
+    p.add_argument("--key-guard", type=float, help="logit penalty on notes outside the call's key ([phrase] key_guard; 0 = off)")
+    p.add_argument("--register-guard", type=float, help="logit penalty per octave beyond the call's range ([phrase] register_guard; 0 = off)")
+
+
+def _answer_overrides(args) -> None:
+    from cadenza.cli import add_override
+
+    for key in ("best_of", "key_guard", "register_guard"):
+        add_override(args, "phrase", key, getattr(args, key, None))
+
+
 def _sampling_overrides(args) -> None:
     """Sampling flags are settings overrides, so a bad value fails with the config's one line."""
     from cadenza.cli import add_override
 
     for key in ("temperature", "top_k", "top_p", "seed", "style", "weights"):
         add_override(args, "phrase", key, getattr(args, key))
+    _answer_overrides(args)
 
 
 def _train(args, settings) -> int:
@@ -101,12 +121,19 @@ def _train(args, settings) -> int:
 
 
 def _eval(args, settings) -> int:
+    from cadenza.models.phrase.answer import options_from
     from cadenza.models.phrase.evaluate import evaluate, format_report
 
+    if args.files is not None:
+        from cadenza.models.phrase.nll_files import files_nll, format_files
+
+        result = files_nll(args.files, weights=args.weights or settings.phrase.weights, threads=args.threads)
+        print(json.dumps(result) if args.json else format_files(result))
+        return 0
     result = evaluate(
         settings.data.maestro, split=args.split, limit=args.limit, prompts=args.prompts, seconds=args.seconds,
         ngram_order=args.ngram, weights=args.weights or settings.phrase.weights, seed=args.seed, threads=args.threads,
-        sampling=settings.phrase, pop909_root=settings.data.pop909,
+        sampling=settings.phrase, pop909_root=settings.data.pop909, answer=options_from(settings.phrase), report=args.report,
     )
     if args.save:
         from cadenza.atomic import write_atomic
@@ -117,11 +144,12 @@ def _eval(args, settings) -> int:
 
 
 def _continue(args, settings) -> int:
+    from cadenza.models.phrase.answer import options_from
     from cadenza.models.phrase.files import continue_file
 
     c = settings.phrase
     n = continue_file(args.input, args.output, seconds=args.seconds, temperature=c.temperature, top_k=c.top_k, top_p=c.top_p,
-                      seed=c.seed, weights=c.weights, style=c.style)
+                      seed=c.seed, weights=c.weights, style=c.style, answer=options_from(c))
     print(f"{args.output}: input kept, {n} generated notes appended as a new track ({args.seconds:g} s)")
     return 0
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -24,6 +25,10 @@ from cadenza.models.phrase import tokens as tk
 from cadenza.models.phrase.data import TokenSplit, load_split
 from cadenza.models.phrase.model import load_phrase
 from cadenza.models.phrase.ngram import NGram
+
+if TYPE_CHECKING:
+    from cadenza.models.phrase.answer import AnswerOptions
+    from cadenza.models.phrase.calls import Named, StudyResult
 
 OVERLAP = 128
 STATS = ("pitch_class", "ioi", "density", "velocity", "polyphony")
@@ -135,49 +140,19 @@ def _events_to_notes(events: list[tk.Event], stream: tk.TokenStream, end: float)
     return a[:, 0], a[:, 1], a[:, 2], a[:, 3]
 
 
-def generation_stats(model, ng: NGram, ts: TokenSplit, *, prompts: int, seconds: float, seed: int, sampling) -> dict:
-    from cadenza.models.phrase.files import performance_messages
+def generation_stats(model, ng: NGram, ts: TokenSplit, *, prompts: int, seconds: float, seed: int, sampling,
+                     answer: AnswerOptions | None = None, extra: list[Named] | None = None, progress: bool = False) -> StudyResult:
+    """Overlap with the real continuation and call-relatedness (models/phrase/calls.py) of the
+    transformer (through the live API as on stage; ``answer``: best-of-N and guards), the n-gram,
+    the real continuation, and any ``extra`` generators (calls.Named). Returns calls.StudyResult."""
+    from cadenza.models.phrase.calls import Named, live_generator, ngram_generator, real_next, study
     from cadenza.models.phrase.live import LivePhrase
 
-    rng = np.random.default_rng(seed)
-    live = LivePhrase(model)
-    keys = ("model", "ngram", "previous_real")
-    per = {k: {s: [] for s in STATS} for k in keys}
-    done = 0
-    for _ in range(prompts * 20):
-        if done == prompts:
-            break
-        real = tk.decode_tokens(ts.piece(int(rng.integers(len(ts))))[1:])
-        ok = np.flatnonzero((real.onset > seconds + 2) & (real.onset < real.onset.max(initial=0) - seconds - 1))
-        if not len(ok):
-            continue
-        t0 = float(real.onset[ok[int(rng.integers(len(ok)))]])  # the answer starts where the pianist's next note did
-        msgs = [(t, m) for t, m in performance_messages(real) if t < t0 - 1e-6]
-        # the transformer, through the live API as on stage: feed the prompt, respond from t0
-        live.reset()
-        live.feed_many(msgs)
-        out = list(live.respond(start_t=t0, seconds=seconds, temperature=sampling.temperature, top_k=sampling.top_k,
-                                top_p=sampling.top_p, seed=int(rng.integers(2**31))))
-        gen = _pair(out, t0 + seconds)
-        # the n-gram: the same prompt tokens, then sampled with the same grammar rules
-        st = tk.TokenStream()
-        hist = [tk.BOS]
-        for t, m in msgs:
-            ev = tk.message_event(m)
-            hist += st.feed(t, *ev) if ev else []
-        hist += st.advance_to(st.tick_of(t0))
-        ngn = _events_to_notes(_ngram_continue(ng, hist, st, seconds, sampling.temperature, rng), st, t0 + seconds)
-        ref = segment_stats(real.onset, real.offset, real.pitch, real.velocity, t0, seconds)
-        prev = (real.onset, real.offset, real.pitch, real.velocity)
-        for key, notes, start in (("model", gen, t0), ("ngram", ngn, t0), ("previous_real", prev, t0 - seconds)):
-            s = segment_stats(*notes, start, seconds)
-            for name in STATS:
-                per[key][name].append(overlap(s[name], ref[name]))
-        done += 1
-    res = {k: {s: float(np.mean(v)) if v else None for s, v in per[k].items()} for k in keys}
-    for k in keys:
-        res[k]["mean"] = float(np.mean([res[k][s] for s in STATS])) if done else None
-    return res | {"prompts": done, "seconds": seconds}
+    gens = [Named("model", live_generator(LivePhrase(model, answer=answer), sampling)),
+            Named("ngram", ngram_generator(ng, sampling.temperature)), *(extra or []), Named("real", real_next)]
+    res = study(gens, lambda i: tk.decode_tokens(ts.piece(i)[1:]), len(ts), prompts=prompts, seconds=seconds, seed=seed, progress=progress)
+    res.overlap.pop("real", None)  # the real continuation against itself: 1 by definition
+    return res
 
 
 def _pair(msgs, end):
@@ -195,7 +170,8 @@ def _pair(msgs, end):
 
 
 def evaluate(maestro_root: Path, *, split: str, limit: int | None, prompts: int, seconds: float, ngram_order: int,
-             weights: Path | None, seed: int, threads: int, sampling, pop909_root: Path | None = None) -> dict:
+             weights: Path | None, seed: int, threads: int, sampling, pop909_root: Path | None = None,
+             answer: AnswerOptions | None = None, report: Path | None = None) -> dict:
     torch.set_num_threads(threads)
     t_start = time.monotonic()
     model = load_phrase(weights)
@@ -215,7 +191,13 @@ def evaluate(maestro_root: Path, *, split: str, limit: int | None, prompts: int,
         n_nll -= ng.log_probs(piece).sum()
         count += len(piece) - 1
         secs += float(ts.seconds[i])
-    gen = generation_stats(model, ng, ts, prompts=prompts, seconds=seconds, seed=seed, sampling=sampling)
+    study = generation_stats(model, ng, ts, prompts=prompts, seconds=seconds, seed=seed, sampling=sampling, answer=answer,
+                             progress=True)
+    gen = study.overlap
+    if report is not None:
+        from cadenza.models.phrase.report import phrase_report
+
+        phrase_report(report, study, maestro_root)
     styles = pop909_by_style(model, ng, pop909_root, split, limit) if pop909_root is not None and model.config.n_styles > 1 else None
     return {
         "pop909_by_style": styles,
@@ -223,6 +205,8 @@ def evaluate(maestro_root: Path, *, split: str, limit: int | None, prompts: int,
         "model": {"nll_per_token": m_nll / count, "nll_per_second": m_nll / secs, "params": model.num_params()},
         f"ngram{ngram_order}": {"nll_per_token": n_nll / count, "nll_per_second": n_nll / secs},
         "generation_overlap": gen,
+        "call_relatedness": study.relatedness,
+        "best_of": answer.best_of if answer is not None else 1,
         "sampling": {"temperature": sampling.temperature, "top_k": sampling.top_k, "top_p": sampling.top_p},
         "elapsed_s": round(time.monotonic() - t_start, 1),
     }
@@ -261,11 +245,15 @@ def format_report(r: dict) -> str:
     g = r["generation_overlap"]
     lines.append(f"generated {g['seconds']:g} s vs the real next {g['seconds']:g} s, {g['prompts']} prompts (histogram overlap, 1 = identical):")
     lines.append(f"{'':16}" + "".join(f"{s:>12}" for s in STATS + ("mean",)))
-    for k in ("model", "ngram", "previous_real"):
+    for k in [k for k in g if isinstance(g[k], dict)]:  # model, ngram, any extra generator, previous_real
         lines.append(f"{k:16}" + "".join(f"{g[k][s]:>12.3f}" for s in STATS + ("mean",)))
     p = r.get("pop909_by_style")
     if p:
         lines.append(f"POP909 {r['split']} ({p['pieces']} songs, {p['tokens']:,} tokens), NLL/token: pop style {p['nll_per_token_pop']:.4f}, "
                      f"classical style {p['nll_per_token_classical']:.4f}, {ng} (MAESTRO-trained) {p['ngram_nll_per_token']:.4f}")
+    if r.get("call_relatedness"):
+        from cadenza.models.phrase.calls import format_relatedness
+
+        lines.append(format_relatedness(r["call_relatedness"]))
     lines.append(f"({r['elapsed_s']:.0f} s)")
     return "\n".join(lines)

@@ -18,9 +18,10 @@ from cadenza.errors import MidiFileError
 from cadenza.messages import control, note_off, note_on
 from cadenza.midifile import SUSTAIN_CC, MidiFile, Performance, write_performance
 from cadenza.models.phrase import tokens as tk
+from cadenza.models.phrase.answer import AnswerOptions
 
 
-def _live(weights, seed, style="classical"):
+def _live(weights, seed, style="classical", answer=None):
     import torch
 
     from cadenza.models.phrase.live import LivePhrase
@@ -28,7 +29,7 @@ def _live(weights, seed, style="classical"):
 
     if seed is not None:
         torch.manual_seed(seed)
-    return LivePhrase(load_phrase(weights), style=style)
+    return LivePhrase(load_phrase(weights), style=style, answer=answer)
 
 
 def performance_messages(perf: Performance) -> list[tuple[float, bytes]]:
@@ -81,8 +82,9 @@ def generate_file(out: Path, *, seconds: float, temperature: float, top_k: int, 
 
 
 def continue_file(inp: Path, out: Path, *, seconds: float, temperature: float, top_k: int, top_p: float, seed: int | None,
-                  weights: Path | None = None, style: str = "classical") -> int:
-    """Append ``seconds`` of continuation to ``inp`` as a new track in ``out``; returns notes added."""
+                  weights: Path | None = None, style: str = "classical", answer: AnswerOptions | None = None) -> int:
+    """Append ``seconds`` of continuation to ``inp`` as a new track in ``out``; returns notes added.
+    ``answer``: best-of-N and the guards, as live (the call is the input's last seconds)."""
     if seconds <= 0:
         raise MidiFileError(f"--seconds must be positive (got {seconds:g})")
     mf = MidiFile.load(inp)
@@ -91,7 +93,7 @@ def continue_file(inp: Path, out: Path, *, seconds: float, temperature: float, t
         raise MidiFileError(f"{inp}: format 2 (independent patterns) cannot be continued")
     msgs = performance_messages(perf)
     channel = int(np.bincount(perf.channel.astype(np.int64)).argmax()) if len(perf) else 0
-    live = _live(weights, seed, style)
+    live = _live(weights, seed, style, answer)
     live.feed_many(msgs)
     start = msgs[-1][0] if msgs else 0.0
     gen = list(live.respond(start_t=start, seconds=seconds, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, channel=channel))

@@ -20,29 +20,36 @@ engine's ledger does that on barge-in) and, if it passed a pedal press on, sends
 
 from __future__ import annotations
 
-from typing import Iterator
+import time
+from collections.abc import Iterator
 
 import torch
 
 from cadenza.models.phrase import tokens as tk
+from cadenza.models.phrase.answer import PIANO, AnswerOptions, AnswerRow, Choice, Found, call_notes, commit, note_bias, search  # noqa: F401  (PIANO re-exported)
 from cadenza.models.phrase.model import PhraseModel, load_phrase  # noqa: F401  (load_phrase re-exported for the engine)
+from cadenza.models.phrase.relatedness import Notes
 
 MAX_GAP_S = 3.0  # longer silences are tokenized as this long: the model never saw longer ones
-PIANO = range(21, 109)  # NOTE_ONs outside the piano are never generated
 MAX_HOLD_S = 2.0  # a response key held this long is released (see respond)
 MAX_VOICES = 10  # at most this many response keys down at once
+PACE_SHARE = 0.5  # paced best-of-N: a horizon's compute may take this share of the music ahead of playback
+MIN_HORIZON_TOKENS = 4  # below this many tokens a horizon compares nothing worth comparing
 
 
 class LivePhrase:
     """Appendable context + streaming response for one performer (one worker thread)."""
 
     def __init__(self, model: PhraseModel, *, max_context: int | None = None, keep: int | None = None, style: str = "classical",
-                 static: bool | None = None):
+                 static: bool | None = None, answer: AnswerOptions | None = None, paced: bool = False):
         """``max_context``: tokens held in the cache (≤ the model's block size); when it is full
         the most recent ``keep`` tokens (default 3/4 of it) are re-prefilled and work goes on.
         ``style``: one of :data:`~cadenza.models.phrase.model.STYLES` the weights were trained with.
         ``static``: one-token steps through :class:`~cadenza.models.phrase.static.StaticDecoder`
-        (a CUDA graph on CUDA); default: when the model is on a CUDA device."""
+        (a CUDA graph on CUDA); default: when the model is on a CUDA device. ``answer``: best-of-N
+        and the key/register guards (:mod:`~cadenza.models.phrase.answer`); default: neither.
+        ``paced``: the answer is played as it is yielded (live): best-of-N horizons are sized so
+        that generation stays ahead of playback (see ``_horizon_tokens``)."""
         from cadenza.models.phrase.model import style_index
 
         self.model = model
@@ -58,6 +65,11 @@ class LivePhrase:
 
             self.decoder = StaticDecoder(model, max_len=self.max_context, style=self._style)
         self.cache = self.decoder.cache if self.decoder else model.new_cache(max_len=self.max_context)
+        self.answer = answer or AnswerOptions()
+        self._bank = None  # the N-row decoder of best-of-N, made at the first answer that needs it
+        self.paced = paced
+        self._step_s = 0.005  # time per batched best-of-N step, measured as it runs (warm_up starts it)
+        self.choices: list[Choice] = []  # the last answer's best-of-N decisions, in order
         self._gen = 0
         self.reset()
 
@@ -79,7 +91,11 @@ class LivePhrase:
         for i, p in enumerate((60, 64, 67, 72, 67, 64)):
             self.feed(0.2 * i, bytes((0x90, p, 80)))
             self.feed(0.2 * i + 0.15, bytes((0x80, p, 0)))
-        n = sum(1 for _ in self.respond(start_t=1.6, seconds=1.0, seed=0))
+        paced, self.paced = self.paced, False  # so that best-of-N runs too: its decoder is made, its step timed
+        try:
+            n = sum(1 for _ in self.respond(start_t=1.6, seconds=1.0, seed=0))
+        finally:
+            self.paced = paced
         self.reset()
         return n
 
@@ -231,62 +247,73 @@ class LivePhrase:
         shift = st.advance_to(tick)
         if shift:
             self._push(shift, played=False)
-        mine: set[int] = resp["mine"]
-        may_pedal = not st.pedal  # never release a pedal the performer is holding
-        mask = torch.zeros(tk.VOCAB_SIZE)
-        mask[tk.BOS] = -float("inf")
-        on = torch.full((128,), -float("inf"))
-        on[PIANO.start : PIANO.stop] = 0
-        max_hold, max_voices = limits
-        held: dict[int, int] = {}  # response key -> tick struck
-        while self._gen == me and st.tick < end_tick:
-            overdue = [p for p, t0 in held.items() if st.tick - t0 >= max_hold]
-            if overdue:  # forced release, written into the context like a generated one
-                p = overdue[0]
-                del held[p]
-                mine.discard(p)
-                st.apply(tk.NOTE_OFF0 + p)
-                self._push([tk.NOTE_OFF0 + p], played=False)
-                yield st.time_of(st.tick), bytes((0x80 | channel, p, 0))
-                continue
-            m = mask.clone()
-            m[tk.NOTE_ON0 : tk.NOTE_ON0 + 128] = on if len(mine) < max_voices else -float("inf")
-            for p in st.sounding:
-                m[tk.NOTE_ON0 + p] = -float("inf")
-            m[tk.NOTE_OFF0 : tk.NOTE_OFF0 + 128] = -float("inf")
-            for p in mine:  # a response releases only its own notes
-                m[tk.NOTE_OFF0 + p] = 0
-            if st.vel_bin >= 0:
-                m[tk.VEL0 + st.vel_bin] = -float("inf")
-            if not may_pedal or st.pedal:
-                m[tk.SUSTAIN_ON] = -float("inf")
-            if not resp["pedal"]:
-                m[tk.SUSTAIN_OFF] = -float("inf")
-            if held:  # time may not jump past the next forced release
-                room = min(held.values()) + max_hold - st.tick
-                m[tk.SHIFT0 + room : tk.VEL0] = -float("inf")
-            tok = sample(self._logits + m, temperature=temperature, top_k=top_k, top_p=top_p, generator=gen)
-            if tk.SHIFT0 <= tok < tk.VEL0 and st.tick + tok - tk.SHIFT0 + 1 > end_tick:
-                break  # the model's next event lies past the end: stop without it
-            ev = st.apply(tok)
-            self._push([tok], played=False)
-            if ev is None:
-                continue
+        opts = self.answer
+        call = call_notes(self.hist[-self.max_context :], opts.call_s, st.quantum) if (opts.best_of > 1 or opts.guarded) else None
+        row = AnswerRow(st, mine=resp["mine"], may_pedal=not st.pedal,  # never release a pedal the performer is holding
+                        max_hold=limits[0], max_voices=limits[1], bias=note_bias(call, opts) if call is not None else None)
+        self.choices = []
+
+        def draw(logits, g):
+            return sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=g)
+
+        first: list[tuple[float, float]] = []  # (wall clock, music time) of the answer's first note, once yielded
+
+        def message(ev):
             t = st.time_of(ev.tick)
             if ev.kind == tk.ON:
-                mine.add(ev.pitch)
-                held[ev.pitch] = ev.tick
-                yield t, bytes((0x90 | channel, ev.pitch, max(1, ev.value)))
-            elif ev.kind == tk.OFF:
-                mine.discard(ev.pitch)
-                held.pop(ev.pitch, None)
-                yield t, bytes((0x80 | channel, ev.pitch, 0))
-            else:
-                resp["pedal"] = ev.value > 0
-                yield t, bytes((0xB0 | channel, 64, ev.value))
+                if not first:
+                    first.append((time.perf_counter(), t))
+                return t, bytes((0x90 | channel, ev.pitch, max(1, ev.value)))
+            if ev.kind == tk.OFF:
+                return t, bytes((0x80 | channel, ev.pitch, 0))
+            return t, bytes((0xB0 | channel, 64, ev.value))
+
+        def single(handover: bool):
+            """Sample one row; with ``handover``, return True at the first TIME_SHIFT after an
+            onset (not taken: best-of-N goes on from there). False: the end."""
+            struck = False
+            while self._gen == me and st.tick < end_tick:
+                tok = row.forced()
+                if tok is None:
+                    tok = draw(self._logits + row.mask(), gen)
+                    if handover and struck and tk.SHIFT0 <= tok < tk.VEL0:
+                        return True
+                    if row.crosses(tok, end_tick):
+                        return False  # the model's next event lies past the end: stop without it
+                ev = row.take(tok)
+                resp["pedal"] = row.pedal
+                self._push([tok], played=False)
+                if ev is not None:
+                    struck = struck or ev.kind == tk.ON
+                    yield message(ev)
+            return False
+
+        horizon = max(1, int(round(opts.lookahead_s / st.quantum)))
+        going = opts.best_of > 1
+        while going and self._gen == me and st.tick < end_tick and self.cache.free > 1:
+            cap = self._horizon_tokens(first, st.time_of(st.tick))
+            if cap < MIN_HORIZON_TOKENS:  # no time to compare candidates: one onset alone, then look again
+                going = yield from single(True)
+                continue
+            found = self._best_of(row, horizon_tick=min(end_tick, st.tick + horizon), cap=cap, call=call,
+                                  sampling=(temperature, top_k, top_p), gen=gen)
+            if not found.tokens:
+                break  # every candidate stops at once (the answer's end is next): sample the rest singly
+            row.st.__dict__.update(found.row.st.__dict__)  # the kept candidate's state becomes the answer's
+            row.held, row.pedal = found.row.held, found.row.pedal
+            row.mine.clear()
+            row.mine.update(found.row.mine)
+            resp["pedal"] = row.pedal
+            for ev in found.events:
+                if self._gen != me:
+                    return
+                yield message(ev)
+        if self._gen == me and (going or opts.best_of == 1):
+            yield from single(False)
         if self._gen != me:
             return  # the context moved on (feed/reset/another respond): nothing of ours to close
         # Close what is still sounding, at the end of the response, and record it in the context.
+        mine = row.mine
         toks = st.advance_to(end_tick) if (mine or resp["pedal"]) else []
         t_end = st.time_of(st.tick)
         for p in sorted(mine):
@@ -301,6 +328,37 @@ class LivePhrase:
             yield t_end, bytes((0xB0 | channel, 64, 0))
         mine.clear()
         resp["pedal"] = False
+
+    def _horizon_tokens(self, first: list[tuple[float, float]], music_now: float) -> int:
+        """Token cap of the next best-of-N horizon. Before the first note it is the configured
+        first cap (the first note waits for it). Paced (the answer is played as it is yielded),
+        a horizon may take at most PACE_SHARE of the music already generated but not yet played,
+        at the measured time per batched step, so generation stays ahead of playback."""
+        if not first:
+            return self.answer.first_tokens
+        if not self.paced:
+            return self.answer.lookahead_tokens
+        wall0, music0 = first[0]
+        ahead = (music_now - music0) - (time.perf_counter() - wall0)
+        return max(0, min(self.answer.lookahead_tokens, int(PACE_SHARE * ahead / self._step_s)))
+
+    def _best_of(self, row: AnswerRow, *, horizon_tick: int, cap: int, call: Notes, sampling: tuple[float, int, float],
+                 gen: torch.Generator) -> Found:
+        """One best-of-N horizon from the live cache (see answer.py), committed into it."""
+        if self._bank is None:
+            from cadenza.models.phrase.static import StaticDecoder
+
+            self._bank = StaticDecoder(self.model, batch=self.answer.best_of, max_len=self.max_context, style=self._style)
+        t0 = time.perf_counter()
+        found = search(self._bank, self.cache, self._logits, row, horizon_tick=horizon_tick, cap=min(cap, self.cache.free - 1), call=call,
+                       opts=self.answer, sampling=sampling, generator=gen)
+        steps = max(map(len, found.choice.tokens)) + 1
+        self._step_s = 0.7 * self._step_s + 0.3 * (time.perf_counter() - t0) / steps  # for pacing the next horizons
+        commit(self._bank, self.cache, found)
+        self.hist.extend(found.tokens)
+        self._logits = found.logits
+        self.choices.append(found.choice)
+        return found
 
 
 def sample(logits: torch.Tensor, *, temperature: float, top_k: int, top_p: float, generator: torch.Generator) -> int:
