@@ -138,8 +138,8 @@ class ControlSettings(_Section):
     vary_mode_cc: int | None = Field(29, ge=0, le=127, description="vary: value < 64 vary, >= 64 morph")
     density_cc: int | None = Field(30, ge=0, le=127, description="vary: note density attribute, 64 = as played, 0 / 127 = -2 / +2")
     register_cc: int | None = Field(31, ge=0, le=127, description="vary: register attribute, 64 = as played")
-    interval_cc: int | None = Field(85, ge=0, le=127, description="vary: interval-size attribute, 64 = as played")
-    syncopation_cc: int | None = Field(86, ge=0, le=127, description="vary: syncopation attribute, 64 = as played")
+    interval_cc: int | None = Field(102, ge=0, le=127, description="vary: interval-size attribute, 64 = as played")
+    syncopation_cc: int | None = Field(103, ge=0, le=127, description="vary: syncopation attribute, 64 = as played")
     state_out_cc: int | None = Field(27, ge=0, le=127, description="the engine reports its state (0 idle, 64 listening, 127 responding) on this CC")
     consume: bool = Field(True, description="control CCs are not passed through to the output")
 
@@ -215,6 +215,16 @@ class Settings(BaseSettings):
     audio: AudioSettings = AudioSettings()
     mqtt: MqttSettings = MqttSettings()
     data: DataSettings = DataSettings()
+
+    @model_validator(mode="after")
+    def _end_cc_free(self) -> Settings:
+        """The phrase's end-call CC is passed on to the phrase stage only if no control takes it."""
+        end = self.phrase.end_cc
+        taken = {n: v for n, v in self.controls.__dict__.items() if n.endswith("_cc") and n != "state_out_cc" and v is not None}
+        for name, cc in taken.items():
+            if cc == end:
+                raise ValueError(f"CC {cc} is mapped to both phrase.end_cc and controls.{name}")
+        return self
 
     @classmethod
     def settings_customise_sources(

@@ -29,6 +29,8 @@ def test_env_overrides_toml_and_cli_overrides_env(tmp_path, monkeypatch):
         ("[midi]\napi = 'dx7'\n", "midi.api"),
         ("[engine]\nbogus = 1\n", "engine.bogus"),
         ("[controls]\nmode_cc = 20\n", "CC 20"),
+        ("[phrase]\nend_cc = 30\n", "CC 30 is mapped to both phrase.end_cc and controls.density_cc"),
+        ("[vary]\nmode = 'shuffle'\n", "vary.mode"),
         ("[velocity\n", "cannot read config"),
     ],
 )
