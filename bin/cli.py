@@ -22,6 +22,7 @@ COMMAND_MODULES = (
     "cadenza.stream.audio_cli",
     "cadenza.models.velocity.cli",
     "cadenza.models.phrase.cli",
+    "cadenza.models.vae.cli",
     "cadenza.models.evaluation.cli",
     "cadenza.bench",
     "cadenza.bench.device",

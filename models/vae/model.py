@@ -1,0 +1,262 @@
+"""MusicVAE models in PyTorch: a bidirectional LSTM encoder and a flat or hierarchical LSTM decoder.
+
+* ``Encoder``: embedding -> bidirectional LSTM -> final states of both directions -> mu, sigma
+  (sigma = softplus of a linear layer, as in Magenta).
+* ``FlatDecoder`` (mel_2bar, mel_16bar_flat): z -> tanh(linear) = initial LSTM state; every input is
+  [embedding of the previous event, z].
+* ``HierDecoder`` (mel_16bar): a conductor LSTM, its state initialised from z and its inputs zeros,
+  emits one embedding c_u per bar; the bottom decoder generates bar u from c_u: its state is
+  reset to tanh(linear(c_u)) at every bar, its first input is a start token and every input is
+  [embedding of the previous event, c_u]. Bars are independent given c, so they run as one batch.
+* Scheduled sampling: with probability ``sample_p`` each step's input is the decoder's own
+  sample instead of the true previous event (``sample_p`` follows an inverse-sigmoid schedule;
+  below 1 % the step is plain teacher forcing, which runs as one fused LSTM call).
+* Loss: cross entropy (sum over steps) + beta * max(KL - free_bits, 0), KL summed over all
+  z dims (Magenta's free bits on the total KL, in nats).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .data import NOTE_OFF, STEPS_PER_BAR, VOCAB
+
+START = VOCAB  # extra input token at step 0 (and at each bar start in the hierarchical decoder)
+
+
+@dataclass
+class VAEConfig:
+    name: str = "mel_2bar"
+    n_bars: int = 2
+    hierarchical: bool = False
+    z_dim: int = 128
+    emb: int = 32
+    enc_hidden: int = 256
+    enc_layers: int = 1
+    dec_hidden: int = 256
+    dec_layers: int = 2
+    cond_hidden: int = 256
+    cond_dim: int = 128  # bar embedding size (hierarchical)
+    free_bits: float = 48.0  # nats, on the total KL
+    max_beta: float = 0.2
+    beta_rate: float = 0.999  # beta = max_beta * (1 - beta_rate ** step)
+    sampling_rate: float = 300.0  # inverse-sigmoid k
+    vocab: int = VOCAB
+
+    @property
+    def steps(self) -> int:
+        return self.n_bars * STEPS_PER_BAR
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+PRESETS = {
+    "mel_2bar": VAEConfig(),
+    "mel_16bar": VAEConfig(name="mel_16bar", n_bars=16, hierarchical=True, z_dim=256, enc_hidden=256, dec_hidden=192, dec_layers=1,
+                           cond_hidden=256, cond_dim=128, free_bits=128.0),
+    # the flat baseline: the same bottom decoder LSTM (192, one layer) over all 256 steps, no conductor
+    "mel_16bar_flat": VAEConfig(name="mel_16bar_flat", n_bars=16, hierarchical=False, z_dim=256, enc_hidden=256, dec_hidden=192,
+                                dec_layers=1, free_bits=128.0),
+}
+
+
+def sampling_prob(step: int, k: float) -> float:
+    """Inverse sigmoid: probability of feeding the model's own sample at training step ``step``."""
+    if k <= 0:
+        return 0.0
+    return 1.0 - k / (k + math.exp(min(step / k, 50.0)))
+
+
+def beta_at(step: int, cfg: VAEConfig) -> float:
+    return cfg.max_beta * (1.0 - cfg.beta_rate ** step)
+
+
+def kl_terms(mu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """KL(N(mu, sigma) || N(0, 1)) per dim, nats: 0.5 (mu^2 + sigma^2 - 1) - log sigma."""
+    return 0.5 * (mu.pow(2) + sigma.pow(2) - 1.0) - torch.log(sigma)
+
+
+def kl_loss(kl_total: torch.Tensor, free_bits: float, beta: float) -> torch.Tensor:
+    """beta * max(KL_total - free_bits, 0) per example (free bits on the total KL, Magenta style)."""
+    return beta * torch.clamp(kl_total - free_bits, min=0.0)
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        self.emb = nn.Embedding(cfg.vocab, cfg.emb)
+        self.rnn = nn.LSTM(cfg.emb, cfg.enc_hidden, num_layers=cfg.enc_layers, batch_first=True, bidirectional=True)
+        self.mu = nn.Linear(2 * cfg.enc_hidden, cfg.z_dim)
+        self.sig = nn.Linear(2 * cfg.enc_hidden, cfg.z_dim)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        _, (h, _) = self.rnn(self.emb(x))
+        h = torch.cat([h[-2], h[-1]], dim=-1)  # last layer, forward and backward
+        return self.mu(h), F.softplus(self.sig(h)) + 1e-4
+
+
+class _StepLSTM(nn.Module):
+    """An LSTM decoder over sequences conditioned on a vector c: state from c, c on every input."""
+
+    def __init__(self, cfg: VAEConfig, cond: int, hidden: int, layers: int):
+        super().__init__()
+        self.layers, self.hidden = layers, hidden
+        self.emb = nn.Embedding(cfg.vocab + 1, cfg.emb)
+        self.init = nn.Linear(cond, 2 * layers * hidden)
+        self.rnn = nn.LSTM(cfg.emb + cond, hidden, num_layers=layers, batch_first=True)
+        self.out = nn.Linear(hidden, cfg.vocab)
+
+    def state(self, c: torch.Tensor):
+        s = torch.tanh(self.init(c)).view(c.shape[0], 2, self.layers, self.hidden).permute(1, 2, 0, 3)
+        return s[0].contiguous(), s[1].contiguous()
+
+    def forward(self, c: torch.Tensor, target: torch.Tensor, sample_p: float = 0.0) -> torch.Tensor:
+        """Logits (B, T, V) for ``target`` (B, T), teacher forced except for scheduled samples."""
+        B, T = target.shape
+        prev = torch.cat([torch.full((B, 1), START, dtype=target.dtype, device=target.device), target[:, :-1]], 1)
+        state = self.state(c)
+        if sample_p < 0.01:  # (almost) pure teacher forcing: one fused LSTM call
+            sample_p = 0.0
+            inp = torch.cat([self.emb(prev), c.unsqueeze(1).expand(B, T, c.shape[-1])], -1)
+            y, _ = self.rnn(inp, state)
+            return self.out(y)
+        logits, tok = [], prev[:, :1]
+        for t in range(T):
+            if t > 0:
+                own = torch.multinomial(F.softmax(logits[-1].detach()[:, 0], -1), 1)
+                use = torch.rand(B, 1, device=c.device) < sample_p
+                tok = torch.where(use, own, prev[:, t:t + 1])
+            y, state = self.rnn(torch.cat([self.emb(tok), c.unsqueeze(1)], -1), state)
+            logits.append(self.out(y))
+        return torch.cat(logits, 1)
+
+    @torch.no_grad()
+    def generate(self, c: torch.Tensor, T: int, temperature: float = 1.0, generator: torch.Generator | None = None,
+                 constrain: bool = True, start_sounding: bool = False) -> torch.Tensor:
+        """Events (B, T), each step's input the previous output; temperature 0 = greedy.
+
+        ``constrain``: no note-off while no note sounds (a no-op event the data never holds); at
+        the start nothing sounds, unless ``start_sounding`` (a bar of a longer melody: unknown)."""
+        B = c.shape[0]
+        h, cs = self.state(c)
+        h, cs = list(h.unbind(0)), list(cs.unbind(0))
+        # the LSTM cell written out with nn.LSTM's own weights (gates i, f, g, o): per step a few small
+        # matmuls instead of an nn.LSTM call; the embedding and the constant c are projected once
+        W = [(getattr(self.rnn, f"weight_ih_l{k}"), getattr(self.rnn, f"weight_hh_l{k}"),
+              getattr(self.rnn, f"bias_ih_l{k}") + getattr(self.rnn, f"bias_hh_l{k}")) for k in range(self.layers)]
+        E = self.emb.weight.shape[1]
+        tok_proj = self.emb.weight @ W[0][0][:, :E].T  # (V + 1, 4H)
+        c_proj = c @ W[0][0][:, E:].T + W[0][2]  # (B, 4H)
+        tok = torch.full((B,), START, dtype=torch.long, device=c.device)
+        sounding = torch.full((B,), bool(start_sounding), device=c.device)
+        out = []
+        for _ in range(T):
+            x = None
+            for k in range(self.layers):
+                wi, wh, b = W[k]
+                g = (tok_proj[tok] + c_proj if k == 0 else torch.addmm(b, x, wi.T)) + h[k] @ wh.T
+                i, f, gg, o = g.chunk(4, 1)
+                cs[k] = torch.sigmoid(f) * cs[k] + torch.sigmoid(i) * torch.tanh(gg)
+                h[k] = x = torch.sigmoid(o) * torch.tanh(cs[k])
+            lg = self.out(x)
+            if constrain:
+                lg[:, NOTE_OFF] = lg[:, NOTE_OFF].masked_fill(~sounding, float("-inf"))
+            if temperature <= 0:
+                tok = lg.argmax(-1)
+            else:
+                tok = torch.multinomial(F.softmax(lg / temperature, -1), 1, generator=generator)[:, 0]
+            sounding = torch.where(tok >= 2, True, torch.where(tok == NOTE_OFF, False, sounding))
+            out.append(tok)
+        return torch.stack(out, 1)
+
+
+class FlatDecoder(nn.Module):
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.dec = _StepLSTM(cfg, cfg.z_dim, cfg.dec_hidden, cfg.dec_layers)
+
+    def forward(self, z, target, sample_p=0.0):
+        return self.dec(z, target, sample_p)
+
+    def generate(self, z, temperature=1.0, generator=None, constrain=True):
+        return self.dec.generate(z, self.cfg.steps, temperature, generator, constrain)
+
+
+class HierDecoder(nn.Module):
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.c_init = nn.Linear(cfg.z_dim, 2 * cfg.cond_hidden)
+        self.conductor = nn.LSTM(1, cfg.cond_hidden, batch_first=True)
+        self.c_out = nn.Linear(cfg.cond_hidden, cfg.cond_dim)
+        self.dec = _StepLSTM(cfg, cfg.cond_dim, cfg.dec_hidden, cfg.dec_layers)
+
+    def bar_embeddings(self, z: torch.Tensor) -> torch.Tensor:
+        """(B, n_bars, cond_dim): the conductor's output for every bar."""
+        B = z.shape[0]
+        h, c = torch.tanh(self.c_init(z)).unsqueeze(0).chunk(2, -1)
+        y, _ = self.conductor(z.new_zeros(B, self.cfg.n_bars, 1), (h.contiguous(), c.contiguous()))
+        return torch.tanh(self.c_out(y))
+
+    def forward(self, z, target, sample_p=0.0):
+        B, T = target.shape
+        U = self.cfg.n_bars
+        cu = self.bar_embeddings(z).reshape(B * U, -1)
+        lg = self.dec(cu, target.reshape(B * U, STEPS_PER_BAR), sample_p)  # bar reset: each bar its own sequence
+        return lg.reshape(B, T, -1)
+
+    def generate(self, z, temperature=1.0, generator=None, constrain=True):
+        B, U = z.shape[0], self.cfg.n_bars
+        cu = self.bar_embeddings(z).reshape(B * U, -1)
+        # bars run in parallel, so whether a note sounds into a bar is unknown while it is generated:
+        # bar starts allow a note-off, and one that ends nothing (a no-op) is then dropped by tidy
+        ev = self.dec.generate(cu, STEPS_PER_BAR, temperature, generator, constrain, start_sounding=True).reshape(B, -1)
+        return tidy(ev) if constrain else ev
+
+
+class MusicVAE(nn.Module):
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = Encoder(cfg)
+        self.decoder = HierDecoder(cfg) if cfg.hierarchical else FlatDecoder(cfg)
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.encoder(x)
+
+    def forward(self, x: torch.Tensor, sample_p: float = 0.0, beta: float = 0.0, generator=None) -> dict:
+        mu, sigma = self.encoder(x)
+        z = mu + sigma * torch.randn(mu.shape, generator=generator, device=mu.device)
+        logits = self.decoder(z, x, sample_p)
+        rec = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x.reshape(-1), reduction="none").view(x.shape).sum(1)
+        kl = kl_terms(mu, sigma).sum(1)
+        loss = rec + kl_loss(kl, self.cfg.free_bits, beta)
+        acc = (logits.argmax(-1) == x).float().mean()
+        return {"loss": loss.mean(), "rec": rec.mean(), "kl": kl.mean(), "acc": acc, "mu": mu, "logits": logits}
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor, temperature: float = 1.0, generator=None, constrain: bool = True) -> torch.Tensor:
+        return self.decoder.generate(z, temperature, generator, constrain)
+
+
+def tidy(ev: torch.Tensor) -> torch.Tensor:
+    """Note-offs while nothing sounds (no-ops) become "no event"; (B, T) in, a new tensor out."""
+    ev = ev.clone()
+    sounding = torch.zeros(ev.shape[0], dtype=torch.bool)
+    for t in range(ev.shape[1]):
+        e = ev[:, t]
+        stray = (e == NOTE_OFF) & ~sounding
+        ev[:, t] = torch.where(stray, torch.zeros_like(e), e)
+        sounding = torch.where(e >= 2, True, torch.where(e == NOTE_OFF, False, sounding))
+    return ev
+
+
+def n_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
