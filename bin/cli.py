@@ -67,7 +67,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.log_level:
             overrides["log_level"] = args.log_level
         settings = load_settings(args.config, overrides)
-        logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%H:%M:%S")
+        logging.basicConfig(
+            level=settings.log_level.upper(), format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%H:%M:%S"
+        )
         return int(args.func(args, settings) or 0)
     except CadenzaError as exc:
         print(f"cadenza: error: {exc}", file=sys.stderr)

@@ -37,7 +37,16 @@ def run(args, settings) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.monotonic()
-    summary = asyncio.run(_demo(settings, Path(args.input) if args.input else excerpt_path(), out, realtime=not args.fast, audio=args.audio, seconds=args.continue_seconds))
+    summary = asyncio.run(
+        _demo(
+            settings,
+            Path(args.input) if args.input else excerpt_path(),
+            out,
+            realtime=not args.fast,
+            audio=args.audio,
+            seconds=args.continue_seconds,
+        )
+    )
     summary["wall_s"] = round(time.monotonic() - t_start, 1)
     text = _summary_text(summary)
     from cadenza.atomic import write_atomic
@@ -79,7 +88,9 @@ async def _demo(settings, source_path: Path, out: Path, *, realtime: bool, audio
 
         audio_sink = AudioSink(settings.audio)
     try:
-        async with build_engine(settings, "both", [recorder] + ([audio_sink] if audio_sink else []), realtime=realtime, loop=loop) as engine:
+        async with build_engine(
+            settings, "both", [recorder] + ([audio_sink] if audio_sink else []), realtime=realtime, loop=loop
+        ) as engine:
             cr = engine.phrase
             run_task = asyncio.create_task(engine.run())
             try:
@@ -122,7 +133,9 @@ async def _demo(settings, source_path: Path, out: Path, *, realtime: bool, audio
     try:
         from cadenza.plot import plot_velocity_roll
 
-        plot_velocity_roll(colorized, out / "pianoroll.png", reference=original, title=f"{source_path.name}: model (top) vs performer (bottom)")
+        plot_velocity_roll(
+            colorized, out / "pianoroll.png", reference=original, title=f"{source_path.name}: model (top) vs performer (bottom)"
+        )
     except ImportError:  # plotting is optional at run time (matplotlib)
         pass
 

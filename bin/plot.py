@@ -31,8 +31,9 @@ def _roll(ax, perf: Performance, norm, cmap, label: str):
     return lc
 
 
-def plot_velocity_roll(perf_model: Performance, out_png: str | os.PathLike, *, reference: Performance | None = None,
-                       title: str | None = None) -> None:
+def plot_velocity_roll(
+    perf_model: Performance, out_png: str | os.PathLike, *, reference: Performance | None = None, title: str | None = None
+) -> None:
     """Write a PNG of the model's velocities (and the reference's, aligned, below it)."""
     import matplotlib
 

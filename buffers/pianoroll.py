@@ -104,8 +104,10 @@ class PianoRollWindow:
         counts as struck there (the melody starts with what sounds).
         """
         if steps * seconds_per_step > self.n_frames * self.frame_s + 1e-9:
-            raise ValueError(f"{steps} steps of {seconds_per_step * 1e3:.0f} ms need a window of {steps * seconds_per_step:.1f} s "
-                             f"(engine.window_s is {self.n_frames * self.frame_s:g} s)")
+            raise ValueError(
+                f"{steps} steps of {seconds_per_step * 1e3:.0f} ms need a window of {steps * seconds_per_step:.1f} s "
+                f"(engine.window_s is {self.n_frames * self.frame_s:g} s)"
+            )
         events = np.zeros(steps, np.int16)
         if self._frame is None:
             return events

@@ -27,8 +27,12 @@ class _Section(BaseModel):
 class MidiSettings(_Section):
     api: MidiApi = Field("auto", description="MIDI backend; auto = ALSA if the sequencer exists, else a running JACK server")
     client_name: str = Field("cadenza", description="client name shown to other MIDI software")
-    in_port: str = Field("cadenza in", description="input: a virtual port of this name, or an existing port's name or /regex/ when attach_in is set")
-    out_port: str = Field("cadenza out", description="output: a virtual port of this name, or an existing port's name or /regex/ when attach_out is set")
+    in_port: str = Field(
+        "cadenza in", description="input: a virtual port of this name, or an existing port's name or /regex/ when attach_in is set"
+    )
+    out_port: str = Field(
+        "cadenza out", description="output: a virtual port of this name, or an existing port's name or /regex/ when attach_out is set"
+    )
     attach_in: bool = Field(False, description="attach to an existing input port instead of creating a virtual one")
     attach_out: bool = Field(False, description="attach to an existing output port instead of creating a virtual one")
     reattach_interval_s: float = Field(1.0, gt=0, description="how often a vanished attached port is looked for again")
@@ -37,18 +41,28 @@ class MidiSettings(_Section):
 
 class EngineSettings(_Section):
     frame_ms: float = Field(10.0, gt=0, le=200, description="piano-roll frame length")
-    window_s: float = Field(40.0, gt=0, le=120, description="sliding piano-roll window length; vary mode reads up to 16 bars from it (32 s at 120 bpm)")
-    input_queue: int = Field(16384, ge=16, description="bound of the input queue; when full, note-ons are dropped (counted), note-offs/pedal/clock never")
+    window_s: float = Field(
+        40.0, gt=0, le=120, description="sliding piano-roll window length; vary mode reads up to 16 bars from it (32 s at 120 bpm)"
+    )
+    input_queue: int = Field(
+        16384, ge=16, description="bound of the input queue; when full, note-ons are dropped (counted), note-offs/pedal/clock never"
+    )
     stats_interval_s: float = Field(10.0, ge=0, description="period of the one-line stats log (0 = off)")
     beats_per_bar: int = Field(4, ge=1, le=32, description="the meter, for bar positions from MIDI clock (clock carries none)")
-    bpm: float = Field(120.0, ge=20, le=400, description="tempo of the sixteenth grid the last bars are read on (vary mode) while no MIDI clock runs")
+    bpm: float = Field(
+        120.0, ge=20, le=400, description="tempo of the sixteenth grid the last bars are read on (vary mode) while no MIDI clock runs"
+    )
     busy_poll: bool = Field(
-        False, description="serve: the event loop never sleeps and reads MIDI input itself (no input thread, no wake-up, the core stays "
-        "awake): lowest latency, at the price of one core at 100 percent while serving; for a machine with a core to spare")
+        False,
+        description="serve: the event loop never sleeps and reads MIDI input itself (no input thread, no wake-up, the core stays "
+        "awake): lowest latency, at the price of one core at 100 percent while serving; for a machine with a core to spare",
+    )
 
 
 class VelocitySettings(_Section):
-    mode: Literal["replace", "blend", "flat-only"] = Field("replace", description="replace the player's velocity, blend with it, or colorize only flat input")
+    mode: Literal["replace", "blend", "flat-only"] = Field(
+        "replace", description="replace the player's velocity, blend with it, or colorize only flat input"
+    )
     strength: float = Field(1.0, ge=0, le=1, description="blend strength: 0 = player's velocity, 1 = model's")
     deadline_ms: float = Field(3.0, gt=0, le=100, description="per-note deadline; a late model answer is replaced by the fallback velocity")
     fallback_velocity: int = Field(64, ge=1, le=127, description="velocity used when the model misses its deadline or is down")
@@ -56,11 +70,17 @@ class VelocitySettings(_Section):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where the model worker runs")
     max_batch: int = Field(64, ge=1, description="largest micro-batch across sessions")
     worker: Literal["auto", "thread", "inline"] = Field(
-        "auto", description="run the model in its own thread, or inline on the event loop right after each input burst; auto = inline on CPU, thread on CUDA")
+        "auto",
+        description="run the model in its own thread, or inline on the event loop right after each input burst; auto = inline on CPU, thread on CUDA",
+    )
     keep_warm_ms: float = Field(
-        0.0, ge=0, le=100, description="inline worker: while no notes come, run a scratch inference this often (e.g. 1) so that the "
+        0.0,
+        ge=0,
+        le=100,
+        description="inline worker: while no notes come, run a scratch inference this often (e.g. 1) so that the "
         "model's weights and code stay in the CPU caches (what it changes per note and costs while idle: `cadenza bench velocity`); 0 = off "
-        "(with engine.busy_poll, 0 means every 0.5 ms: that core is busy anyway)")
+        "(with engine.busy_poll, 0 means every 0.5 ms: that core is busy anyway)",
+    )
     weights: Path | None = Field(None, description="causal model weights (.safetensors); default: the shipped ones")
     context_weights: Path | None = Field(None, description="full-context model weights; default: the shipped ones")
     lookahead_s: float = Field(0.0, ge=0, le=10, description="lookahead mode: output is delayed by exactly this much")
@@ -70,14 +90,20 @@ class PhraseSettings(_Section):
     silence_ms: float = Field(600.0, ge=50, description="a phrase ends after this long with no key down")
     end_cc: int | None = Field(None, ge=0, le=127, description="a CC number that ends the phrase at once (value >= 64)")
     grid: Literal["bar", "beat", "none"] = Field(
-        "bar", description="with MIDI clock running: the phrase ends on the first bar line (or beat) with no key down, and the answer starts "
-        "there; none = ignore the clock (silence ends the phrase, the answer starts at once)")
-    length_mode: Literal["seconds", "bars", "call"] = Field("call", description="response length: fixed seconds, bars (needs clock), or as long as the call")
+        "bar",
+        description="with MIDI clock running: the phrase ends on the first bar line (or beat) with no key down, and the answer starts "
+        "there; none = ignore the clock (silence ends the phrase, the answer starts at once)",
+    )
+    length_mode: Literal["seconds", "bars", "call"] = Field(
+        "call", description="response length: fixed seconds, bars (needs clock), or as long as the call"
+    )
     response_seconds: float = Field(4.0, gt=0, le=60)
     response_bars: int = Field(2, ge=1, le=32)
     max_response_s: float = Field(12.0, gt=0, le=120, description="upper bound for call-length responses")
     out_channel: int | None = Field(None, ge=0, le=15, description="channel of the response (default: the call's)")
-    barge_in: Literal["stop", "duck"] = Field("stop", description="when the player plays during a response: stop it, or duck its velocities")
+    barge_in: Literal["stop", "duck"] = Field(
+        "stop", description="when the player plays during a response: stop it, or duck its velocities"
+    )
     duck_factor: float = Field(0.4, ge=0, le=1)
     temperature: float = Field(0.9, gt=0, le=3)
     top_k: int = Field(0, ge=0, description="0 = off")
@@ -86,14 +112,31 @@ class PhraseSettings(_Section):
     style: Literal["classical", "pop"] = Field("classical", description="style of the answers: classical (MAESTRO) or pop (POP909)")
     weights: Path | None = Field(None, description="phrase model weights; default: the shipped ones")
     device: Literal["auto", "cpu", "cuda"] = Field("auto")
-    best_of: int = Field(4, ge=1, le=32, description="sample this many candidate answers per horizon in one batched pass and keep the one "
-                         "that scores best (model likelihood + fit to the call, weights fit_*); 1 = off")
-    lookahead_s: float = Field(1.0, gt=0, le=10, description="best-of-N horizon: candidates are compared over this much music, then the kept one goes on")
-    lookahead_tokens: int = Field(48, ge=1, le=256, description="at most this many tokens per best-of-N horizon (live, also no more than "
-                                  "generation can afford while the music already generated plays)")
-    first_lookahead_tokens: int = Field(0, ge=0, le=256, description="tokens of a best-of-N horizon before the first note, which waits for "
-                                        "it (adds to the time to first note: cadenza bench continue); 0 = the first onset is sampled alone "
-                                        "and best-of-N starts once generation is ahead of playback")
+    best_of: int = Field(
+        4,
+        ge=1,
+        le=32,
+        description="sample this many candidate answers per horizon in one batched pass and keep the one "
+        "that scores best (model likelihood + fit to the call, weights fit_*); 1 = off",
+    )
+    lookahead_s: float = Field(
+        1.0, gt=0, le=10, description="best-of-N horizon: candidates are compared over this much music, then the kept one goes on"
+    )
+    lookahead_tokens: int = Field(
+        48,
+        ge=1,
+        le=256,
+        description="at most this many tokens per best-of-N horizon (live, also no more than "
+        "generation can afford while the music already generated plays)",
+    )
+    first_lookahead_tokens: int = Field(
+        0,
+        ge=0,
+        le=256,
+        description="tokens of a best-of-N horizon before the first note, which waits for "
+        "it (adds to the time to first note: cadenza bench continue); 0 = the first onset is sampled alone "
+        "and best-of-N starts once generation is ahead of playback",
+    )
     fit_loglik: float = Field(1.0, ge=0, description="best-of-N score: weight of the model's mean log-likelihood per token")
     fit_pc: float = Field(2.0, ge=0, description="best-of-N score: weight of the pitch-class profile correlation with the call")
     fit_register: float = Field(1.0, ge=0, description="best-of-N score: penalty per octave between the mean pitches of answer and call")
@@ -102,25 +145,36 @@ class PhraseSettings(_Section):
     fit_velocity: float = Field(0.0, ge=0, description="best-of-N score: penalty per 16 velocity units between the mean velocities")
     fit_polyphony: float = Field(0.0, ge=0, description="best-of-N score: penalty per doubling/halving of the keys down at an onset")
     key_guard: float = Field(0.0, ge=0, le=20, description="soft guard: logit penalty on notes outside the call's estimated key; 0 = off")
-    register_guard: float = Field(0.0, ge=0, le=20, description="soft guard: logit penalty per octave beyond the call's range (+ margin); 0 = off")
-    register_margin: float = Field(5.0, ge=0, le=48, description="semitones beyond the call's lowest/highest note before the register guard bites")
+    register_guard: float = Field(
+        0.0, ge=0, le=20, description="soft guard: logit penalty per octave beyond the call's range (+ margin); 0 = off"
+    )
+    register_margin: float = Field(
+        5.0, ge=0, le=48, description="semitones beyond the call's lowest/highest note before the register guard bites"
+    )
 
 
 class VarySettings(_Section):
     """``serve --mode vary``: the performer's loop, played back varied through the MusicVAE."""
 
     model: Literal["mel_2bar", "mel_16bar"] = Field("mel_2bar", description="the loop is 2 or 16 bars of 4/4, as the model")
-    mode: Literal["vary", "morph"] = Field("vary", description="vary: the loop's code plus noise; morph: a path from the previous loop "
-                                            "to a new one over morph_repeats repetitions")
-    amount: float = Field(0.6, ge=0, le=3, description="vary: size of the noise added to the loop's latent code (the amount CC sets it 0-2)")
+    mode: Literal["vary", "morph"] = Field(
+        "vary",
+        description="vary: the loop's code plus noise; morph: a path from the previous loop to a new one over morph_repeats repetitions",
+    )
+    amount: float = Field(
+        0.6, ge=0, le=3, description="vary: size of the noise added to the loop's latent code (the amount CC sets it 0-2)"
+    )
     morph_repeats: int = Field(4, ge=1, le=64, description="morph: repetitions from the old loop to the new one")
     temperature: float = Field(0.0, ge=0, le=3, description="decoder sampling temperature; 0 = greedy (the noise alone varies)")
     min_notes: int = Field(2, ge=1, le=64, description="a loop with fewer notes ends the variation")
     out_channel: int = Field(1, ge=0, le=15, description="MIDI channel of the variation (0-15; default 1 = channel 2)")
     velocity: int = Field(90, ge=1, le=127, description="velocity of the variation's notes")
     seed: int = Field(0, description="first seed of the noise; each loop takes the next")
-    inline: bool = Field(False, description="run the model on the event loop's thread instead of its own (the performer's notes then wait "
-                         "for each encode + decode)")
+    inline: bool = Field(
+        False,
+        description="run the model on the event loop's thread instead of its own (the performer's notes then wait "
+        "for each encode + decode)",
+    )
 
 
 class ControlSettings(_Section):
@@ -140,7 +194,9 @@ class ControlSettings(_Section):
     register_cc: int | None = Field(31, ge=0, le=127, description="vary: register attribute, 64 = as played")
     interval_cc: int | None = Field(102, ge=0, le=127, description="vary: interval-size attribute, 64 = as played")
     syncopation_cc: int | None = Field(103, ge=0, le=127, description="vary: syncopation attribute, 64 = as played")
-    state_out_cc: int | None = Field(27, ge=0, le=127, description="the engine reports its state (0 idle, 64 listening, 127 responding) on this CC")
+    state_out_cc: int | None = Field(
+        27, ge=0, le=127, description="the engine reports its state (0 idle, 64 listening, 127 responding) on this CC"
+    )
     consume: bool = Field(True, description="control CCs are not passed through to the output")
 
     @model_validator(mode="after")
@@ -174,7 +230,9 @@ class MqttSettings(_Section):
     keepalive_s: int = Field(30, ge=5, le=3600, description="MQTT keepalive; a silent peer is declared gone after 1.5x this")
     out_qos: int = Field(0, ge=0, le=1, description="QoS of outgoing MIDI (0: lowest latency)")
     max_sessions: int = Field(256, ge=1, le=100_000, description="sessions beyond this many are refused (their input dropped and counted)")
-    session_idle_s: float = Field(300.0, ge=0, description="a session with no input for this long is ended (notes released, state freed); 0 = never")
+    session_idle_s: float = Field(
+        300.0, ge=0, description="a session with no input for this long is ended (notes released, state freed); 0 = never"
+    )
     max_payload_bytes: int = Field(262_144, ge=16, le=1 << 24, description="larger payloads are dropped and counted")
     reconnect_interval_s: float = Field(2.0, gt=0, le=300, description="wait between reconnection attempts after the broker is lost")
     connect_timeout_s: float = Field(5.0, gt=0, le=120, description="how long the first connection may take before the command fails")

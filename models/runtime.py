@@ -38,8 +38,9 @@ import queue
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Generic, Literal, Protocol, TypeVar
+from typing import Generic, Literal, Protocol, TypeVar
 
 log = logging.getLogger(__name__)
 
@@ -154,8 +155,16 @@ _KILL, _STOP = _Kill(), _Stop()
 class ModelStage(Generic[J]):
     """One model, its jobs, its thread (or none, inline), its supervision. See the module doc."""
 
-    def __init__(self, handler: Handler[J], *, name: str, inline: bool = False, max_drain: int = 256,
-                 backoff: Backoff = DEFAULT_BACKOFF, stats: StageStats | None = None) -> None:
+    def __init__(
+        self,
+        handler: Handler[J],
+        *,
+        name: str,
+        inline: bool = False,
+        max_drain: int = 256,
+        backoff: Backoff = DEFAULT_BACKOFF,
+        stats: StageStats | None = None,
+    ) -> None:
         self.handler = handler
         self.name = name
         self.inline = inline
@@ -333,8 +342,9 @@ class ModelStage(Generic[J]):
         self.last_error = str(exc)
         self._failures = 1 if time.monotonic() - self._started_at >= self.backoff.healthy_s else self._failures + 1
         delay = self.restart_delay = self.backoff.delay(self._failures)
-        log.error("%s model crashed (%s): requests fall back; restarting %s", self.name, exc,
-                  f"in {delay * 1e3:.0f} ms" if delay else "now")
+        log.error(
+            "%s model crashed (%s): requests fall back; restarting %s", self.name, exc, f"in {delay * 1e3:.0f} ms" if delay else "now"
+        )
         self._notify("crash")  # first: a listener cuts what the failed jobs had started
         self._fallback([job for job, _ in items if job is not _KILL and job is not _STOP] + self._take_queued())
         if not self._stopped:

@@ -73,6 +73,7 @@ def find_soundfont(configured: Path | str | None = None, *, candidates: Sequence
 # --------------------------------------------------------------------------------------------
 # FluidSynth
 
+
 def _fluidsynth():
     try:
         # pyfluidsynth prints where it found the library when $CI is set; that line would land
@@ -105,7 +106,18 @@ def _bind(fs) -> dict[str, Callable]:
         program_change=c("fluid_synth_program_change", i, ("synth", vp, 1), ("chan", i, 1), ("prog", i, 1)),
         channel_pressure=c("fluid_synth_channel_pressure", i, ("synth", vp, 1), ("chan", i, 1), ("val", i, 1)),
         pitch_bend=c("fluid_synth_pitch_bend", i, ("synth", vp, 1), ("chan", i, 1), ("val", i, 1)),
-        write_float=c("fluid_synth_write_float", i, ("synth", vp, 1), ("len", i, 1), ("lout", vp, 1), ("loff", i, 1), ("lincr", i, 1), ("rout", vp, 1), ("roff", i, 1), ("rincr", i, 1)),
+        write_float=c(
+            "fluid_synth_write_float",
+            i,
+            ("synth", vp, 1),
+            ("len", i, 1),
+            ("lout", vp, 1),
+            ("loff", i, 1),
+            ("lincr", i, 1),
+            ("rout", vp, 1),
+            ("roff", i, 1),
+            ("rincr", i, 1),
+        ),
     )
     # FluidSynth prints warnings and errors to stderr; Cadenza reports problems itself, so its
     # messages go to the debug log instead of cluttering a musician's terminal.
@@ -322,7 +334,18 @@ def _scale(level: _Level, loudness: float | None) -> float:
     return min(ceiling, 10 ** (level.gain_to(loudness) / 20))
 
 
-def _render(events: Sequence[tuple[float, bytes]], end_s: float, out_wav, *, soundfont, sample_rate: int, gain: float, tail_s: float, normalize: bool, loudness: float | None = None) -> dict:
+def _render(
+    events: Sequence[tuple[float, bytes]],
+    end_s: float,
+    out_wav,
+    *,
+    soundfont,
+    sample_rate: int,
+    gain: float,
+    tail_s: float,
+    normalize: bool,
+    loudness: float | None = None,
+) -> dict:
     t0 = time.perf_counter()
     level = _Level(sample_rate)
     synth = Synth(soundfont=soundfont, sample_rate=sample_rate, gain=gain)
@@ -371,7 +394,17 @@ def _render(events: Sequence[tuple[float, bytes]], end_s: float, out_wav, *, sou
     }
 
 
-def render_events(events: Sequence[tuple[float, bytes]], out_wav, *, soundfont: Path | str | None = None, sample_rate: int = 44100, tail_s: float = 1.0, gain: float = 0.5, normalize: bool = False, loudness: float | None = None) -> dict:
+def render_events(
+    events: Sequence[tuple[float, bytes]],
+    out_wav,
+    *,
+    soundfont: Path | str | None = None,
+    sample_rate: int = 44100,
+    tail_s: float = 1.0,
+    gain: float = 0.5,
+    normalize: bool = False,
+    loudness: float | None = None,
+) -> dict:
     """Render (time in seconds, raw MIDI bytes) events to a 16-bit stereo WAV, atomically.
 
     soundfont: .sf2/.sf3 path, default :func:`find_soundfont`. gain: FluidSynth's master gain.
@@ -384,7 +417,17 @@ def render_events(events: Sequence[tuple[float, bytes]], out_wav, *, soundfont: 
     """
     ordered = sorted(events, key=lambda e: e[0])  # stable: equal times keep their order
     end = ordered[-1][0] if ordered else 0.0
-    return _render(ordered, end, out_wav, soundfont=soundfont, sample_rate=sample_rate, gain=gain, tail_s=tail_s, normalize=normalize, loudness=loudness)
+    return _render(
+        ordered,
+        end,
+        out_wav,
+        soundfont=soundfont,
+        sample_rate=sample_rate,
+        gain=gain,
+        tail_s=tail_s,
+        normalize=normalize,
+        loudness=loudness,
+    )
 
 
 def midi_file_events(in_path) -> tuple[list[tuple[float, bytes]], float]:
@@ -406,10 +449,30 @@ def midi_file_events(in_path) -> tuple[list[tuple[float, bytes]], float]:
     return events, t
 
 
-def render_midi(in_path, out_wav, *, soundfont: Path | str | None = None, sample_rate: int = 44100, tail_s: float = 1.0, gain: float = 0.5, normalize: bool = False, loudness: float | None = None) -> dict:
+def render_midi(
+    in_path,
+    out_wav,
+    *,
+    soundfont: Path | str | None = None,
+    sample_rate: int = 44100,
+    tail_s: float = 1.0,
+    gain: float = 0.5,
+    normalize: bool = False,
+    loudness: float | None = None,
+) -> dict:
     """Render a MIDI file (all channels, pedals, programs, tempo map) to WAV; see :func:`render_events`."""
     events, length = midi_file_events(in_path)
-    return _render(events, length, out_wav, soundfont=soundfont, sample_rate=sample_rate, gain=gain, tail_s=tail_s, normalize=normalize, loudness=loudness)
+    return _render(
+        events,
+        length,
+        out_wav,
+        soundfont=soundfont,
+        sample_rate=sample_rate,
+        gain=gain,
+        tail_s=tail_s,
+        normalize=normalize,
+        loudness=loudness,
+    )
 
 
 def __getattr__(name: str):

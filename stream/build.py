@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import TYPE_CHECKING, AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING
 
 from cadenza.config.settings import Settings
 from cadenza.errors import ConfigError
@@ -41,8 +42,15 @@ MODES = ("colorize", "continue", "both", "lookahead", "vary", "thru")
 
 
 @contextlib.asynccontextmanager
-async def build_engine(settings: Settings, mode: str, sinks: list[AnySink], *, realtime: bool = True, loop: asyncio.AbstractEventLoop | None = None,
-                       make_live: Callable[[], LivePhrase] | None = None) -> AsyncIterator[Engine]:
+async def build_engine(
+    settings: Settings,
+    mode: str,
+    sinks: list[AnySink],
+    *,
+    realtime: bool = True,
+    loop: asyncio.AbstractEventLoop | None = None,
+    make_live: Callable[[], LivePhrase] | None = None,
+) -> AsyncIterator[Engine]:
     """The engine for ``mode`` with its stages started, bound to ``loop`` (default: the running one).
 
     ``realtime=False`` lets the output scheduler run as fast as the input comes (files, the
@@ -67,6 +75,7 @@ async def build_engine(settings: Settings, mode: str, sinks: list[AnySink], *, r
             lookahead = build_lookahead(settings)
             started.callback(lookahead.stop)
             await asyncio.to_thread(lookahead.start, loop)
+
         def phrase_stage(e: Engine) -> PhraseStage:
             if make_live is None:
                 return build_phrase_stage(e, settings)
@@ -75,9 +84,15 @@ async def build_engine(settings: Settings, mode: str, sinks: list[AnySink], *, r
         def vary_stage(e: Engine) -> VaryStage:
             return build_vary_stage(e, settings)
 
-        engine = Engine(settings, sinks=sinks, velocity_worker=worker, lookahead=lookahead,
-                        phrase_factory=phrase_stage if mode in ("continue", "both") else None,
-                        vary_factory=vary_stage if mode == "vary" else None, realtime=realtime)
+        engine = Engine(
+            settings,
+            sinks=sinks,
+            velocity_worker=worker,
+            lookahead=lookahead,
+            phrase_factory=phrase_stage if mode in ("continue", "both") else None,
+            vary_factory=vary_stage if mode == "vary" else None,
+            realtime=realtime,
+        )
         engine.bind(loop)
         if engine.phrase is not None:
             started.callback(engine.phrase.close)

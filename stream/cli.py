@@ -17,9 +17,18 @@ def register(groups) -> None:
     p.set_defaults(func=_ports)
 
     s = root.add_parser("serve", help="run the live service between MIDI ports")
-    s.add_argument("--mode", choices=["colorize", "continue", "both", "lookahead", "vary"], default="colorize",
-                   help="colorize velocities, answer phrases, both, delay for a DAW, or vary a played loop (default: colorize)")
-    s.add_argument("--in", dest="in_port", metavar="NAME", help="input port: a virtual port name, or with --attach-in an existing port (name or /regex/)")
+    s.add_argument(
+        "--mode",
+        choices=["colorize", "continue", "both", "lookahead", "vary"],
+        default="colorize",
+        help="colorize velocities, answer phrases, both, delay for a DAW, or vary a played loop (default: colorize)",
+    )
+    s.add_argument(
+        "--in",
+        dest="in_port",
+        metavar="NAME",
+        help="input port: a virtual port name, or with --attach-in an existing port (name or /regex/)",
+    )
     s.add_argument("--out", dest="out_port", metavar="NAME", help="output port name (virtual, or existing with --attach-out)")
     s.add_argument("--attach-in", action="store_true", default=None, help="attach to an existing input port instead of creating one")
     s.add_argument("--attach-out", action="store_true", default=None, help="attach to an existing output port instead of creating one")
@@ -30,10 +39,26 @@ def register(groups) -> None:
     s.add_argument("--lookahead", type=float, metavar="SECONDS", help="with --mode lookahead: delay output by exactly this much")
     s.add_argument("--vary-model", choices=["mel_2bar", "mel_16bar"], help="with --mode vary: the loop length (2 or 16 bars) and its model")
     s.add_argument("--vary-amount", type=float, metavar="X", help="with --mode vary: noise added to the loop's latent code (default 0.6)")
-    s.add_argument("--morph", action="store_const", const="morph", dest="vary_style", help="with --mode vary: morph from the previous loop to a new one instead of varying it")
+    s.add_argument(
+        "--morph",
+        action="store_const",
+        const="morph",
+        dest="vary_style",
+        help="with --mode vary: morph from the previous loop to a new one instead of varying it",
+    )
     s.add_argument("--audio", action="store_true", help="also play the output through FluidSynth")
-    s.add_argument("--busy-poll", action="store_true", default=None, help="the event loop never sleeps (engine.busy_poll): lowest latency, one core at 100 %%")
-    s.add_argument("--transport", choices=["ports", "mqtt"], default="ports", help="ports: one performer on MIDI ports (default); mqtt: the headless daemon, sessions from `cadenza bridge` over an MQTT broker")
+    s.add_argument(
+        "--busy-poll",
+        action="store_true",
+        default=None,
+        help="the event loop never sleeps (engine.busy_poll): lowest latency, one core at 100 %%",
+    )
+    s.add_argument(
+        "--transport",
+        choices=["ports", "mqtt"],
+        default="ports",
+        help="ports: one performer on MIDI ports (default); mqtt: the headless daemon, sessions from `cadenza bridge` over an MQTT broker",
+    )
     s.add_argument("--mqtt-host", metavar="HOST", help="MQTT broker host (mqtt.host)")
     s.add_argument("--mqtt-port", type=int, metavar="PORT", help="MQTT broker port (mqtt.port)")
     s.add_argument("--metrics-json", metavar="FILE", help="write the final metrics here on exit (used by `cadenza bench`)")
@@ -43,7 +68,12 @@ def register(groups) -> None:
     b.add_argument("--session", required=True, metavar="NAME", help="session name (1-64 of A-Z a-z 0-9 _ . -), unique per performer")
     b.add_argument("--mqtt-host", metavar="HOST", help="MQTT broker host (mqtt.host)")
     b.add_argument("--mqtt-port", type=int, metavar="PORT", help="MQTT broker port (mqtt.port)")
-    b.add_argument("--in", dest="in_port", metavar="NAME", help="input port: a virtual port name, or with --attach-in an existing port (name or /regex/)")
+    b.add_argument(
+        "--in",
+        dest="in_port",
+        metavar="NAME",
+        help="input port: a virtual port name, or with --attach-in an existing port (name or /regex/)",
+    )
     b.add_argument("--out", dest="out_port", metavar="NAME", help="output port name (virtual, or existing with --attach-out)")
     b.add_argument("--attach-in", action="store_true", default=None, help="attach to an existing input port instead of creating one")
     b.add_argument("--attach-out", action="store_true", default=None, help="attach to an existing output port instead of creating one")
@@ -80,7 +110,13 @@ def _mqtt_overrides(args) -> None:
 
 
 def _bridge_overrides(args) -> None:
-    for key, value in (("in_port", args.in_port), ("out_port", args.out_port), ("attach_in", args.attach_in), ("attach_out", args.attach_out), ("api", args.midi_api)):
+    for key, value in (
+        ("in_port", args.in_port),
+        ("out_port", args.out_port),
+        ("attach_in", args.attach_in),
+        ("attach_out", args.attach_out),
+        ("api", args.midi_api),
+    ):
         add_override(args, "midi", key, value)
     _mqtt_overrides(args)
 
@@ -97,7 +133,13 @@ def _bridge(args, settings) -> int:
 
 def _serve_overrides(args) -> None:
     _mqtt_overrides(args)
-    for key, value in (("in_port", args.in_port), ("out_port", args.out_port), ("attach_in", args.attach_in), ("attach_out", args.attach_out), ("api", args.midi_api)):
+    for key, value in (
+        ("in_port", args.in_port),
+        ("out_port", args.out_port),
+        ("attach_in", args.attach_in),
+        ("attach_out", args.attach_out),
+        ("api", args.midi_api),
+    ):
         add_override(args, "midi", key, value)
     add_override(args, "engine", "busy_poll", args.busy_poll)
     add_override(args, "velocity", "mode", args.velocity_mode)

@@ -18,7 +18,8 @@ import logging
 import sys
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -26,11 +27,11 @@ from cadenza.buffers.clock import MidiClock
 from cadenza.buffers.ledger import NoteLedger
 from cadenza.buffers.pianoroll import PianoRollWindow
 from cadenza.config.settings import Settings
-from cadenza.models.velocity.worker import VelocityWorker
-from cadenza.stream.lookahead import LookaheadNote
 from cadenza.messages import NEVER_DROP, Kind, classify
+from cadenza.models.velocity.worker import VelocityWorker
 from cadenza.stream import tasks as background
 from cadenza.stream.controls import control_map
+from cadenza.stream.lookahead import LookaheadNote
 from cadenza.stream.metrics import Metrics
 from cadenza.stream.scheduler import OutputScheduler
 from cadenza.stream.sinks import AnySink, Sinks
@@ -54,9 +55,17 @@ class Engine:
     engine to emit its answers); each is None when the mode does not use it.
     """
 
-    def __init__(self, settings: Settings, *, sinks: list[AnySink], velocity_worker: VelocityWorker | None = None, lookahead: LookaheadStage | None = None,
-                 phrase_factory: Callable[[Engine], PhraseStage] | None = None, vary_factory: Callable[[Engine], VaryStage] | None = None,
-                 realtime: bool = True) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        sinks: list[AnySink],
+        velocity_worker: VelocityWorker | None = None,
+        lookahead: LookaheadStage | None = None,
+        phrase_factory: Callable[[Engine], PhraseStage] | None = None,
+        vary_factory: Callable[[Engine], VaryStage] | None = None,
+        realtime: bool = True,
+    ) -> None:
         self.settings = settings
         self.sinks = Sinks(sinks)  # more may be added (serve adds the audio sink once the ports are open)
         self.metrics = Metrics()

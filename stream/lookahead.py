@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
+
 from cadenza.config.settings import Settings
 from cadenza.errors import ConfigError
 from cadenza.models.runtime import (
@@ -69,8 +71,15 @@ class LoadContext(Protocol):
 class LookaheadStage:
     """Per-session note windows on the loop; the full-context model in the runtime."""
 
-    def __init__(self, *, seconds: float, load_model: LoadContext, make_features: Callable[[], Featurizer], margin: float = 0.02,
-                 backoff: Backoff = DEFAULT_BACKOFF) -> None:
+    def __init__(
+        self,
+        *,
+        seconds: float,
+        load_model: LoadContext,
+        make_features: Callable[[], Featurizer],
+        margin: float = 0.02,
+        backoff: Backoff = DEFAULT_BACKOFF,
+    ) -> None:
         self.seconds = seconds
         self.margin = min(margin, seconds / 2)
         self._load_model = load_model
@@ -183,4 +192,8 @@ def build_lookahead(settings: Settings) -> LookaheadStage:
     if seconds <= 0:
         raise ConfigError("--mode lookahead needs a lookahead > 0 s (--lookahead SECONDS or velocity.lookahead_s)")
     device = pick_device(settings.velocity.device)
-    return LookaheadStage(seconds=seconds, load_model=lambda: load_context(settings.velocity.context_weights, device=device), make_features=LiveVelocityFeatures)
+    return LookaheadStage(
+        seconds=seconds,
+        load_model=lambda: load_context(settings.velocity.context_weights, device=device),
+        make_features=LiveVelocityFeatures,
+    )

@@ -18,7 +18,8 @@ import itertools
 import logging
 import threading
 import time
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from cadenza.config.settings import ControlSettings, PhraseSettings, Settings
 from cadenza.models.phrase.worker import (
@@ -39,8 +40,9 @@ GRID_LEAD_S = 0.03  # on the clock, the call ends this long before the grid line
 
 
 class PhraseStage:
-    def __init__(self, engine: Engine, settings: PhraseSettings, controls: ControlSettings, *,
-                 make_live: Callable[[], LivePhraseModel] | None = None) -> None:
+    def __init__(
+        self, engine: Engine, settings: PhraseSettings, controls: ControlSettings, *, make_live: Callable[[], LivePhraseModel] | None = None
+    ) -> None:
         self.engine = engine
         self.settings = settings
         self.controls = controls
@@ -310,8 +312,12 @@ def _default_live(settings: PhraseSettings) -> Callable[[], LivePhraseModel]:
         from cadenza.models.runtime import pick_device
 
         # best-of-N and the guards come from [phrase] (best_of, lookahead_*, fit_*, *_guard)
-        return LivePhrase(load_phrase(settings.weights, device=pick_device(settings.device)), style=settings.style,
-                          answer=options_from(settings), paced=True)
+        return LivePhrase(
+            load_phrase(settings.weights, device=pick_device(settings.device)),
+            style=settings.style,
+            answer=options_from(settings),
+            paced=True,
+        )
 
     return make
 

@@ -224,7 +224,9 @@ class MidiInputPort(_Port):
 
     _kind = "input"
 
-    def __init__(self, api: int, *, client_name: str, name: str, attach: bool, deliver: Callable[[float, bytes], None], poll_on=None) -> None:
+    def __init__(
+        self, api: int, *, client_name: str, name: str, attach: bool, deliver: Callable[[float, bytes], None], poll_on=None
+    ) -> None:
         self._deliver = deliver
         self._poll_on = poll_on
         self._poller: InputPoller | Callable[[], bool] | None = None

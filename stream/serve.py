@@ -62,8 +62,14 @@ async def serve(settings: Settings, *, mode: str, audio: bool = False, ready=Non
         opened.callback(out.close)
         engine = await opened.enter_async_context(build_engine(settings, mode, [out], loop=loop))
         spinning = isinstance(loop, SpinEventLoop)  # busy polling: the loop reads the input itself
-        inp = MidiInputPort(api, client_name=settings.midi.client_name, name=settings.midi.in_port, attach=settings.midi.attach_in,
-                            deliver=engine.deliver_now if spinning else engine.deliver, poll_on=loop if spinning else None)
+        inp = MidiInputPort(
+            api,
+            client_name=settings.midi.client_name,
+            name=settings.midi.in_port,
+            attach=settings.midi.attach_in,
+            deliver=engine.deliver_now if spinning else engine.deliver,
+            poll_on=loop if spinning else None,
+        )
         opened.callback(inp.close)  # closed before the output
         audio_sink = None
         if audio:
@@ -81,8 +87,15 @@ async def serve(settings: Settings, *, mode: str, audio: bool = False, ready=Non
                 loop.add_signal_handler(sig, engine.stop)
                 opened.callback(loop.remove_signal_handler, sig)
         device = pick_device(settings.velocity.device) if mode in ("colorize", "both", "lookahead") else "-"
-        log.info("listening on %r -> %r (%s, mode %s, model on %s%s); Ctrl-C to stop", inp.name, out.name, api_name(api), mode, device,
-                 ", busy polling: one core at 100 %" if spinning else "")
+        log.info(
+            "listening on %r -> %r (%s, mode %s, model on %s%s); Ctrl-C to stop",
+            inp.name,
+            out.name,
+            api_name(api),
+            mode,
+            device,
+            ", busy polling: one core at 100 %" if spinning else "",
+        )
         if ready is not None:
             ready(engine)
         await engine.run(PortSupervisor(engine, inp, out, settings.midi.reattach_interval_s).run)
@@ -94,15 +107,25 @@ async def serve(settings: Settings, *, mode: str, audio: bool = False, ready=Non
 
 def format_audio_latency(r: dict) -> str:
     """One line on the audio output: device, block, configured and measured latency."""
-    measured = "not measured yet" if r["measured_latency_ms_p50"] is None else f"measured p50 {r['measured_latency_ms_p50']:.1f} ms (max {r['measured_latency_ms_max']:.1f})"
-    return (f"{r['device']} ({r['host_api']}), {r['block_size']} frames at {r['sample_rate']} Hz = {r['block_ms']:.1f} ms blocks; "
-            f"output latency configured {r['configured_latency_ms']:.1f} ms, {measured}; {r['underflows']} underflows")
+    measured = (
+        "not measured yet"
+        if r["measured_latency_ms_p50"] is None
+        else f"measured p50 {r['measured_latency_ms_p50']:.1f} ms (max {r['measured_latency_ms_max']:.1f})"
+    )
+    return (
+        f"{r['device']} ({r['host_api']}), {r['block_size']} frames at {r['sample_rate']} Hz = {r['block_ms']:.1f} ms blocks; "
+        f"output latency configured {r['configured_latency_ms']:.1f} ms, {measured}; {r['underflows']} underflows"
+    )
 
 
 def print_summary(snapshot: dict, file=sys.stderr) -> None:
     c = snapshot["counters"]
     lat = snapshot["latency"]
-    parts = [f"{c.get('in', 0)} messages in, {c.get('out', 0)} out, {c.get('note_on', 0)} notes", f"{c.get('deadline_miss', 0)} deadline misses", f"{c.get('dropped', 0)} dropped"]
+    parts = [
+        f"{c.get('in', 0)} messages in, {c.get('out', 0)} out, {c.get('note_on', 0)} notes",
+        f"{c.get('deadline_miss', 0)} deadline misses",
+        f"{c.get('dropped', 0)} dropped",
+    ]
     for name in ("internal", "model", "loop_lag", "ttfn"):
         s = lat.get(name)
         if s and s.get("n"):

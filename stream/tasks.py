@@ -47,12 +47,14 @@ async def stats(engine: Engine) -> None:
         await asyncio.sleep(interval)
         log.info("stats %s", engine.metrics.line())
 
+
 async def loop_lag(engine: Engine) -> None:
     loop = engine.loop
     while True:
         t0 = loop.time()
         await asyncio.sleep(0.01)
         engine.metrics.observe("loop_lag", max(0.0, loop.time() - t0 - 0.01))
+
 
 async def keep_warm(engine: Engine) -> None:
     """Inline CPU velocity model: a scratch inference whenever the pump has been idle for
@@ -69,11 +71,13 @@ async def keep_warm(engine: Engine) -> None:
         if time.monotonic() - engine.last_pump >= interval and not engine.backlog:
             worker.keep_warm()
 
+
 async def watchdog(engine: Engine) -> None:
     """Supervision of the model stages. Each restarts itself after a crash (the runtime's
     backoff timer) and answers requests with their fallback meanwhile; here the engine
     releases what is sounding when the velocity model crashes (its notes' state is gone)
     and publishes every stage's statistics."""
+
     def velocity_event(event: Event, stage: ModelStage) -> None:
         if event == "crash":
             log.warning("velocity model down: releasing notes; it restarts by itself")

@@ -57,8 +57,9 @@ class VaryTag:
 
 
 class VaryStage:
-    def __init__(self, engine: Engine, settings: VarySettings, controls: ControlSettings, *,
-                 load_vae: Callable[[], VAE] | None = None) -> None:
+    def __init__(
+        self, engine: Engine, settings: VarySettings, controls: ControlSettings, *, load_vae: Callable[[], VAE] | None = None
+    ) -> None:
         self.engine = engine
         self.settings = settings
         self.controls = controls
@@ -93,7 +94,9 @@ class VaryStage:
         self.steps = handler.vae.steps
         bars = self.steps // 16
         if bars * self.engine.clock.beats_per_bar * 4 != self.steps:
-            log.warning("vary: %s is %d bars of 4/4; engine.beats_per_bar is %d", self.settings.model, bars, self.engine.clock.beats_per_bar)
+            log.warning(
+                "vary: %s is %d bars of 4/4; engine.beats_per_bar is %d", self.settings.model, bars, self.engine.clock.beats_per_bar
+            )
         self.stage.listen(self._model_event)
         self._set_state(IDLE)
 
@@ -192,8 +195,17 @@ class VaryStage:
         from cadenza.models.vae.worker import VaryJob
 
         fut: asyncio.Future = self.engine._loop.create_future()
-        job = VaryJob(session=self._session, events=events, mode=self.mode, amount=self.amount, repeats=self.settings.morph_repeats,
-                      attributes=dict(self.attributes), temperature=self.settings.temperature, seed=next(self._seeds), future=fut)
+        job = VaryJob(
+            session=self._session,
+            events=events,
+            mode=self.mode,
+            amount=self.amount,
+            repeats=self.settings.morph_repeats,
+            attributes=dict(self.attributes),
+            temperature=self.settings.temperature,
+            seed=next(self._seeds),
+            future=fut,
+        )
         gen = next(self._gens)
         fut.add_done_callback(lambda f: self._answer(f, gen, boundary, step_s))
         self.stage.submit(job, deadline=time.monotonic() + max(0.0, boundary - self.engine.now_music()))
@@ -309,4 +321,3 @@ def _default_vae(settings: VarySettings) -> Callable[[], VAE]:
 
 def build_vary_stage(engine: Engine, settings: Settings) -> VaryStage:
     return VaryStage(engine, settings.vary, settings.controls)
-

@@ -79,7 +79,9 @@ def test_write_performance_round_trip(tmp_path):
     assert mido.MidiFile(file=io.BytesIO((tmp_path / "w.mid").read_bytes())).length == pytest.approx(0.9, abs=1e-3)
 
 
-@pytest.mark.parametrize(("n", "encoded"), [(0, b"\x00"), (0x7F, b"\x7f"), (0x80, b"\x81\x00"), (0x3FFF, b"\xff\x7f"), (0x0FFFFFFF, b"\xff\xff\xff\x7f")])
+@pytest.mark.parametrize(
+    ("n", "encoded"), [(0, b"\x00"), (0x7F, b"\x7f"), (0x80, b"\x81\x00"), (0x3FFF, b"\xff\x7f"), (0x0FFFFFFF, b"\xff\xff\xff\x7f")]
+)
 def test_vlq_write_matches_the_standard_and_reads_back(n, encoded):
     assert write_vlq(n) == encoded  # the examples of the SMF 1.0 specification
     assert read_vlq(encoded, 0, len(encoded)) == (n, len(encoded))
@@ -99,7 +101,7 @@ def test_with_track_keeps_every_byte_and_follows_the_tempo_map(tmp_path):
     mf = MidiFile.load(src)
     assert mf.seconds_to_ticks(0.6) == 480 and mf.seconds_to_ticks(0.9) == 960
     data = mf.with_track([(0.3, note_on(0, 72, 80)), (0.9, note_off(0, 72))], name=b"added")
-    assert data[12:len(mf.data)] == mf.data[12:]  # the existing tracks, byte for byte
+    assert data[12 : len(mf.data)] == mf.data[12:]  # the existing tracks, byte for byte
     assert int.from_bytes(data[8:10], "big") == 1 and int.from_bytes(data[10:12], "big") == 2
     (tmp_path / "more.mid").write_bytes(data)
     perf = MidiFile.load(tmp_path / "more.mid").performance

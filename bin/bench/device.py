@@ -163,8 +163,10 @@ def phrase_decode(dev: str, c: Counts) -> dict:
                 ttfn.append(time.perf_counter() - t)
             a = np.asarray(ttfn) * 1e3
             out[f"batch{batch}_{name}"] = {
-                "tokens_per_s": round(batch * c.tokens / dt, 1), "steps_per_s": round(c.tokens / dt, 1),
-                "ttfn_ms_p50": round(float(np.percentile(a, 50)), 3), "ttfn_ms_p99": round(float(np.percentile(a, 99)), 3),
+                "tokens_per_s": round(batch * c.tokens / dt, 1),
+                "steps_per_s": round(c.tokens / dt, 1),
+                "ttfn_ms_p50": round(float(np.percentile(a, 50)), 3),
+                "ttfn_ms_p99": round(float(np.percentile(a, 99)), 3),
             }
     return out
 
@@ -254,8 +256,14 @@ def colorize(dev: str, c: Counts, maestro) -> dict:
                 preds[k] = v[r, : len(feats[k])]
     model_s = time.perf_counter() - t
     notes = sum(len(f) for f in feats)
-    res = {"source": source, "pieces": len(perfs), "notes": notes, "features_s": round(features_s, 2),
-           "model_s": round(model_s, 3), "model_notes_per_s": round(notes / model_s)}
+    res = {
+        "source": source,
+        "pieces": len(perfs),
+        "notes": notes,
+        "features_s": round(features_s, 2),
+        "model_s": round(model_s, 3),
+        "model_notes_per_s": round(notes / model_s),
+    }
     if source != "synthetic":
         res["piece_mae"] = round(float(np.mean([np.abs(p - q.velocity).mean() for p, q in zip(preds, perfs) if len(q)])), 3)
     return res
@@ -294,6 +302,7 @@ def train_rates(dev: str, c: Counts) -> dict:
             loss.backward()
             torch.nn.utils.clip_grad_norm_(vel.parameters(), 1.0)
             opt.step()
+
         return step
 
     # phrase: the defaults of `cadenza train phrase` (batch 16 windows of 512 tokens, width 128)
@@ -353,16 +362,22 @@ def format_device(r: dict) -> str:
     lines.append(f"phrase decode after {p['prompt_tokens']} prompt tokens{'' if p['graphed'] else '  (static: no CUDA graph)'}")
     for k, s in p.items():
         if k.startswith("batch"):
-            lines.append(f"  {k:18s} {s['tokens_per_s']:9.1f} tokens/s  first note p50 {s['ttfn_ms_p50']:8.2f} ms  p99 {s['ttfn_ms_p99']:8.2f} ms")
+            lines.append(
+                f"  {k:18s} {s['tokens_per_s']:9.1f} tokens/s  first note p50 {s['ttfn_ms_p50']:8.2f} ms  p99 {s['ttfn_ms_p99']:8.2f} ms"
+            )
     c = r["colorize"]
     mae = f", per-piece MAE {c['piece_mae']}" if "piece_mae" in c else ""
-    lines.append(f"colorize {c['source']}: {c['pieces']} pieces, {c['notes']} notes: model {c['model_s']:.2f} s "
-                 f"({c['model_notes_per_s']} notes/s), features {c['features_s']:.1f} s on the CPU{mae}")
+    lines.append(
+        f"colorize {c['source']}: {c['pieces']} pieces, {c['notes']} notes: model {c['model_s']:.2f} s "
+        f"({c['model_notes_per_s']} notes/s), features {c['features_s']:.1f} s on the CPU{mae}"
+    )
     t = r["train"]
     for name in ("velocity", "phrase"):
         s = t[name]
         mode = ("bf16 autocast, compiled" if s["bf16"] else "fp32 eager") + (", fused AdamW" if t["fused_adamw"] else "")
         failed = f"; bf16/compile failed: {s['fast_error']}" if "fast_error" in s else ""
-        lines.append(f"train {name:8s} batch {s['batch']} x {s['seq_len']}: {s['steps_per_s']:.2f} steps/s ({mode}; warm-up {s['warmup_s']} s{failed})")
+        lines.append(
+            f"train {name:8s} batch {s['batch']} x {s['seq_len']}: {s['steps_per_s']:.2f} steps/s ({mode}; warm-up {s['warmup_s']} s{failed})"
+        )
     lines.append(f"total {r['total_s']} s")
     return "\n".join(lines)

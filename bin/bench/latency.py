@@ -31,12 +31,14 @@ def register(b) -> None:
     p.add_argument("--seconds", type=float, default=20.0, help="length of each played pass (default 20)")
     p.add_argument("--rate", type=float, default=12.0, help="note-ons per second in the pattern (default 12, chords included)")
     p.add_argument("--period", type=int, default=64, help="JACK period in frames when starting our own server (default 64 at 48 kHz)")
-    p.add_argument("--pin", action="store_true", help="give the service a core of its own (the last one) and run JACK and the player on the others, as on a machine where nothing else competes with it")
+    p.add_argument(
+        "--pin",
+        action="store_true",
+        help="give the service a core of its own (the last one) and run JACK and the player on the others, as on a machine where nothing else competes with it",
+    )
     p.add_argument("--busy-poll", action="store_true", help="serve with --busy-poll (engine.busy_poll: the loop never sleeps)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_latency)
-
-
 
 
 def pattern(seconds: float, rate: float, seed: int = 0) -> list[tuple[float, bytes]]:
@@ -141,7 +143,13 @@ def _stats_ms(x: list[float]) -> dict:
     a = np.asarray(x) * 1e3
     if len(a) == 0:
         return {"n": 0}
-    return {"n": int(len(a)), "p50_ms": round(float(np.percentile(a, 50)), 3), "p95_ms": round(float(np.percentile(a, 95)), 3), "p99_ms": round(float(np.percentile(a, 99)), 3), "max_ms": round(float(a.max()), 3)}
+    return {
+        "n": int(len(a)),
+        "p50_ms": round(float(np.percentile(a, 50)), 3),
+        "p95_ms": round(float(np.percentile(a, 95)), 3),
+        "p99_ms": round(float(np.percentile(a, 99)), 3),
+        "max_ms": round(float(a.max()), 3),
+    }
 
 
 def _latency(args, settings) -> int:
@@ -161,8 +169,12 @@ def _latency(args, settings) -> int:
         events = pattern(args.seconds, args.rate)
         baseline = direct_loopback(events)
         service, metrics = run_service(
-            args, ["--mode", "colorize"] + (["--busy-poll"] if args.busy_poll else []), {"CADENZA_MIDI__API": "jack"},
-            ready=lambda proc: _wait_for_port("cadenza in", proc), play=lambda: through_service(events), error=PortError,
+            args,
+            ["--mode", "colorize"] + (["--busy-poll"] if args.busy_poll else []),
+            {"CADENZA_MIDI__API": "jack"},
+            ready=lambda proc: _wait_for_port("cadenza in", proc),
+            play=lambda: through_service(events),
+            error=PortError,
             preexec_fn=(lambda: os.sched_setaffinity(0, cores[-1:])) if pin else None,
         )
     finally:
@@ -188,7 +200,12 @@ def _latency(args, settings) -> int:
         "lost_in_transit": len(events) - s["n"],
         "service_histograms": metrics["latency"],
     }
-    print_paths(args, result, f"{result['note_ons']} notes, {result['messages']} messages, JACK period {result['jack_period_ms']} ms", "baseline_loopback")
+    print_paths(
+        args,
+        result,
+        f"{result['note_ons']} notes, {result['messages']} messages, JACK period {result['jack_period_ms']} ms",
+        "baseline_loopback",
+    )
     return 0
 
 
@@ -226,7 +243,9 @@ def print_paths(args, result: dict, header: str, baseline: str) -> None:
     print(header)
     for name in (baseline, "service_path", "added", "internal", "loop_lag"):
         r = result[name]
-        print(f"  {name:18s} p50 {r.get('p50_ms', float('nan')):7.3f}  p95 {r.get('p95_ms', float('nan')):7.3f}  p99 {r.get('p99_ms', float('nan')):7.3f}  max {r.get('max_ms', float('nan')):7.3f} ms")
+        print(
+            f"  {name:18s} p50 {r.get('p50_ms', float('nan')):7.3f}  p95 {r.get('p95_ms', float('nan')):7.3f}  p99 {r.get('p99_ms', float('nan')):7.3f}  max {r.get('max_ms', float('nan')):7.3f} ms"
+        )
     print(f"  deadline misses {result['deadline_misses']}, dropped {result['dropped']}, lost in transit {result['lost_in_transit']}")
 
 
@@ -248,5 +267,3 @@ def _wait_for_port(name: str, proc: subprocess.Popen, timeout: float = 90.0) -> 
         raise PortError(f"bench: port {name!r} did not appear")
     finally:
         probe.delete()
-
-

@@ -103,8 +103,12 @@ def _bench(args, settings) -> int:
             relay.terminate()
             relay.join(5)
         service, metrics = run_service(
-            args, ["--transport", "mqtt"] + (["--busy-poll"] if args.busy_poll else []), {"CADENZA_MQTT__HOST": host, "CADENZA_MQTT__PORT": str(port)},
-            ready=lambda proc: _wait_online(host, port, proc), play=lambda: asyncio.run(_play(host, port, sessions)), error=BrokerError,
+            args,
+            ["--transport", "mqtt"] + (["--busy-poll"] if args.busy_poll else []),
+            {"CADENZA_MQTT__HOST": host, "CADENZA_MQTT__PORT": str(port)},
+            ready=lambda proc: _wait_online(host, port, proc),
+            play=lambda: asyncio.run(_play(host, port, sessions)),
+            error=BrokerError,
         )
     finally:
         if broker is not None:
@@ -128,7 +132,12 @@ def _bench(args, settings) -> int:
         "lost_in_transit": n_msgs - s.get("n", 0),
         "service_histograms": metrics["latency"],
     }
-    print_paths(args, result, f"{result['sessions']} sessions, {result['note_ons']} notes, {result['messages']} messages through MQTT at {host}:{port}", "baseline_relay")
+    print_paths(
+        args,
+        result,
+        f"{result['sessions']} sessions, {result['note_ons']} notes, {result['messages']} messages through MQTT at {host}:{port}",
+        "baseline_relay",
+    )
     return 0
 
 
@@ -150,7 +159,7 @@ def _wait_online(host: str, port: int, proc: subprocess.Popen, timeout: float = 
     async def guarded():
         try:
             await asyncio.wait_for(main(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise BrokerError(f"bench: the daemon did not come online (exit code {proc.poll()})") from None
 
     asyncio.run(guarded())

@@ -77,24 +77,31 @@ def _throughput(args, settings) -> int:
             res = await _run_rate(settings, r, args.seconds)
             results.append(res)
             if not args.json:
-                print(f"  {r:8.0f} notes/s: achieved {res['achieved_rate']:8.1f}, misses {res['miss_pct']:6.2f} %, internal p99 {res['internal'].get('p99_ms', float('nan')):.2f} ms, max batch {res['max_batch']}")
+                print(
+                    f"  {r:8.0f} notes/s: achieved {res['achieved_rate']:8.1f}, misses {res['miss_pct']:6.2f} %, internal p99 {res['internal'].get('p99_ms', float('nan')):.2f} ms, max batch {res['max_batch']}"
+                )
             if res["miss_pct"] >= 5 or res["achieved_rate"] < 0.8 * r:
                 break
         return results
 
     if not args.json:
-        print(f"deadline {settings.velocity.deadline_ms} ms, 16 sessions, causal model on {settings.velocity.device}"
-              + (", busy-polling loop" if settings.engine.busy_poll else ""))
+        print(
+            f"deadline {settings.velocity.deadline_ms} ms, 16 sessions, causal model on {settings.velocity.device}"
+            + (", busy-polling loop" if settings.engine.busy_poll else "")
+        )
     from cadenza.stream.spin import spin_runner
 
     with spin_runner() if settings.engine.busy_poll else asyncio.Runner() as runner:
         results = runner.run(main())
     ok = [r["rate"] for r in results if r["miss_pct"] < 1.0 and r["achieved_rate"] >= 0.95 * r["rate"]]
-    summary = {"deadline_ms": settings.velocity.deadline_ms, "busy_poll": settings.engine.busy_poll, "max_rate_under_1pct_miss": max(ok) if ok else 0, "steps": results}
+    summary = {
+        "deadline_ms": settings.velocity.deadline_ms,
+        "busy_poll": settings.engine.busy_poll,
+        "max_rate_under_1pct_miss": max(ok) if ok else 0,
+        "steps": results,
+    }
     if args.json:
         print(json.dumps(summary))
     else:
         print(f"highest sustained rate with < 1 % deadline misses: {summary['max_rate_under_1pct_miss']:.0f} notes/s")
     return 0
-
-

@@ -26,7 +26,9 @@ def engine_ttfn(model, settings, *, calls: int = 50) -> dict:
 
     async def main():
         loop = asyncio.get_running_loop()
-        async with build_engine(settings, "continue", [CountingSink()], loop=loop, make_live=lambda: LivePhrase(model, answer=answer, paced=True)) as engine:
+        async with build_engine(
+            settings, "continue", [CountingSink()], loop=loop, make_live=lambda: LivePhrase(model, answer=answer, paced=True)
+        ) as engine:
             return await _calls(engine, loop, calls)
 
     h = asyncio.run(main())

@@ -97,5 +97,7 @@ def _window(args, settings) -> int:
         return 0
     print(f"piano-roll window {settings.engine.window_s:g} s of {settings.engine.frame_ms:g} ms frames; medians over {args.notes} notes")
     for r in rows:
-        print(f"  after {r['gap_s']:5g} s silence: window note_on {r['window_us']:8.2f} us, engine arrival -> sink {r['engine_us']:8.1f} us")
+        print(
+            f"  after {r['gap_s']:5g} s silence: window note_on {r['window_us']:8.2f} us, engine arrival -> sink {r['engine_us']:8.1f} us"
+        )
     return 0

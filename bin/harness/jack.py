@@ -48,7 +48,19 @@ class JackServer:
             raise PortError("jackd not found: install JACK (Debian/Ubuntu: apt-get install jackd2)")
         out = open(self.log, "wb") if self.log else subprocess.DEVNULL
         self._proc = subprocess.Popen(
-            [jackd, "--no-realtime", *(["--sync"] if self.sync else []), "-n", self.name, "-d", "dummy", "-r", str(self.rate), "-p", str(self.period)],
+            [
+                jackd,
+                "--no-realtime",
+                *(["--sync"] if self.sync else []),
+                "-n",
+                self.name,
+                "-d",
+                "dummy",
+                "-r",
+                str(self.rate),
+                "-p",
+                str(self.period),
+            ],
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,

@@ -35,7 +35,9 @@ class MosquittoBroker:
         self._dir: tempfile.TemporaryDirectory | None = None
 
     def start(self, timeout: float = 10.0) -> MosquittoBroker:
-        exe = shutil.which("mosquitto") or next((p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if Path(p).is_file()), None)
+        exe = shutil.which("mosquitto") or next(
+            (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if Path(p).is_file()), None
+        )
         if exe is None:
             raise BrokerError("mosquitto not found: install it (Debian/Ubuntu: apt-get install mosquitto)")
         self._dir = tempfile.TemporaryDirectory(prefix="cadenza-mosquitto-")

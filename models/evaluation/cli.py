@@ -10,8 +10,12 @@ from pathlib import Path
 def register(groups) -> None:
     p = groups["eval"].add_parser("midi", help="statistics of folders of MIDI files against MAESTRO test (or --reference)")
     p.add_argument("folders", type=Path, nargs="+", metavar="DIR", help="folders of .mid/.midi files (searched recursively)")
-    p.add_argument("--reference", type=Path, metavar="DIR|STATS.json",
-                   help="compare with this folder or statistics file (default: MAESTRO test when present, else the shipped statistics)")
+    p.add_argument(
+        "--reference",
+        type=Path,
+        metavar="DIR|STATS.json",
+        help="compare with this folder or statistics file (default: MAESTRO test when present, else the shipped statistics)",
+    )
     p.add_argument("--report", type=Path, metavar="OUT_DIR", help="write report.md and PNG figures here")
     p.add_argument("--save-reference", type=Path, metavar="STATS.json", help="also write the reference's statistics to this file")
     p.add_argument("--json", action="store_true", help="print one JSON object")

@@ -118,8 +118,10 @@ def format_table(result: dict) -> str:
     """Overlap (and KL) per feature, one column per set: the terminal form of report.md's table."""
     names = list(result["sets"])
     w = max([12, *(len(n) + 2 for n in names)])
-    lines = [f"against {result['reference']['name']} ({result['reference']['files']} files, {result['reference']['notes']:,} notes); "
-             "overlap (1 = same distribution) / KL(reference || set) nats"]
+    lines = [
+        f"against {result['reference']['name']} ({result['reference']['files']} files, {result['reference']['notes']:,} notes); "
+        "overlap (1 = same distribution) / KL(reference || set) nats"
+    ]
     lines.append(f"{'':14}" + "".join(f"{n:>{w}}" for n in names))
     for k in (*FEATURES, "mean"):
         cells = []

@@ -131,12 +131,20 @@ def markdown(result: dict, figures: dict[str, list[str]], extra: str = "") -> st
     names = list(result["sets"])
     ref = result["reference"]
     head = "| | " + " | ".join(names) + " |\n|---|" + "---|" * len(names) + "\n"
-    lines = [f"# MIDI statistics against {ref['name']}", "",
-             f"Reference: {ref['name']}, {ref['files']} files, {ref['notes']:,} notes. Overlap: area shared by the two "
-             "normalized histograms (1 = same distribution). KL: KL(reference ‖ set) in nats (0 = same).", "",
-             "## Overlap / KL per feature", "", head.rstrip("\n")]
+    lines = [
+        f"# MIDI statistics against {ref['name']}",
+        "",
+        f"Reference: {ref['name']}, {ref['files']} files, {ref['notes']:,} notes. Overlap: area shared by the two "
+        "normalized histograms (1 = same distribution). KL: KL(reference ‖ set) in nats (0 = same).",
+        "",
+        "## Overlap / KL per feature",
+        "",
+        head.rstrip("\n"),
+    ]
     for k in (*FEATURES, "mean"):
-        cells = [f"{_fmt(result['sets'][n]['vs_reference'][k]['overlap'])} / {_fmt(result['sets'][n]['vs_reference'][k]['kl'])}" for n in names]
+        cells = [
+            f"{_fmt(result['sets'][n]['vs_reference'][k]['overlap'])} / {_fmt(result['sets'][n]['vs_reference'][k]['kl'])}" for n in names
+        ]
         lines.append(f"| {'**mean**' if k == 'mean' else k} | " + " | ".join(cells) + " |")
     lines += ["", "## Summary", "", "| | " + ref["name"] + " | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
     summary = [f for f in FEATURES if f != "pitch_class"]  # the mean of a circular quantity says nothing
@@ -144,8 +152,9 @@ def markdown(result: dict, figures: dict[str, list[str]], extra: str = "") -> st
         lines.append(f"| {k} | {_fmt(ref.get(k))} | " + " | ".join(_fmt(result["sets"][n].get(k)) for n in names) + " |")
     skipped = {n: result["sets"][n]["skipped"] for n in names if result["sets"][n]["skipped"]}
     if skipped:
-        lines += ["", "## Skipped files", ""] + [f"- {n}: {len(v)} ({', '.join(Path(p).name for p in v[:5])}{', …' if len(v) > 5 else ''})"
-                                                  for n, v in skipped.items()]
+        lines += ["", "## Skipped files", ""] + [
+            f"- {n}: {len(v)} ({', '.join(Path(p).name for p in v[:5])}{', …' if len(v) > 5 else ''})" for n, v in skipped.items()
+        ]
     lines += ["", "## Figures", "", "![overlap per feature](comparison.png)", ""]
     for n, figs in figures.items():
         lines += [f"### {n}", ""] + [f"![{f}]({f})" for f in figs] + [""]

@@ -67,9 +67,14 @@ def note_features(perf: Performance) -> dict[str, np.ndarray]:
     else:
         poly = density = np.zeros(0)
     return {
-        "pitch": pitch, "pitch_class": pitch % 12, "interval": np.diff(pitch), "step": np.diff(on),
-        "duration": np.maximum(off - on, 0.0), "velocity": perf.velocity[order].astype(np.float64),
-        "polyphony": poly, "density": density,
+        "pitch": pitch,
+        "pitch_class": pitch % 12,
+        "interval": np.diff(pitch),
+        "step": np.diff(on),
+        "duration": np.maximum(off - on, 0.0),
+        "velocity": perf.velocity[order].astype(np.float64),
+        "polyphony": poly,
+        "density": density,
     }
 
 
@@ -105,17 +110,27 @@ class SetStats:
         return float(np.sqrt(max(q / n - (s / n) ** 2, 0.0))) if n else None
 
     def summary(self) -> dict[str, float | int | None]:
-        out: dict[str, float | int | None] = {"files": self.files, "notes": self.notes, "seconds": round(self.seconds, 2),
-                                              "notes_per_second": self.notes / self.seconds if self.seconds else None}
+        out: dict[str, float | int | None] = {
+            "files": self.files,
+            "notes": self.notes,
+            "seconds": round(self.seconds, 2),
+            "notes_per_second": self.notes / self.seconds if self.seconds else None,
+        }
         for k in FEATURES:
             out[f"{k}_mean"] = self.mean(k)
             out[f"{k}_sd"] = self.sd(k)
         return out
 
     def to_json(self) -> dict:
-        return {"name": self.name, "files": self.files, "notes": self.notes, "seconds": self.seconds,
-                "hist": {k: v.tolist() for k, v in self.hist.items()}, "sums": self.sums,
-                "bins": {k: b.tolist() for k, b in BINS.items()}}
+        return {
+            "name": self.name,
+            "files": self.files,
+            "notes": self.notes,
+            "seconds": self.seconds,
+            "hist": {k: v.tolist() for k, v in self.hist.items()},
+            "sums": self.sums,
+            "bins": {k: b.tolist() for k, b in BINS.items()},
+        }
 
     @classmethod
     def from_json(cls, d: dict) -> SetStats:
@@ -124,8 +139,14 @@ class SetStats:
             got = d.get("bins", {}).get(k)
             if k not in d["hist"] or got is None or len(got) != len(b) or not np.allclose(got, b):
                 raise ValueError(f"feature {k!r}: bins differ from this version's")
-        return cls(d["name"], int(d["files"]), int(d["notes"]), float(d["seconds"]),
-                   {k: np.asarray(d["hist"][k], np.float64) for k in BINS}, {k: list(d["sums"][k]) for k in BINS})
+        return cls(
+            d["name"],
+            int(d["files"]),
+            int(d["notes"]),
+            float(d["seconds"]),
+            {k: np.asarray(d["hist"][k], np.float64) for k in BINS},
+            {k: list(d["sums"][k]) for k in BINS},
+        )
 
 
 def overlap(a: np.ndarray, b: np.ndarray) -> float:
@@ -147,8 +168,9 @@ def kl(ref: np.ndarray, other: np.ndarray) -> float | None:
 
 def compare(ref: SetStats, other: SetStats) -> dict[str, dict[str, float | None]]:
     """Per feature: overlap and KL against the reference; plus their means over features."""
-    out: dict[str, dict[str, float | None]] = {k: {"overlap": overlap(ref.hist[k], other.hist[k]), "kl": kl(ref.hist[k], other.hist[k])}
-                                               for k in FEATURES}
+    out: dict[str, dict[str, float | None]] = {
+        k: {"overlap": overlap(ref.hist[k], other.hist[k]), "kl": kl(ref.hist[k], other.hist[k])} for k in FEATURES
+    }
     ovs = [v["overlap"] for v in out.values() if v["overlap"] is not None]
     kls = [v["kl"] for v in out.values() if v["kl"] is not None]
     out["mean"] = {"overlap": float(np.mean(ovs)) if ovs else None, "kl": float(np.mean(kls)) if kls else None}

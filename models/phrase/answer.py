@@ -69,11 +69,25 @@ class AnswerOptions:
 
 def options_from(ps: PhraseSettings) -> AnswerOptions:
     """AnswerOptions from a ``PhraseSettings`` section."""
-    w = FitWeights(loglik=ps.fit_loglik, pc=ps.fit_pc, register=ps.fit_register, density=ps.fit_density, ioi=ps.fit_ioi,
-                   velocity=ps.fit_velocity, polyphony=ps.fit_polyphony)
-    return AnswerOptions(best_of=ps.best_of, lookahead_s=ps.lookahead_s, lookahead_tokens=ps.lookahead_tokens,
-                         first_tokens=ps.first_lookahead_tokens, weights=w,
-                         key_guard=ps.key_guard, register_guard=ps.register_guard, register_margin=ps.register_margin)
+    w = FitWeights(
+        loglik=ps.fit_loglik,
+        pc=ps.fit_pc,
+        register=ps.fit_register,
+        density=ps.fit_density,
+        ioi=ps.fit_ioi,
+        velocity=ps.fit_velocity,
+        polyphony=ps.fit_polyphony,
+    )
+    return AnswerOptions(
+        best_of=ps.best_of,
+        lookahead_s=ps.lookahead_s,
+        lookahead_tokens=ps.lookahead_tokens,
+        first_tokens=ps.first_lookahead_tokens,
+        weights=w,
+        key_guard=ps.key_guard,
+        register_guard=ps.register_guard,
+        register_margin=ps.register_margin,
+    )
 
 
 def call_notes(hist: list[int], seconds: float, quantum: float = tk.QUANTUM_S) -> Notes:
@@ -113,8 +127,9 @@ def note_bias(call: Notes, opts: AnswerOptions) -> torch.Tensor | None:
 class AnswerRow:
     """One answer being sampled (see the module doc)."""
 
-    def __init__(self, st: tk.TokenStream, *, mine: set[int], may_pedal: bool, max_hold: int, max_voices: int,
-                 bias: torch.Tensor | None = None) -> None:
+    def __init__(
+        self, st: tk.TokenStream, *, mine: set[int], may_pedal: bool, max_hold: int, max_voices: int, bias: torch.Tensor | None = None
+    ) -> None:
         self.st, self.mine, self.may_pedal = st, mine, may_pedal
         self.max_hold, self.max_voices = max_hold, max_voices
         self.held: dict[int, int] = {}  # key -> tick struck
@@ -212,8 +227,19 @@ def sample_rows(logits: torch.Tensor, *, temperature: float, top_k: int, top_p: 
 
 
 @torch.inference_mode()
-def search(bank: StaticDecoder, cache: KVCache, logits: torch.Tensor, row: AnswerRow, *, horizon_tick: int, cap: int, call: Notes, opts: AnswerOptions,
-           sampling: tuple[float, int, float], generator: torch.Generator) -> Found:
+def search(
+    bank: StaticDecoder,
+    cache: KVCache,
+    logits: torch.Tensor,
+    row: AnswerRow,
+    *,
+    horizon_tick: int,
+    cap: int,
+    call: Notes,
+    opts: AnswerOptions,
+    sampling: tuple[float, int, float],
+    generator: torch.Generator,
+) -> Found:
     """Sample ``bank.batch`` candidates from the live cache's state for up to ``horizon_tick`` /
     ``cap`` tokens, score them, keep the best; ``bank`` is an N-row StaticDecoder whose cache is
     overwritten; ``sampling`` = (temperature, top_k, top_p). The caller commits the result."""

@@ -131,12 +131,24 @@ def answer_lateness(model, *, answer, calls: int = 10, seconds: float = 6.0) -> 
         horizons.append(len(live.choices))
         t += seconds + 1.0
     a = np.asarray(late)
-    return {"answer_late_ms_p99": float(np.percentile(a, 99)), "answer_late_ms_max": float(a.max()),
-            "horizons_per_answer": float(np.mean(horizons))}
+    return {
+        "answer_late_ms_p99": float(np.percentile(a, 99)),
+        "answer_late_ms_max": float(a.max()),
+        "horizons_per_answer": float(np.mean(horizons)),
+    }
 
 
-def run_bench(*, weights=None, device: str = "auto", threads: int | None = None, prompt: int = 512, tokens: int = 256,
-              calls: int = 50, settings=None, ttfn: Callable[..., dict] | None = None) -> dict:
+def run_bench(
+    *,
+    weights=None,
+    device: str = "auto",
+    threads: int | None = None,
+    prompt: int = 512,
+    tokens: int = 256,
+    calls: int = 50,
+    settings=None,
+    ttfn: Callable[..., dict] | None = None,
+) -> dict:
     """The figures above as one dict. ``ttfn(model, settings, calls=...)``, when given, measures
     the engine's phrase-end -> note-on latency and returns ``{"ttfn_ms_p50": .., "ttfn_ms_p99": ..}``."""
     if threads:
@@ -153,11 +165,22 @@ def run_bench(*, weights=None, device: str = "auto", threads: int | None = None,
     answer = options_from(settings.phrase) if settings is not None else None
     lat = model_ttfn(model, calls=calls, answer=answer)
     result = {
-        "device": dev, "threads": torch.get_num_threads(), "params": model.num_params(), "block_size": model.config.block_size,
-        "prompt_tokens": prompt, "generated_tokens": tokens, "cache_slides": slides,
-        "tokens_per_s": tokens / cached_s, "naive_tokens_per_s": tokens / naive_s, "speedup_vs_naive": naive_s / cached_s,
-        "ttfn_model_ms_p50": float(np.percentile(lat, 50)), "ttfn_model_ms_p99": float(np.percentile(lat, 99)), "calls": calls,
-        "ttfn_ms_p50": None, "ttfn_ms_p99": None, "best_of": answer.best_of if answer else 1,
+        "device": dev,
+        "threads": torch.get_num_threads(),
+        "params": model.num_params(),
+        "block_size": model.config.block_size,
+        "prompt_tokens": prompt,
+        "generated_tokens": tokens,
+        "cache_slides": slides,
+        "tokens_per_s": tokens / cached_s,
+        "naive_tokens_per_s": tokens / naive_s,
+        "speedup_vs_naive": naive_s / cached_s,
+        "ttfn_model_ms_p50": float(np.percentile(lat, 50)),
+        "ttfn_model_ms_p99": float(np.percentile(lat, 99)),
+        "calls": calls,
+        "ttfn_ms_p50": None,
+        "ttfn_ms_p99": None,
+        "best_of": answer.best_of if answer else 1,
         "first_lookahead_tokens": answer.first_tokens if answer else None,
     }
     if answer is not None and answer.best_of > 1:
@@ -176,10 +199,14 @@ def format_bench(r: dict) -> str:
         f"ttfn (model)      p50 {r['ttfn_model_ms_p50']:.1f} ms   p99 {r['ttfn_model_ms_p99']:.1f} ms   ({r['calls']} calls: phrase end -> first note-on from respond; best of {r.get('best_of', 1)})",
     ]
     if r.get("horizons_per_answer") is not None:
-        lines.append(f"best-of-{r['best_of']} live     {r['horizons_per_answer']:.1f} horizons per 6 s answer, events late against the music: "
-                     f"p99 {r['answer_late_ms_p99']:.1f} ms, max {r['answer_late_ms_max']:.1f} ms")
+        lines.append(
+            f"best-of-{r['best_of']} live     {r['horizons_per_answer']:.1f} horizons per 6 s answer, events late against the music: "
+            f"p99 {r['answer_late_ms_p99']:.1f} ms, max {r['answer_late_ms_max']:.1f} ms"
+        )
     if r.get("ttfn_ms_p50") is not None:
-        lines.append(f"ttfn (engine)     p50 {r['ttfn_ms_p50']:.1f} ms   p99 {r['ttfn_ms_p99']:.1f} ms   (phrase end -> note-on at the port)")
+        lines.append(
+            f"ttfn (engine)     p50 {r['ttfn_ms_p50']:.1f} ms   p99 {r['ttfn_ms_p99']:.1f} ms   (phrase end -> note-on at the port)"
+        )
     else:
         lines.append("ttfn (engine)     not measured by this command yet (needs the live engine)")
     return "\n".join(lines)

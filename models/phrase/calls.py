@@ -94,8 +94,16 @@ def live_generator(live: LivePhrase, sampling: Sampling) -> Generator:
     def gen(p: Prompt, rng: np.random.Generator) -> NoteArrays:
         live.reset()
         live.feed_many(p.msgs)
-        out = list(live.respond(start_t=p.t0, seconds=p.seconds, temperature=sampling.temperature, top_k=sampling.top_k,
-                                top_p=sampling.top_p, seed=int(rng.integers(2**31))))
+        out = list(
+            live.respond(
+                start_t=p.t0,
+                seconds=p.seconds,
+                temperature=sampling.temperature,
+                top_k=sampling.top_k,
+                top_p=sampling.top_p,
+                seed=int(rng.integers(2**31)),
+            )
+        )
         return _pair(out, p.t0 + p.seconds)
 
     return gen
@@ -120,12 +128,25 @@ def _window(notes: NoteArrays, t0: float, seconds: float) -> tuple[NoteArrays, N
 
 def _perf(a: NoteArrays) -> Performance:
     n = len(a[0])
-    return Performance(np.asarray(a[0], np.float64), np.maximum(np.asarray(a[1], np.float64), a[0]), np.asarray(a[2], np.int16),
-                       np.clip(np.asarray(a[3]), 1, 127).astype(np.int16), np.zeros(n, np.int8))
+    return Performance(
+        np.asarray(a[0], np.float64),
+        np.maximum(np.asarray(a[1], np.float64), a[0]),
+        np.asarray(a[2], np.int16),
+        np.clip(np.asarray(a[3]), 1, 127).astype(np.int16),
+        np.zeros(n, np.int8),
+    )
 
 
-def study(gens: list[Named], pieces: Callable[[int], Performance], n_pieces: int, *, prompts: int, seconds: float, seed: int,
-          progress: bool = True) -> StudyResult:
+def study(
+    gens: list[Named],
+    pieces: Callable[[int], Performance],
+    n_pieces: int,
+    *,
+    prompts: int,
+    seconds: float,
+    seed: int,
+    progress: bool = True,
+) -> StudyResult:
     """Overlap with the real next ``seconds`` and relatedness to the prompt, per generator."""
     from tqdm import tqdm
 
@@ -175,8 +196,11 @@ def study(gens: list[Named], pieces: Callable[[int], Performance], n_pieces: int
 
 
 def format_relatedness(rel: dict) -> str:
-    lines = ["call-relatedness (answer vs its prompt's last seconds; pc_corr: higher = closer; register in semitones, "
-             "density/ioi in octaves of ratio: lower = closer):", f"{'':16}" + "".join(f"{s:>12}" for s in RELATEDNESS)]
+    lines = [
+        "call-relatedness (answer vs its prompt's last seconds; pc_corr: higher = closer; register in semitones, "
+        "density/ioi in octaves of ratio: lower = closer):",
+        f"{'':16}" + "".join(f"{s:>12}" for s in RELATEDNESS),
+    ]
     for k, d in rel.items():
         lines.append(f"{k:16}" + "".join(f"{d[s]:>12.3f}" if d[s] is not None else f"{'-':>12}" for s in RELATEDNESS))
     return "\n".join(lines)

@@ -63,12 +63,29 @@ def messages_to_performance(msgs: list[tuple[float, bytes]]) -> Performance:
     notes += [(s, end, p, v, ch) for (ch, p), (s, v) in open_on.items()]
     notes.sort()
     a = np.asarray(notes, np.float64).reshape(-1, 5)
-    return Performance(a[:, 0], a[:, 1], a[:, 2].astype(np.int16), a[:, 3].astype(np.int16), a[:, 4].astype(np.int8),
-                       np.asarray(ped_t, np.float64), np.asarray(ped_v, np.int16))
+    return Performance(
+        a[:, 0],
+        a[:, 1],
+        a[:, 2].astype(np.int16),
+        a[:, 3].astype(np.int16),
+        a[:, 4].astype(np.int8),
+        np.asarray(ped_t, np.float64),
+        np.asarray(ped_v, np.int16),
+    )
 
 
-def generate_file(out: Path, *, seconds: float, temperature: float, top_k: int, top_p: float, seed: int | None,
-                  weights: Path | None = None, channel: int = 0, style: str = "classical") -> int:
+def generate_file(
+    out: Path,
+    *,
+    seconds: float,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    seed: int | None,
+    weights: Path | None = None,
+    channel: int = 0,
+    style: str = "classical",
+) -> int:
     """Unconditioned generation of ``seconds`` into ``out``; returns the number of notes."""
     if seconds <= 0:
         raise MidiFileError(f"--seconds must be positive (got {seconds:g})")
@@ -81,8 +98,19 @@ def generate_file(out: Path, *, seconds: float, temperature: float, top_k: int, 
     return len(perf)
 
 
-def continue_file(inp: Path, out: Path, *, seconds: float, temperature: float, top_k: int, top_p: float, seed: int | None,
-                  weights: Path | None = None, style: str = "classical", answer: AnswerOptions | None = None) -> int:
+def continue_file(
+    inp: Path,
+    out: Path,
+    *,
+    seconds: float,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    seed: int | None,
+    weights: Path | None = None,
+    style: str = "classical",
+    answer: AnswerOptions | None = None,
+) -> int:
     """Append ``seconds`` of continuation to ``inp`` as a new track in ``out``; returns notes added.
     ``answer``: best-of-N and the guards, as live (the call is the input's last seconds)."""
     if seconds <= 0:

@@ -16,7 +16,7 @@ import numpy as np
 
 class NGram:
     def __init__(self, order: int, vocab_size: int):
-        if not order >= 1 or vocab_size ** order >= 2**62:
+        if not order >= 1 or vocab_size**order >= 2**62:
             raise ValueError(f"order {order} does not fit int64 keys for vocabulary {vocab_size}")
         self.order = order
         self.V = vocab_size

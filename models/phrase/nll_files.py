@@ -45,12 +45,21 @@ def files_nll(folder: Path, *, weights: Path | None, threads: int = 1, progress:
         files += 1
     if not count:
         raise ConfigError(f"{folder}: no readable performance to score")
-    return {"folder": str(folder), "files": files, "skipped": skipped, "tokens": count, "music_seconds": round(secs, 2),
-            "nll_per_token": nll / count, "nll_per_second": nll / secs if secs else None}
+    return {
+        "folder": str(folder),
+        "files": files,
+        "skipped": skipped,
+        "tokens": count,
+        "music_seconds": round(secs, 2),
+        "nll_per_token": nll / count,
+        "nll_per_second": nll / secs if secs else None,
+    }
 
 
 def format_files(r: dict) -> str:
     per_s = f"{r['nll_per_second']:.2f}" if r["nll_per_second"] is not None else "-"
     skipped = f" ({len(r['skipped'])} skipped)" if r["skipped"] else ""
-    return (f"{r['folder']}: {r['files']} files, {r['tokens']:,} tokens, {r['music_seconds']:.0f} s of music{skipped}\n"
-            f"NLL per token {r['nll_per_token']:.4f} nats, per second {per_s}")
+    return (
+        f"{r['folder']}: {r['files']} files, {r['tokens']:,} tokens, {r['music_seconds']:.0f} s of music{skipped}\n"
+        f"NLL per token {r['nll_per_token']:.4f} nats, per second {per_s}"
+    )

@@ -79,7 +79,9 @@ def relatedness(call: Notes, answer: Notes) -> dict[str, float | None]:
         "density": abs(float(np.log2(da / dc))),
         "ioi": abs(float(np.log2(ia / ic))) if ic and ia else None,
         "velocity": abs(float(np.mean(call.velocity)) - float(np.mean(answer.velocity))) if both else None,
-        "polyphony": abs(float(np.log2(np.mean(answer.poly) / np.mean(call.poly)))) if call.poly is not None and answer.poly is not None else None,
+        "polyphony": abs(float(np.log2(np.mean(answer.poly) / np.mean(call.poly))))
+        if call.poly is not None and answer.poly is not None
+        else None,
     }
 
 

@@ -30,13 +30,18 @@ def phrase_report(out_dir: Path, study: StudyResult, maestro_root: Path | None) 
     result = evaluate_sets(ref, sets)
     from cadenza.models.phrase.evaluate import STATS
 
-    extra = "\n\n".join([
-        _md_table("Call-relatedness (answer vs the prompt's last seconds)", study.relatedness, RELATEDNESS),
-        "pc_corr: correlation of pitch-class profiles (higher = closer); register: semitones between mean pitches; "
-        "density, ioi: |log2| of the ratio of notes per second and of median inter-onset intervals (lower = closer).",
-        _md_table(f"Overlap with the real next {study.overlap.get('seconds', 0):g} s ({study.overlap.get('prompts', 0)} prompts)",
-                  study.overlap, (*STATS, "mean")),
-    ])
+    extra = "\n\n".join(
+        [
+            _md_table("Call-relatedness (answer vs the prompt's last seconds)", study.relatedness, RELATEDNESS),
+            "pc_corr: correlation of pitch-class profiles (higher = closer); register: semitones between mean pitches; "
+            "density, ioi: |log2| of the ratio of notes per second and of median inter-onset intervals (lower = closer).",
+            _md_table(
+                f"Overlap with the real next {study.overlap.get('seconds', 0):g} s ({study.overlap.get('prompts', 0)} prompts)",
+                study.overlap,
+                (*STATS, "mean"),
+            ),
+        ]
+    )
     path = write_report(out_dir, ref, sets, result, extra=extra)
     print(format_table(result))
     return path

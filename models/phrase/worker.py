@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator, Protocol, TypedDict
+from typing import Protocol, TypedDict
 
 from cadenza.models.runtime import DEFAULT_BACKOFF, Backoff, ModelStage, Post
 
@@ -32,8 +33,9 @@ class LivePhraseModel(Protocol):
     def warm_up(self) -> int: ...
     def reset(self) -> None: ...
     def feed(self, t: float, msg: bytes) -> None: ...
-    def respond(self, *, start_t: float, seconds: float, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                seed: int | None = None) -> Iterator[tuple[float, bytes]]: ...
+    def respond(
+        self, *, start_t: float, seconds: float, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None
+    ) -> Iterator[tuple[float, bytes]]: ...
 
 
 @dataclass(frozen=True)
@@ -64,7 +66,9 @@ class PhraseWorker:
     """The phrase model in the model runtime: every performer note is fed to a ``LivePhrase``
     as it happens, and answers stream back to the loop event by event."""
 
-    def __init__(self, make_live: Callable[[], LivePhraseModel], loop: asyncio.AbstractEventLoop, *, backoff: Backoff = DEFAULT_BACKOFF) -> None:
+    def __init__(
+        self, make_live: Callable[[], LivePhraseModel], loop: asyncio.AbstractEventLoop, *, backoff: Backoff = DEFAULT_BACKOFF
+    ) -> None:
         self._make_live = make_live
         self._loop = loop
         self.live: LivePhraseModel | None = None
@@ -92,8 +96,14 @@ class PhraseWorker:
     def feed(self, t: float, data: bytes) -> None:
         self.stage.submit(Feed(t, data))
 
-    def respond(self, gen_id: int, cancel: threading.Event, params: ResponseParams, on_event: Callable[[int, float, bytes], None],
-                on_done: Callable[[int], None]) -> None:
+    def respond(
+        self,
+        gen_id: int,
+        cancel: threading.Event,
+        params: ResponseParams,
+        on_event: Callable[[int, float, bytes], None],
+        on_done: Callable[[int], None],
+    ) -> None:
         self.stage.submit(Respond(gen_id, cancel, params, on_event, on_done))
 
     async def caught_up(self) -> None:

@@ -71,7 +71,7 @@ def histograms(evs: np.ndarray) -> dict[str, np.ndarray]:
         np.add.at(iv, np.clip(np.diff(p), -12, 12) + 12, 1)
         np.add.at(sy, pos % 4, 1)
         for b in range(T // STEPS_PER_BAR):
-            n = int(np.count_nonzero(ev[b * STEPS_PER_BAR:(b + 1) * STEPS_PER_BAR] >= 2))
+            n = int(np.count_nonzero(ev[b * STEPS_PER_BAR : (b + 1) * STEPS_PER_BAR] >= 2))
             de[min(n, 16)] += 1
     return {k: v / max(v.sum(), 1e-9) for k, v in (("pitch_class", pc), ("interval", iv), ("density", de), ("syncopation", sy))}
 
@@ -89,7 +89,7 @@ def compute_vectors(model, windows, n: int = 4000, seed: int = 0) -> dict:
     idx = np.sort(rng.choice(len(windows), min(n, len(windows)), replace=False))
     x = windows.encode(idx)
     with torch.no_grad():
-        mus = torch.cat([model.encode(torch.from_numpy(x[i:i + 256]))[0] for i in range(0, len(x), 256)])
+        mus = torch.cat([model.encode(torch.from_numpy(x[i : i + 256]))[0] for i in range(0, len(x), 256)])
     att = attribute_matrix(x)
     out = {}
     for j, name in enumerate(NAMES):
@@ -117,7 +117,10 @@ def add_vectors_to_weights(root, name: str, n: int = 4000) -> dict:
     tensors.update({f"attr.{k}": v for k, v in vecs.items()})
     save_tensors(p, tensors)
     meta = read_meta(p)
-    meta["attributes"] = {"names": list(NAMES), "from": f"{n} POP909 train windows: mean mu of top quartile minus bottom quartile",
-                          "norms": {k: round(float(v.norm()), 3) for k, v in vecs.items()}}
+    meta["attributes"] = {
+        "names": list(NAMES),
+        "from": f"{n} POP909 train windows: mean mu of top quartile minus bottom quartile",
+        "norms": {k: round(float(v.norm()), 3) for k, v in vecs.items()},
+    }
     write_meta(p, meta)
     return vecs

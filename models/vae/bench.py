@@ -41,9 +41,14 @@ def bench(models, repeats: int = 50, batch: int = 64) -> dict:
                 k += 1
             sps = k * batch / (time.perf_counter() - t0)
         ms = np.array(times) * 1e3
-        out[name] = {"steps": T, "encode_decode_ms_p50": round(float(np.percentile(ms, 50)), 2),
-                     "encode_decode_ms_p99": round(float(np.percentile(ms, 99)), 2), "batch": batch,
-                     "samples_per_s": round(sps, 1), "threads": 1}
+        out[name] = {
+            "steps": T,
+            "encode_decode_ms_p50": round(float(np.percentile(ms, 50)), 2),
+            "encode_decode_ms_p99": round(float(np.percentile(ms, 99)), 2),
+            "batch": batch,
+            "samples_per_s": round(sps, 1),
+            "threads": 1,
+        }
     return out
 
 
@@ -53,6 +58,8 @@ def format_bench(r: dict) -> str:
         if "error" in v:
             lines.append(f"  {name:<15} {v['error']}")
         else:
-            lines.append(f"  {name:<15} {v['steps']:>4} steps  p50 {v['encode_decode_ms_p50']:7.2f} ms  p99 {v['encode_decode_ms_p99']:7.2f} ms"
-                         f"  {v['samples_per_s']:8.1f} samples/s")
+            lines.append(
+                f"  {name:<15} {v['steps']:>4} steps  p50 {v['encode_decode_ms_p50']:7.2f} ms  p99 {v['encode_decode_ms_p99']:7.2f} ms"
+                f"  {v['samples_per_s']:8.1f} samples/s"
+            )
     return "\n".join(lines)

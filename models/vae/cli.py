@@ -119,21 +119,41 @@ def _train(args, settings) -> int:
     from .train import TrainOptions, train
 
     big = args.model != "mel_2bar"
-    opt = TrainOptions(model=args.model, minutes=args.minutes, max_steps=args.max_steps, batch=args.batch or (32 if big else 64),
-                       lr=args.lr, epoch_size=args.epoch_size or (2048 if big else 8192), seed=args.seed, threads=args.threads,
-                       resume=not args.fresh, out=args.out, overrides=_parse_sets(args.set))
+    opt = TrainOptions(
+        model=args.model,
+        minutes=args.minutes,
+        max_steps=args.max_steps,
+        batch=args.batch or (32 if big else 64),
+        lr=args.lr,
+        epoch_size=args.epoch_size or (2048 if big else 8192),
+        seed=args.seed,
+        threads=args.threads,
+        resume=not args.fresh,
+        out=args.out,
+        overrides=_parse_sets(args.set),
+    )
     r = train(settings.data.pop909, opt, progress=not args.no_progress)
     b = r["best"]
-    print(f"{args.model}: {r['params']:,} parameters, {r['steps']} steps; best validation greedy accuracy "
-          f"{b['greedy_acc']:.4f} (teacher-forced {b['tf_acc']:.4f}, KL {b['kl_bits']:.1f} bits) at step {b['step']} -> {r['out']}")
+    print(
+        f"{args.model}: {r['params']:,} parameters, {r['steps']} steps; best validation greedy accuracy "
+        f"{b['greedy_acc']:.4f} (teacher-forced {b['tf_acc']:.4f}, KL {b['kl_bits']:.1f} bits) at step {b['step']} -> {r['out']}"
+    )
     return 0
 
 
 def _eval(args, settings) -> int:
     from .evaluate import evaluate, format_report
 
-    r = evaluate(settings.data.pop909, args.weights or args.model, split=args.split, limit=args.limit, samples=args.samples,
-                 seed=args.seed, threads=args.threads, save=args.save)
+    r = evaluate(
+        settings.data.pop909,
+        args.weights or args.model,
+        split=args.split,
+        limit=args.limit,
+        samples=args.samples,
+        seed=args.seed,
+        threads=args.threads,
+        save=args.save,
+    )
     print(json.dumps(r) if args.json else format_report(r))
     return 0
 

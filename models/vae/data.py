@@ -180,8 +180,14 @@ def build_cache(root: Path, path: Path | None = None, progress: bool = True) -> 
             offs.append(offs[-1] + len(ev))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.npz")
-    np.savez_compressed(tmp, events=np.concatenate(events), song=np.array(song, np.int16), track=np.array(track, np.int8),
-                        offsets=np.array(offs, np.int64), version=np.array(CACHE_VERSION))
+    np.savez_compressed(
+        tmp,
+        events=np.concatenate(events),
+        song=np.array(song, np.int16),
+        track=np.array(track, np.int8),
+        offsets=np.array(offs, np.int64),
+        version=np.array(CACHE_VERSION),
+    )
     os.replace(tmp, path)
     return path
 
@@ -228,9 +234,9 @@ def load_windows(root: Path, split: str, n_bars: int, min_notes: int | None = No
     for i in range(len(song)):
         if not a <= song[i] <= b:
             continue
-        ev = events[offsets[i]:offsets[i + 1]]
+        ev = events[offsets[i] : offsets[i + 1]]
         for s in range(0, len(ev) - T + 1, STEPS_PER_BAR):
-            w = ev[s:s + T]
+            w = ev[s : s + T]
             if np.count_nonzero(w >= 2) >= min_notes:
                 wins.append(clean_window(w))
                 sids.append(song[i])

@@ -41,8 +41,17 @@ def _monotone(path: np.ndarray) -> bool:
     return bool(np.all(np.diff(da) >= 0) and np.all(np.diff(db) <= 0))
 
 
-def evaluate(root, model_name, split: str = "test", limit: int = 1000, samples: int = 500, seed: int = 0, threads: int = 1,
-             save: bool = False, pairs: int = 50) -> dict:
+def evaluate(
+    root,
+    model_name,
+    split: str = "test",
+    limit: int = 1000,
+    samples: int = 500,
+    seed: int = 0,
+    threads: int = 1,
+    save: bool = False,
+    pairs: int = 50,
+) -> dict:
     import torch
 
     from .weights import load_model, read_meta, weights_path, write_meta
@@ -60,7 +69,7 @@ def evaluate(root, model_name, split: str = "test", limit: int = 1000, samples: 
     kls, mus, greedy, per_window = [], [], [], []
     with torch.no_grad():
         for i in range(0, len(X), 250):
-            x = X[i:i + 250]
+            x = X[i : i + 250]
             mu, sigma = model.encode(x)
             z = mu + sigma * torch.randn(mu.shape, generator=g)
             tf += (model.decoder(z, x, 0.0).argmax(-1) == x).float().sum().item()
@@ -76,20 +85,30 @@ def evaluate(root, model_name, split: str = "test", limit: int = 1000, samples: 
     kl = torch.cat(kls)
     data_np = X.numpy()
     data_h = A.histograms(data_np)
-    r = {"model": cfg.name, "split": split, "windows": len(X), "windows_in_split": len(w), "steps": T,
-         "tf_acc": round(tf / n, 4), "sampled_acc": round(sa / n, 4), "greedy_acc": round(gr / n, 4),
-         "greedy_acc_window_sd": round(float(torch.cat(per_window).std()), 4),
-         "kl_bits": round(float(kl.mean()) / math.log(2), 2), "active_dims": int((mu_all.var(0) > 0.01).sum()),
-         "z_dim": cfg.z_dim, "no_event_share": round(float((X == 0).float().mean()), 4)}
+    r = {
+        "model": cfg.name,
+        "split": split,
+        "windows": len(X),
+        "windows_in_split": len(w),
+        "steps": T,
+        "tf_acc": round(tf / n, 4),
+        "sampled_acc": round(sa / n, 4),
+        "greedy_acc": round(gr / n, 4),
+        "greedy_acc_window_sd": round(float(torch.cat(per_window).std()), 4),
+        "kl_bits": round(float(kl.mean()) / math.log(2), 2),
+        "active_dims": int((mu_all.var(0) > 0.01).sum()),
+        "z_dim": cfg.z_dim,
+        "no_event_share": round(float((X == 0).float().mean()), 4),
+    }
     # prior samples
     with torch.no_grad():
         zp = torch.randn(samples, cfg.z_dim, generator=g)
         for temp in (1.0, 0.5):
-            s = torch.cat([model.decode(zp[i:i + 250], temp, g) for i in range(0, samples, 250)]).numpy()
-            key = "prior_t%g" % temp
+            s = torch.cat([model.decode(zp[i : i + 250], temp, g) for i in range(0, samples, 250)]).numpy()
+            key = f"prior_t{temp:g}"
             r[key + "_valid"] = round(float(np.mean([A.is_valid(e) for e in s])), 4)
             r[key + "_overlap"] = A.overlap(A.histograms(s), data_h)
-            raw = torch.cat([model.decode(zp[i:i + 250], temp, g, constrain=False) for i in range(0, samples, 250)]).numpy()
+            raw = torch.cat([model.decode(zp[i : i + 250], temp, g, constrain=False) for i in range(0, samples, 250)]).numpy()
             r[key + "_valid_raw"] = round(float(np.mean([A.is_valid(e) for e in raw])), 4)
     # interpolation
     rng = np.random.default_rng(seed)
@@ -141,15 +160,17 @@ def A_kl(mu, sigma):
 
 
 def format_report(r: dict) -> str:
-    lines = [f"MusicVAE {r['model']} on POP909 {r['split']} ({r['windows']} of {r['windows_in_split']} windows, {r['steps']} sixteenths)",
-             f"  reconstruction accuracy  teacher-forced {r['tf_acc']:.4f}  sampled {r['sampled_acc']:.4f}  greedy {r['greedy_acc']:.4f}"
-             f"  (share of 'no event' in the data {r['no_event_share']:.3f})",
-             f"  KL {r['kl_bits']:.1f} bits, active dims {r['active_dims']} of {r['z_dim']}",
-             f"  prior samples valid: T=1.0 {r['prior_t1_valid']:.3f}  T=0.5 {r['prior_t0.5_valid']:.3f}"
-             f"  (decoder without the note-off constraint: {r['prior_t1_valid_raw']:.3f} / {r['prior_t0.5_valid_raw']:.3f})",
-             f"  prior (T=1.0) vs data histogram overlap: " + "  ".join(f"{k} {v:.3f}" for k, v in r["prior_t1_overlap"].items()),
-             f"  interpolation smooth paths: latent slerp {r['interp_latent_monotone']:.2f} (valid points {r['interp_latent_valid']:.2f}),"
-             f" data space {r['interp_data_monotone']:.2f} (valid points {r['interp_data_valid']:.2f})"]
+    lines = [
+        f"MusicVAE {r['model']} on POP909 {r['split']} ({r['windows']} of {r['windows_in_split']} windows, {r['steps']} sixteenths)",
+        f"  reconstruction accuracy  teacher-forced {r['tf_acc']:.4f}  sampled {r['sampled_acc']:.4f}  greedy {r['greedy_acc']:.4f}"
+        f"  (share of 'no event' in the data {r['no_event_share']:.3f})",
+        f"  KL {r['kl_bits']:.1f} bits, active dims {r['active_dims']} of {r['z_dim']}",
+        f"  prior samples valid: T=1.0 {r['prior_t1_valid']:.3f}  T=0.5 {r['prior_t0.5_valid']:.3f}"
+        f"  (decoder without the note-off constraint: {r['prior_t1_valid_raw']:.3f} / {r['prior_t0.5_valid_raw']:.3f})",
+        "  prior (T=1.0) vs data histogram overlap: " + "  ".join(f"{k} {v:.3f}" for k, v in r["prior_t1_overlap"].items()),
+        f"  interpolation smooth paths: latent slerp {r['interp_latent_monotone']:.2f} (valid points {r['interp_latent_valid']:.2f}),"
+        f" data space {r['interp_data_monotone']:.2f} (valid points {r['interp_data_valid']:.2f})",
+    ]
     if "attribute_matrix" in r:
         lines.append("  attribute vectors (+1): change of each attribute in data standard deviations")
         lines.append("    " + " " * 12 + "".join(f"{n:>12}" for n in A.NAMES))

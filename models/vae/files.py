@@ -94,7 +94,7 @@ def run(args) -> int:
             from cadenza.errors import ModelError
 
             raise ModelError(f"{vae.cfg.name} weights carry no attribute vector {args.attribute!r} (run `cadenza eval vae` after training)")
-        if not args.output.suffix.lower() in (".mid", ".midi"):
+        if args.output.suffix.lower() not in (".mid", ".midi"):
             raise OutputError(f"{args.output}: the output must be a .mid file")
         m = _melody(vae, args.input)
         z = vae.apply_attribute(vae.encode_steps(m.events), args.attribute, args.amount)

@@ -35,7 +35,7 @@ class VAE:
         self.steps = model.cfg.steps
         self.z_dim = model.cfg.z_dim
 
-    def _check(self, events) -> "object":
+    def _check(self, events) -> object:
         ev = np.asarray(events, dtype=np.int64).reshape(-1)
         if len(ev) != self.steps:
             raise ValueError(f"{self.cfg.name} takes {self.steps} sixteenths, got {len(ev)}")

@@ -58,11 +58,22 @@ class VAEConfig:
 
 PRESETS = {
     "mel_2bar": VAEConfig(),
-    "mel_16bar": VAEConfig(name="mel_16bar", n_bars=16, hierarchical=True, z_dim=256, enc_hidden=256, dec_hidden=192, dec_layers=1,
-                           cond_hidden=256, cond_dim=128, free_bits=128.0),
+    "mel_16bar": VAEConfig(
+        name="mel_16bar",
+        n_bars=16,
+        hierarchical=True,
+        z_dim=256,
+        enc_hidden=256,
+        dec_hidden=192,
+        dec_layers=1,
+        cond_hidden=256,
+        cond_dim=128,
+        free_bits=128.0,
+    ),
     # the flat baseline: the same bottom decoder LSTM (192, one layer) over all 256 steps, no conductor
-    "mel_16bar_flat": VAEConfig(name="mel_16bar_flat", n_bars=16, hierarchical=False, z_dim=256, enc_hidden=256, dec_hidden=192,
-                                dec_layers=1, free_bits=128.0),
+    "mel_16bar_flat": VAEConfig(
+        name="mel_16bar_flat", n_bars=16, hierarchical=False, z_dim=256, enc_hidden=256, dec_hidden=192, dec_layers=1, free_bits=128.0
+    ),
 }
 
 
@@ -74,7 +85,7 @@ def sampling_prob(step: int, k: float) -> float:
 
 
 def beta_at(step: int, cfg: VAEConfig) -> float:
-    return cfg.max_beta * (1.0 - cfg.beta_rate ** step)
+    return cfg.max_beta * (1.0 - cfg.beta_rate**step)
 
 
 def kl_terms(mu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -131,14 +142,21 @@ class _StepLSTM(nn.Module):
             if t > 0:
                 own = torch.multinomial(F.softmax(logits[-1].detach()[:, 0], -1), 1)
                 use = torch.rand(B, 1, device=c.device) < sample_p
-                tok = torch.where(use, own, prev[:, t:t + 1])
+                tok = torch.where(use, own, prev[:, t : t + 1])
             y, state = self.rnn(torch.cat([self.emb(tok), c.unsqueeze(1)], -1), state)
             logits.append(self.out(y))
         return torch.cat(logits, 1)
 
     @torch.no_grad()
-    def generate(self, c: torch.Tensor, T: int, temperature: float = 1.0, generator: torch.Generator | None = None,
-                 constrain: bool = True, start_sounding: bool = False) -> torch.Tensor:
+    def generate(
+        self,
+        c: torch.Tensor,
+        T: int,
+        temperature: float = 1.0,
+        generator: torch.Generator | None = None,
+        constrain: bool = True,
+        start_sounding: bool = False,
+    ) -> torch.Tensor:
         """Events (B, T), each step's input the previous output; temperature 0 = greedy.
 
         ``constrain``: no note-off while no note sounds (a no-op event the data never holds); at
@@ -148,8 +166,14 @@ class _StepLSTM(nn.Module):
         h, cs = list(h.unbind(0)), list(cs.unbind(0))
         # the LSTM cell written out with nn.LSTM's own weights (gates i, f, g, o): per step a few small
         # matmuls instead of an nn.LSTM call; the embedding and the constant c are projected once
-        W = [(getattr(self.rnn, f"weight_ih_l{k}"), getattr(self.rnn, f"weight_hh_l{k}"),
-              getattr(self.rnn, f"bias_ih_l{k}") + getattr(self.rnn, f"bias_hh_l{k}")) for k in range(self.layers)]
+        W = [
+            (
+                getattr(self.rnn, f"weight_ih_l{k}"),
+                getattr(self.rnn, f"weight_hh_l{k}"),
+                getattr(self.rnn, f"bias_ih_l{k}") + getattr(self.rnn, f"bias_hh_l{k}"),
+            )
+            for k in range(self.layers)
+        ]
         E = self.emb.weight.shape[1]
         tok_proj = self.emb.weight @ W[0][0][:, :E].T  # (V + 1, 4H)
         c_proj = c @ W[0][0][:, E:].T + W[0][2]  # (B, 4H)

@@ -59,7 +59,7 @@ def validate(model, val_x, batch: int = 256) -> dict:
     n = 0
     with torch.no_grad():
         for i in range(0, len(val_x), batch):
-            x = val_x[i:i + batch]
+            x = val_x[i : i + batch]
             mu, sigma = model.encode(x)
             lg = model.decoder(mu, x, 0.0)
             tf += (lg.argmax(-1) == x).float().sum().item()
@@ -110,14 +110,26 @@ def train(root: Path, opt: TrainOptions, progress: bool = True) -> dict:
     start_step = state["step"]
     runs = state.setdefault("runs", [])
     if not runs and state["history"]:  # a checkpoint from before runs were recorded in it
-        runs.append({"command": "(earlier run, config " + json.dumps(saved["config"]) + ")", "steps": [0, state["step"]],
-                     "curve": list(state["history"])})
-    runs.append({"command": "cadenza " + " ".join(sys.argv[1:]), "config": cfg.to_dict(),
-                 "data": f"POP909 train songs 001-809, MELODY+BRIDGE, {len(train_w)} unique {cfg.n_bars}-bar windows (hop 1 bar, "
-                         f">= {max(3, cfg.n_bars)} notes, transposed +-5 at random); validation: {len(vidx)} of {len(val_w)} "
-                         f"windows of songs 810-859",
-                 "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in opt.__dict__.items()},
-                 "threads": opt.threads, "steps": [start_step, start_step], "curve": []})
+        runs.append(
+            {
+                "command": "(earlier run, config " + json.dumps(saved["config"]) + ")",
+                "steps": [0, state["step"]],
+                "curve": list(state["history"]),
+            }
+        )
+    runs.append(
+        {
+            "command": "cadenza " + " ".join(sys.argv[1:]),
+            "config": cfg.to_dict(),
+            "data": f"POP909 train songs 001-809, MELODY+BRIDGE, {len(train_w)} unique {cfg.n_bars}-bar windows (hop 1 bar, "
+            f">= {max(3, cfg.n_bars)} notes, transposed +-5 at random); validation: {len(vidx)} of {len(val_w)} "
+            f"windows of songs 810-859",
+            "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in opt.__dict__.items()},
+            "threads": opt.threads,
+            "steps": [start_step, start_step],
+            "curve": [],
+        }
+    )
     t0 = time.monotonic()
     deadline = t0 + opt.minutes * 60
     steps_per_epoch = max(1, opt.epoch_size // opt.batch)
@@ -129,20 +141,28 @@ def train(root: Path, opt: TrainOptions, progress: bool = True) -> dict:
         run = {"loss": 0.0, "acc": 0.0, "kl": 0.0, "n": 0}
         for j in bar:
             step = state["step"]
-            x = torch.from_numpy(train_w.encode(idx[j * opt.batch:(j + 1) * opt.batch], rng))
+            x = torch.from_numpy(train_w.encode(idx[j * opt.batch : (j + 1) * opt.batch], rng))
             sp, beta = sampling_prob(step, cfg.sampling_rate), beta_at(step, cfg)
             for g in optim.param_groups:
-                g["lr"] = max(opt.min_lr, opt.lr * opt.lr_decay ** step)
+                g["lr"] = max(opt.min_lr, opt.lr * opt.lr_decay**step)
             o = model(x, sp, beta, generator=gen)
             optim.zero_grad()
             o["loss"].backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optim.step()
             state["step"] += 1
-            run["loss"] += o["loss"].item(); run["acc"] += o["acc"].item(); run["kl"] += o["kl"].item(); run["n"] += 1
+            run["loss"] += o["loss"].item()
+            run["acc"] += o["acc"].item()
+            run["kl"] += o["kl"].item()
+            run["n"] += 1
             if j % 10 == 0:
-                bar.set_postfix(loss=f"{run['loss'] / run['n']:.2f}", acc=f"{run['acc'] / run['n']:.3f}",
-                                kl=f"{run['kl'] / run['n']:.1f}", p_own=f"{sp:.2f}", beta=f"{beta:.3f}")
+                bar.set_postfix(
+                    loss=f"{run['loss'] / run['n']:.2f}",
+                    acc=f"{run['acc'] / run['n']:.3f}",
+                    kl=f"{run['kl'] / run['n']:.1f}",
+                    p_own=f"{sp:.2f}",
+                    beta=f"{beta:.3f}",
+                )
             if time.monotonic() > deadline or (opt.max_steps and state["step"] >= opt.max_steps):
                 stop = True
                 break
@@ -152,9 +172,15 @@ def train(root: Path, opt: TrainOptions, progress: bool = True) -> dict:
         t0 = time.monotonic()
         v = validate(model, val_x)
         n = max(1, run["n"])
-        rec = {"epoch": state["epoch"], "step": state["step"], "train_loss": round(run["loss"] / n, 3),
-               "train_tf_acc": round(run["acc"] / n, 4), "p_own": round(sampling_prob(state["step"], cfg.sampling_rate), 3),
-               "beta": round(beta_at(state["step"], cfg), 4), **{k: round(x, 4) for k, x in v.items()}}
+        rec = {
+            "epoch": state["epoch"],
+            "step": state["step"],
+            "train_loss": round(run["loss"] / n, 3),
+            "train_tf_acc": round(run["acc"] / n, 4),
+            "p_own": round(sampling_prob(state["step"], cfg.sampling_rate), 3),
+            "beta": round(beta_at(state["step"], cfg), 4),
+            **{k: round(x, 4) for k, x in v.items()},
+        }
         state["history"].append(rec)
         runs[-1]["steps"][1] = state["step"]
         runs[-1]["curve"].append(rec)
@@ -166,13 +192,21 @@ def train(root: Path, opt: TrainOptions, progress: bool = True) -> dict:
             state["best"] = rec
             save_tensors(out, model.state_dict())
             meta = read_meta(out)
-            meta.update({"config": cfg.to_dict(), "params": n_params(model), "best": rec,
-                         "representation": "16th-note events: 0 no event, 1 note-off, 2.. note-on MIDI 36..95"})
+            meta.update(
+                {
+                    "config": cfg.to_dict(),
+                    "params": n_params(model),
+                    "best": rec,
+                    "representation": "16th-note events: 0 no event, 1 note-off, 2.. note-on MIDI 36..95",
+                }
+            )
             write_meta(out, meta)
         meta = read_meta(out)
         meta["runs"] = runs
         write_meta(out, meta)
         ck.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"config": cfg.to_dict(), "model": model.state_dict(), "optim": optim.state_dict(), "state": state}, ck.with_suffix(".tmp"))
+        torch.save(
+            {"config": cfg.to_dict(), "model": model.state_dict(), "optim": optim.state_dict(), "state": state}, ck.with_suffix(".tmp")
+        )
         ck.with_suffix(".tmp").replace(ck)
     return {"best": state["best"], "steps": state["step"], "params": n_params(model), "out": str(out)}

@@ -9,8 +9,9 @@ model and a crash (the runtime restarts the handler with ``reset()``) starts eve
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Literal
+from typing import Literal
 
 import numpy as np
 

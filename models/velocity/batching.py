@@ -19,17 +19,17 @@ Two forms of the step, chosen by the loader (``load_causal_step``):
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import (
     TYPE_CHECKING,
-    Callable,
     Literal,
     Protocol,
-    Sequence,
     Union,
     runtime_checkable,
 )
 
 import numpy as np
+
 from cadenza.models.runtime import SessionKey, StageStats
 
 if TYPE_CHECKING:
@@ -73,8 +73,15 @@ class SplitStep(Protocol):
 class VelocityBatcher:
     """Per-session features and recurrent state; :meth:`apply` answers a burst's note-ons."""
 
-    def __init__(self, model: VelocityStep, make_features: Callable[[], Featurizer], *, max_batch: int = 64,
-                 prepare_ahead: bool = False, stats: StageStats | None = None) -> None:
+    def __init__(
+        self,
+        model: VelocityStep,
+        make_features: Callable[[], Featurizer],
+        *,
+        max_batch: int = 64,
+        prepare_ahead: bool = False,
+        stats: StageStats | None = None,
+    ) -> None:
         self.model = model
         self.make_features = make_features
         self.max_batch = max_batch
@@ -279,4 +286,3 @@ class VelocityBatcher:
         for i, s in enumerate(sessions):
             self._states[s] = new_state.narrow(dim, i, 1)
         return vel.detach().cpu().numpy().tolist()
-

@@ -11,7 +11,12 @@ MODELS = ("causal", "context", "offline", "unet")
 
 def register(groups: dict) -> None:
     p = groups["train"].add_parser("velocity", help="train a velocity model on MAESTRO (train split, selected on validation)")
-    p.add_argument("--model", choices=MODELS, default="causal", help="causal = live GRU; context = lookahead/offline; offline = the bidirectional refiner on the context model (files); unet = the paper's baseline")
+    p.add_argument(
+        "--model",
+        choices=MODELS,
+        default="causal",
+        help="causal = live GRU; context = lookahead/offline; offline = the bidirectional refiner on the context model (files); unet = the paper's baseline",
+    )
     p.add_argument("--epochs", type=int, default=100, help="upper bound; --minutes usually ends training first")
     p.add_argument("--minutes", type=float, default=20.0, help="wall-clock budget; the learning rate anneals to it")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (the machine is shared: 1 by default)")
@@ -45,9 +50,13 @@ def register(groups: dict) -> None:
     p.add_argument("inputs", nargs="+", type=Path, metavar="IN", help="MIDI files or directories")
     p.add_argument("-o", "--out", type=Path, required=True, help="output file, or directory when several inputs or a directory are given")
     p.add_argument("--mode", choices=("causal", "lookahead", "offline"), default="offline")
-    p.add_argument("--lookahead", type=float, help="seconds of future the model may see in --mode lookahead (default: velocity.lookahead_s or 1)")
+    p.add_argument(
+        "--lookahead", type=float, help="seconds of future the model may see in --mode lookahead (default: velocity.lookahead_s or 1)"
+    )
     p.add_argument("--plot", type=Path, metavar="OUT.png", help="piano roll coloured by velocity (single input only)")
-    p.add_argument("--workers", type=int, default=None, help="worker processes for many files (default: 2 when there are more than 4 files and 2 CPUs)")
+    p.add_argument(
+        "--workers", type=int, default=None, help="worker processes for many files (default: 2 when there are more than 4 files and 2 CPUs)"
+    )
     p.set_defaults(func=run_colorize)
 
     p = groups["bench"].add_parser("colorize", help="time colorizing the MAESTRO test split on this machine")
@@ -69,27 +78,63 @@ def run_train(args: argparse.Namespace, settings) -> int:
 
         from cadenza.models.velocity.train_unet import train_unet
 
-        m = train_unet(maestro=settings.data.maestro, minutes=args.minutes, threads=args.threads, seed=args.seed,
-                       epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, batch=args.batch, lr=args.lr or 3e-3,
-                       base=args.base, in_channels=args.in_channels, loss=args.loss, val_pieces=args.val_pieces,
-                       command=" ".join(["cadenza", *sys.argv[1:]]), **({"out_dir": args.out.parent} if args.out else {}))
+        m = train_unet(
+            maestro=settings.data.maestro,
+            minutes=args.minutes,
+            threads=args.threads,
+            seed=args.seed,
+            epochs=args.epochs,
+            steps_per_epoch=args.steps_per_epoch,
+            batch=args.batch,
+            lr=args.lr or 3e-3,
+            base=args.base,
+            in_channels=args.in_channels,
+            loss=args.loss,
+            val_pieces=args.val_pieces,
+            command=" ".join(["cadenza", *sys.argv[1:]]),
+            **({"out_dir": args.out.parent} if args.out else {}),
+        )
         print(json.dumps({k: v for k, v in m.items() if not isinstance(v, list)}, default=str))
         return 0
     if args.model == "offline":
         from cadenza.models.velocity.refine import train_refiner
 
-        m = train_refiner(settings.data.maestro, minutes=args.minutes, threads=args.threads, seed=args.seed,
-                          batch=args.batch, seq_len=args.seq_len, lr=args.lr or 2e-3, epoch_notes=args.epoch_notes, limit=args.limit,
-                          out=args.out, context=settings.velocity.context_weights)
-        print(f"best validation per-piece MAE {m['val_piece_mae']:.3f} (epoch {m['best_epoch']}; "
-              f"context model alone {m['val_piece_mae_context_alone']:.3f})")
+        m = train_refiner(
+            settings.data.maestro,
+            minutes=args.minutes,
+            threads=args.threads,
+            seed=args.seed,
+            batch=args.batch,
+            seq_len=args.seq_len,
+            lr=args.lr or 2e-3,
+            epoch_notes=args.epoch_notes,
+            limit=args.limit,
+            out=args.out,
+            context=settings.velocity.context_weights,
+        )
+        print(
+            f"best validation per-piece MAE {m['val_piece_mae']:.3f} (epoch {m['best_epoch']}; "
+            f"context model alone {m['val_piece_mae_context_alone']:.3f})"
+        )
         return 0
     from cadenza.models.velocity.train import train_velocity
 
     m = train_velocity(
-        args.model, settings.data.maestro, epochs=args.epochs, minutes=args.minutes, threads=args.threads,
-        seed=args.seed, batch=args.batch, seq_len=args.seq_len, lr=args.lr or 2e-3, limit=args.limit, out=args.out,
-        init=args.init, hidden=args.hidden, epoch_notes=args.epoch_notes, freeze=args.freeze_backbone,
+        args.model,
+        settings.data.maestro,
+        epochs=args.epochs,
+        minutes=args.minutes,
+        threads=args.threads,
+        seed=args.seed,
+        batch=args.batch,
+        seq_len=args.seq_len,
+        lr=args.lr or 2e-3,
+        limit=args.limit,
+        out=args.out,
+        init=args.init,
+        hidden=args.hidden,
+        epoch_notes=args.epoch_notes,
+        freeze=args.freeze_backbone,
     )
     print(f"best validation per-piece MAE {m['val_piece_mae']:.3f} (epoch {m['best_epoch']})")
     return 0
@@ -179,16 +224,24 @@ def run_bench_step(args: argparse.Namespace, settings) -> int:
                         idle(gap, regime == "live_warm")
                 f, st = np.array(tf) * 1e3, np.array(ts) * 1e3
                 tot = f + st
-                res[f"{form}_{regime}"] = {k: round(float(v), 4) for k, v in (
-                    ("features_p50_ms", np.median(f)), ("step_p50_ms", np.median(st)),
-                    ("total_p50_ms", np.median(tot)), ("total_p99_ms", np.percentile(tot, 99)))}
+                res[f"{form}_{regime}"] = {
+                    k: round(float(v), 4)
+                    for k, v in (
+                        ("features_p50_ms", np.median(f)),
+                        ("step_p50_ms", np.median(st)),
+                        ("total_p50_ms", np.median(tot)),
+                        ("total_p99_ms", np.percentile(tot, 99)),
+                    )
+                }
     warmer.stop()
     loop.close()
     if args.json:
         print(json.dumps(res))
     else:
-        print(f"causal velocity model, batch 1, one core, {args.notes} note-ons per row (live: {args.gap_ms:g} ms idle between notes; "
-              f"live_warm: keep-warm every {keep_warm_ms:g} ms in the gaps)")
+        print(
+            f"causal velocity model, batch 1, one core, {args.notes} note-ons per row (live: {args.gap_ms:g} ms idle between notes; "
+            f"live_warm: keep-warm every {keep_warm_ms:g} ms in the gaps)"
+        )
         print(f"  {'':22s} {'features p50':>13s} {'step p50':>9s} {'total p50':>10s} {'total p99':>10s}  (ms)")
         for key in ("numpy_back_to_back", "numpy_live", "numpy_live_warm", "torch_back_to_back", "torch_live"):
             r = res[key]

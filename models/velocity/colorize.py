@@ -66,8 +66,9 @@ class Colorizer:
         from cadenza.models.velocity.context import predict_context_many
 
         sec = math.inf if self.mode == "offline" else self.seconds
-        return predict_context_many(self.model, feats, [p.onset for p in perfs], [p.offset for p in perfs],
-                                    [p.pitch for p in perfs], [sec], refiner=self.refiner)[0]
+        return predict_context_many(
+            self.model, feats, [p.onset for p in perfs], [p.offset for p in perfs], [p.pitch for p in perfs], [sec], refiner=self.refiner
+        )[0]
 
     def files(self, jobs: list[Job]) -> list[tuple[Job, int, str | None]]:
         """Colorize a group of files together; a file that fails gets its error, the rest go on."""
@@ -131,6 +132,7 @@ def _work(jobs: list[Job]) -> list[tuple[Job, int, str | None]]:
 def _groups(jobs: list[Job], workers: int, size: int = 12) -> list[list[Job]]:
     """Files of similar size together (their notes are batched, so little padding), the largest
     groups first (so the last group to finish is a small one), small enough to spread over workers."""
+
     def nbytes(j: Job) -> int:
         try:
             return j.src.stat().st_size
@@ -142,8 +144,9 @@ def _groups(jobs: list[Job], workers: int, size: int = 12) -> list[list[Job]]:
     return [ordered[i : i + size] for i in range(0, len(ordered), size)]
 
 
-def run_jobs(jobs: list[Job], mode: str, *, seconds: float = 1.0, workers: int = 1, weights=None, context_weights=None,
-             progress: bool = True):
+def run_jobs(
+    jobs: list[Job], mode: str, *, seconds: float = 1.0, workers: int = 1, weights=None, context_weights=None, progress: bool = True
+):
     """Yield ``(job, notes, error_or_None)`` for each job, in completion order."""
     from tqdm import tqdm
 
@@ -185,8 +188,9 @@ def colorize_cli(args, settings) -> int:
     t0 = time.perf_counter()
     n_ok, n_notes, failed = 0, 0, 0
     workers = args.workers if args.workers else min(os.cpu_count() or 1, 2 if len(jobs) > 4 else 1)
-    for _job, notes, err in run_jobs(jobs, args.mode, seconds=seconds, workers=workers,
-                                    weights=vs.weights, context_weights=vs.context_weights):
+    for _job, notes, err in run_jobs(
+        jobs, args.mode, seconds=seconds, workers=workers, weights=vs.weights, context_weights=vs.context_weights
+    ):
         if err:
             failed += 1
             from tqdm import tqdm
@@ -199,8 +203,10 @@ def colorize_cli(args, settings) -> int:
     if args.plot and n_ok:
         _plot(jobs[0], args.plot, args.mode)
     what = f"{n_ok} file{'s' * (n_ok != 1)}" if len(jobs) > 1 or failed else str(jobs[0].dst)
-    print(f"colorized {what} ({n_notes} notes, mode {args.mode}{f' {seconds:g} s' if args.mode == 'lookahead' else ''}) in {dt:.1f} s"
-          + (f"; {failed} failed" if failed else ""))
+    print(
+        f"colorized {what} ({n_notes} notes, mode {args.mode}{f' {seconds:g} s' if args.mode == 'lookahead' else ''}) in {dt:.1f} s"
+        + (f"; {failed} failed" if failed else "")
+    )
     return 2 if failed else 0
 
 
@@ -228,8 +234,14 @@ def bench_colorize(args, settings) -> int:
             jobs = [Job(f, Path(tmp) / mode / f.name) for f in files]
             t0 = time.perf_counter()
             notes = 0
-            for _, n, err in run_jobs(jobs, mode, workers=args.workers, progress=not args.json,
-                                      weights=settings.velocity.weights, context_weights=settings.velocity.context_weights):
+            for _, n, err in run_jobs(
+                jobs,
+                mode,
+                workers=args.workers,
+                progress=not args.json,
+                weights=settings.velocity.weights,
+                context_weights=settings.velocity.context_weights,
+            ):
                 if err:
                     raise ModelError(err)
                 notes += n
@@ -240,6 +252,8 @@ def bench_colorize(args, settings) -> int:
     else:
         for mode in ("causal", "offline"):
             r = res[mode]
-            print(f"colorize {mode:8s} {res['files']} MAESTRO test files, {r['notes']} notes: {r['seconds']:.1f} s "
-                  f"({r['notes_per_s']} notes/s, {res['workers']} worker processes, {res['cpus']} CPUs)")
+            print(
+                f"colorize {mode:8s} {res['files']} MAESTRO test files, {r['notes']} notes: {r['seconds']:.1f} s "
+                f"({r['notes_per_s']} notes/s, {res['workers']} worker processes, {res['cpus']} CPUs)"
+            )
     return 0

@@ -92,12 +92,22 @@ class ContextVelocityModel(nn.Module):
         released = (off_j <= horizon).to(torch.float32)
         dp = (pitch[:, None, klo:khi] - pitch[:, lo:hi, None]) / 24.0
         of = o.to(torch.float32).expand_as(dt)
-        pair = torch.stack([
-            torch.sign(dt) * torch.log1p(dt.abs() / 0.05) / 4.0, dp, torch.log(known.clamp(max=10.0) + 0.01) / 3.0,
-            released, of / cfg.future, (of == 0).to(torch.float32),
-            (dt.abs() < 0.03).to(torch.float32), dp.abs() * 2.0, (dp > 0).to(torch.float32), (dt > 0).to(torch.float32),
-            torch.log1p(torch.nan_to_num(horizon - t_i, posinf=10.0).clamp(max=10.0).to(torch.float32)).expand_as(dt),
-        ], -1)  # (B, n, m, N_PAIR)
+        pair = torch.stack(
+            [
+                torch.sign(dt) * torch.log1p(dt.abs() / 0.05) / 4.0,
+                dp,
+                torch.log(known.clamp(max=10.0) + 0.01) / 3.0,
+                released,
+                of / cfg.future,
+                (of == 0).to(torch.float32),
+                (dt.abs() < 0.03).to(torch.float32),
+                dp.abs() * 2.0,
+                (dp > 0).to(torch.float32),
+                (dt > 0).to(torch.float32),
+                torch.log1p(torch.nan_to_num(horizon - t_i, posinf=10.0).clamp(max=10.0).to(torch.float32)).expand_as(dt),
+            ],
+            -1,
+        )  # (B, n, m, N_PAIR)
         nh, dh = cfg.heads, cfg.dim // cfg.heads
         k, v = self.kv(h[:, klo:khi]).view(B, -1, 2 * nh, dh).transpose(1, 2).chunk(2, 1)  # (B, h, m, dh)
         q = self.q(torch.cat([h[:, lo:hi], e[:, lo:hi]], -1)).view(B, -1, nh, dh).transpose(1, 2)  # (B, h, n, dh)
@@ -136,8 +146,15 @@ def predict_offline(model: ContextVelocityModel, perf: Performance, features: np
     return predict_lookahead(model, perf, math.inf, features)
 
 
-def predict_window(model: ContextVelocityModel, features: np.ndarray, onset: np.ndarray, offset: np.ndarray,
-                   pitch: np.ndarray, seconds: float, targets: np.ndarray) -> np.ndarray:
+def predict_window(
+    model: ContextVelocityModel,
+    features: np.ndarray,
+    onset: np.ndarray,
+    offset: np.ndarray,
+    pitch: np.ndarray,
+    seconds: float,
+    targets: np.ndarray,
+) -> np.ndarray:
     """For the engine: velocities of the notes ``targets`` (indices) of a window of recent notes.
 
     ``features`` are the notes' causal features (``LiveVelocityFeatures``), ``offset`` = inf
@@ -173,8 +190,10 @@ def readout_groups(model: ContextVelocityModel, features: list[np.ndarray], onse
 
             def read(sec: float, hidden: bool = False, h=h, e=e, r=r, n=n, on=on, off=off, p=p) -> torch.Tensor:
                 st = torch.tensor([float(sec)])
-                parts = [model.readout(h[r : r + 1, :n], e[r : r + 1, :n], on, off, p, st, lo, min(lo + READOUT_CHUNK, n), hidden=hidden)
-                         for lo in range(0, n, READOUT_CHUNK)]
+                parts = [
+                    model.readout(h[r : r + 1, :n], e[r : r + 1, :n], on, off, p, st, lo, min(lo + READOUT_CHUNK, n), hidden=hidden)
+                    for lo in range(0, n, READOUT_CHUNK)
+                ]
                 if not hidden:
                     return torch.cat(parts, 1)[0]
                 v = torch.cat([a for a, _ in parts], 1)[0]
@@ -184,8 +203,16 @@ def readout_groups(model: ContextVelocityModel, features: list[np.ndarray], onse
         yield group
 
 
-def predict_context_many(model: ContextVelocityModel, features: list[np.ndarray], onset: list, offset: list, pitch: list,
-                         seconds: list[float], batch: int = 16, refiner=None) -> list[list[np.ndarray]]:
+def predict_context_many(
+    model: ContextVelocityModel,
+    features: list[np.ndarray],
+    onset: list,
+    offset: list,
+    pitch: list,
+    seconds: list[float],
+    batch: int = 16,
+    refiner=None,
+) -> list[list[np.ndarray]]:
     """Many pieces at several lookaheads: ``out[s][k]`` is piece k at ``seconds[s]`` (see
     :func:`readout_groups`). With a ``refiner`` (``velocity_refine``), the offline (``inf``)
     results go through it, a padded batch at a time."""
@@ -215,6 +242,14 @@ def predict_split_context(model: ContextVelocityModel, data, seconds: float | li
     many = isinstance(seconds, (list, tuple))
     secs = list(seconds) if many else [seconds]
     pieces = [data.piece(k) for k in range(data.n_pieces)]
-    out = predict_context_many(model, [data.features[s] for s in pieces], [data.onset[s] for s in pieces],
-                               [data.offset[s] for s in pieces], [data.pitch[s] for s in pieces], secs, batch, refiner)
+    out = predict_context_many(
+        model,
+        [data.features[s] for s in pieces],
+        [data.onset[s] for s in pieces],
+        [data.offset[s] for s in pieces],
+        [data.pitch[s] for s in pieces],
+        secs,
+        batch,
+        refiner,
+    )
     return out if many else out[0]

@@ -104,8 +104,13 @@ def load_split(root: Path, split: str, cache_dir: Path | None = None, limit: int
         build_split(root, split, path, limit)
         z = np.load(path)
     return SplitData(
-        names=[str(n) for n in z["names"]], starts=z["starts"], onset=z["onset"], offset=z["offset"],
-        pitch=z["pitch"], velocity=z["velocity"], features=z["features"],
+        names=[str(n) for n in z["names"]],
+        starts=z["starts"],
+        onset=z["onset"],
+        offset=z["offset"],
+        pitch=z["pitch"],
+        velocity=z["velocity"],
+        features=z["features"],
     )
 
 

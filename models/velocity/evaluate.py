@@ -103,24 +103,35 @@ def _head(data, limit: int):
     from cadenza.models.velocity.data import SplitData
 
     n = int(data.starts[min(limit, data.n_pieces)])
-    return SplitData(data.names[:limit], data.starts[: limit + 1], data.onset[:n], data.offset[:n], data.pitch[:n],
-                     data.velocity[:n], data.features[:n])
+    return SplitData(
+        data.names[:limit], data.starts[: limit + 1], data.onset[:n], data.offset[:n], data.pitch[:n], data.velocity[:n], data.features[:n]
+    )
 
 
 def format_table(res: dict) -> str:
     r0 = next(iter(res["rows"].values()))
-    lines = [f"MAESTRO v2 {res['split']} ({r0['pieces']} pieces, {r0['notes']} notes), velocities in as 64", "",
-             "| model | per-piece MAE | per-note MAE | MSE | within ±12.7 | within ±6.4 | SD of predictions | Pearson r |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"MAESTRO v2 {res['split']} ({r0['pieces']} pieces, {r0['notes']} notes), velocities in as 64",
+        "",
+        "| model | per-piece MAE | per-note MAE | MSE | within ±12.7 | within ±6.4 | SD of predictions | Pearson r |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for name, m in res["rows"].items():
-        lines.append(f"| {name} | {m['piece_mae']:.2f} | {m['note_mae']:.2f} | {m['mse']:.1f} | {100 * m['within_12_7']:.1f} % | "
-                     f"{100 * m['within_6_4']:.1f} % | {m['sd']:.1f} | {m['pearson_r']:.3f} |")
+        lines.append(
+            f"| {name} | {m['piece_mae']:.2f} | {m['note_mae']:.2f} | {m['mse']:.1f} | {100 * m['within_12_7']:.1f} % | "
+            f"{100 * m['within_6_4']:.1f} % | {m['sd']:.1f} | {m['pearson_r']:.3f} |"
+        )
     for name, v in res["paper"].items():
         sd = f"{res['paper_unet_sd']:.1f}" if name.startswith("U-Net") else ""
         lines.append(f"| {name} | {v:.2f} | | | | | {sd} | |")
     if res["sweep"]:
-        lines += ["", "Lookahead sweep (context model; note i sees notes with onset <= t_i + S):", "",
-                  "| lookahead S | per-piece MAE | per-note MAE | SD | Pearson r |", "|---:|---:|---:|---:|---:|"]
+        lines += [
+            "",
+            "Lookahead sweep (context model; note i sees notes with onset <= t_i + S):",
+            "",
+            "| lookahead S | per-piece MAE | per-note MAE | SD | Pearson r |",
+            "|---:|---:|---:|---:|---:|",
+        ]
         for s, m in res["sweep"].items():
             lines.append(f"| {s} s | {m['piece_mae']:.2f} | {m['note_mae']:.2f} | {m['sd']:.1f} | {m['pearson_r']:.3f} |")
     return "\n".join(lines)

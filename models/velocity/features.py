@@ -26,12 +26,25 @@ NEVER = 5.0  # seconds used for "no such earlier note" (also the cap of every ti
 EPS = 1e-3
 _LOG_NEVER = math.log(NEVER + EPS)
 
-FEATURE_NAMES = (
-    ["pitch", "pitch_sq", "log_ioi", "log_ioi2", "log_group_ioi", "log_tempo", "chord_pos",
-     "n_held", "top", "bottom", "above_max_held", "below_min_held", "rel_mean_pitch",
-     "density_1s", "log_same_pitch", "pedal", "first"]
-    + [f"pc{k}" for k in range(12)]
-)
+FEATURE_NAMES = [
+    "pitch",
+    "pitch_sq",
+    "log_ioi",
+    "log_ioi2",
+    "log_group_ioi",
+    "log_tempo",
+    "chord_pos",
+    "n_held",
+    "top",
+    "bottom",
+    "above_max_held",
+    "below_min_held",
+    "rel_mean_pitch",
+    "density_1s",
+    "log_same_pitch",
+    "pedal",
+    "first",
+] + [f"pc{k}" for k in range(12)]
 N_FEATURES = len(FEATURE_NAMES)
 
 

@@ -110,8 +110,14 @@ def context_inputs(model, data, batch: int = 16) -> np.ndarray:
     out = np.zeros((len(data.onset), 1 + model.cfg.head), np.float16)
     pieces = [data.piece(k) for k in range(data.n_pieces)]
     with torch.inference_mode():
-        for group in readout_groups(model, [data.features[s] for s in pieces], [data.onset[s] for s in pieces],
-                                    [data.offset[s] for s in pieces], [data.pitch[s] for s in pieces], batch):
+        for group in readout_groups(
+            model,
+            [data.features[s] for s in pieces],
+            [data.onset[s] for s in pieces],
+            [data.offset[s] for s in pieces],
+            [data.pitch[s] for s in pieces],
+            batch,
+        ):
             for k, read in group:
                 out[pieces[k]] = read(math.inf, hidden=True).numpy()
     return out
@@ -135,9 +141,20 @@ def cached_context_inputs(model, context_path: Path, data, split: str) -> np.nda
     return np.load(path, mmap_mode="r")
 
 
-def train_refiner(maestro: Path, *, minutes: float = 20.0, threads: int = 1, seed: int = 0, batch: int = 16,
-                  seq_len: int = 512, lr: float = 2e-3, epoch_notes: int = 2_000_000, limit: int | None = None,
-                  out: Path | None = None, context: Path | None = None) -> dict:
+def train_refiner(
+    maestro: Path,
+    *,
+    minutes: float = 20.0,
+    threads: int = 1,
+    seed: int = 0,
+    batch: int = 16,
+    seq_len: int = 512,
+    lr: float = 2e-3,
+    epoch_notes: int = 2_000_000,
+    limit: int | None = None,
+    out: Path | None = None,
+    context: Path | None = None,
+) -> dict:
     """Train the refiner on MAESTRO train over the frozen context model; best epoch by validation
     per-piece MAE. Writes ``velocity_offline.safetensors`` + ``.json`` (with the context weights'
     hash) + ``.metrics.json``."""
@@ -216,19 +233,37 @@ def train_refiner(maestro: Path, *, minutes: float = 20.0, threads: int = 1, see
         val_mae, _ = validate()
         elapsed = time.monotonic() - t0
         history.append({"epoch": epoch + 1, "step": step, "train_l1": run_loss, "val_piece_mae": val_mae, "minutes": elapsed / 60})
-        print(f"epoch {epoch + 1}: train L1 {run_loss:.2f}  validation per-piece MAE {val_mae:.3f} "
-              f"(context alone {base_mae:.3f})  ({elapsed / 60:.1f} min)", flush=True)
+        print(
+            f"epoch {epoch + 1}: train L1 {run_loss:.2f}  validation per-piece MAE {val_mae:.3f} "
+            f"(context alone {base_mae:.3f})  ({elapsed / 60:.1f} min)",
+            flush=True,
+        )
         if val_mae < best[0]:
             best = (val_mae, epoch + 1)
-            meta = {"context_sha256": file_sha256(context),
-                    "training": {"command": " ".join(["cadenza"] + sys.argv[1:]), "seed": seed, "epoch": epoch + 1, "step": step,
-                                 "batch": batch, "seq_len": seq_len, "lr": lr, "data": "MAESTRO v2.0.0 train",
-                                 "context_weights": context.name}}
+            meta = {
+                "context_sha256": file_sha256(context),
+                "training": {
+                    "command": " ".join(["cadenza"] + sys.argv[1:]),
+                    "seed": seed,
+                    "epoch": epoch + 1,
+                    "step": step,
+                    "batch": batch,
+                    "seq_len": seq_len,
+                    "lr": lr,
+                    "data": "MAESTRO v2.0.0 train",
+                    "context_weights": context.name,
+                },
+            }
             save_weights(model, out, asdict(model.cfg), meta)
         if elapsed >= budget:
             break
-    metrics = {"model": "offline", "best_epoch": best[1], "val_piece_mae": best[0], "val_piece_mae_context_alone": base_mae,
-               "history": history}
+    metrics = {
+        "model": "offline",
+        "best_epoch": best[1],
+        "val_piece_mae": best[0],
+        "val_piece_mae_context_alone": base_mae,
+        "history": history,
+    }
     with atomic_path(out.with_suffix("").with_suffix(".metrics.json")) as tmp:
         tmp.write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics

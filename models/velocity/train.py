@@ -54,10 +54,22 @@ def piece_mae(data: SplitData, preds: list[np.ndarray]) -> float:
 
 
 def train_velocity(
-    model_name: str, maestro: Path, *, epochs: int = 100, minutes: float = 20.0, threads: int = 1,
-    seed: int = 0, batch: int = 32, seq_len: int = 256, lr: float = 2e-3, limit: int | None = None,
-    out: Path | None = None, init: Path | None = None, hidden: int = 256,
-    epoch_notes: int = 2_000_000, freeze: bool = False,
+    model_name: str,
+    maestro: Path,
+    *,
+    epochs: int = 100,
+    minutes: float = 20.0,
+    threads: int = 1,
+    seed: int = 0,
+    batch: int = 32,
+    seq_len: int = 256,
+    lr: float = 2e-3,
+    limit: int | None = None,
+    out: Path | None = None,
+    init: Path | None = None,
+    hidden: int = 256,
+    epoch_notes: int = 2_000_000,
+    freeze: bool = False,
 ) -> dict:
     """Train ``causal`` or ``context``; returns the metrics written beside the weights."""
     from tqdm import tqdm
@@ -86,8 +98,14 @@ def train_velocity(
             w = torch.zeros_like(model.out[0].weight)
             hw = state.pop("head.0.weight")
             w[:, : hw.shape[1]] = hw
-            state.update({"out.0.weight": w, "out.0.bias": state.pop("head.0.bias"),
-                          "out.2.weight": state.pop("head.2.weight"), "out.2.bias": state.pop("head.2.bias")})
+            state.update(
+                {
+                    "out.0.weight": w,
+                    "out.0.bias": state.pop("head.0.bias"),
+                    "out.2.weight": state.pop("head.2.weight"),
+                    "out.2.bias": state.pop("head.2.bias"),
+                }
+            )
         missing = model.load_state_dict(state, strict=False)
         log.info("initialised from %s (missing: %s)", init, missing.missing_keys)
     if freeze:  # train the readout only, on top of a backbone taken from --init (much cheaper)
@@ -121,8 +139,14 @@ def train_velocity(
                 with torch.no_grad():
                     h, e = model.backbone(x)
                 s = torch.from_numpy(rng.choice(LOOKAHEADS_TRAIN, size=batch).astype(np.float32))
-                pred = model.readout(h, e, torch.from_numpy(train.onset[idx]), torch.from_numpy(train.offset[idx]),
-                                     torch.from_numpy(train.pitch[idx].astype(np.float32)), s)
+                pred = model.readout(
+                    h,
+                    e,
+                    torch.from_numpy(train.onset[idx]),
+                    torch.from_numpy(train.offset[idx]),
+                    torch.from_numpy(train.pitch[idx].astype(np.float32)),
+                    s,
+                )
             else:
                 s = torch.from_numpy(rng.choice(LOOKAHEADS_TRAIN, size=batch).astype(np.float32))
                 on = torch.from_numpy(train.onset[idx])
@@ -148,11 +172,24 @@ def train_velocity(
             val_mae = extra["val_mae_lainf"]
         elapsed = time.monotonic() - t0
         history.append({"epoch": epoch + 1, "step": step, "train_l1": run_loss, "val_piece_mae": val_mae, "minutes": elapsed / 60, **extra})
-        print(f"epoch {epoch + 1}: train L1 {run_loss:.2f}  validation per-piece MAE {val_mae:.3f}  {extra}  ({elapsed / 60:.1f} min)", flush=True)
+        print(
+            f"epoch {epoch + 1}: train L1 {run_loss:.2f}  validation per-piece MAE {val_mae:.3f}  {extra}  ({elapsed / 60:.1f} min)",
+            flush=True,
+        )
         if val_mae < best[0]:
             best = (val_mae, epoch + 1)
-            meta = {"training": {"command": " ".join(["cadenza"] + sys.argv[1:]), "seed": seed, "epoch": epoch + 1, "step": step,
-                                 "batch": batch, "seq_len": seq_len, "lr": lr, "data": "MAESTRO v2.0.0 train"}}
+            meta = {
+                "training": {
+                    "command": " ".join(["cadenza"] + sys.argv[1:]),
+                    "seed": seed,
+                    "epoch": epoch + 1,
+                    "step": step,
+                    "batch": batch,
+                    "seq_len": seq_len,
+                    "lr": lr,
+                    "data": "MAESTRO v2.0.0 train",
+                }
+            }
             save_weights(model, out, asdict(model.cfg), meta)
         if (time.monotonic() - t0) >= budget:
             break

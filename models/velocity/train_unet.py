@@ -173,7 +173,9 @@ def _eval_pieces(model: UNet, perfs: list[Performance]) -> dict:
     return velocity_metrics(preds, [perf.velocity for perf in perfs])
 
 
-def eval_unet_on_split(maestro: Path, split: str, limit: int | None = None, *, model: UNet | None = None, weights: Path | None = None, progress: bool = True) -> dict:
+def eval_unet_on_split(
+    maestro: Path, split: str, limit: int | None = None, *, model: UNet | None = None, weights: Path | None = None, progress: bool = True
+) -> dict:
     """Metrics of the U-Net on a MAESTRO split, read from the MIDI files with every velocity set to 64.
 
     ``limit`` takes the first N pieces of the split (csv order). ``model`` defaults to
@@ -246,7 +248,10 @@ def train_unet(
     t_start = time.monotonic()
     best, history, step = None, [], 0
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"U-Net: {n_params / 1e6:.2f} M parameters, {len(train)} train pieces, {len(val_perfs)} validation pieces, {minutes:g} min", file=sys.stderr)
+    print(
+        f"U-Net: {n_params / 1e6:.2f} M parameters, {len(train)} train pieces, {len(val_perfs)} validation pieces, {minutes:g} min",
+        file=sys.stderr,
+    )
 
     for epoch in range(1, epochs + 1):
         model.train()
@@ -271,9 +276,21 @@ def train_unet(
         bar.close()
         m = _eval_pieces(model, val_perfs)
         elapsed = time.monotonic() - t_start
-        history.append({"epoch": epoch, "step": step, "minutes": elapsed / 60, "train_loss": run_loss, "val_piece_mae": m["piece_mean_mae"], "val_sd_pred": m["sd_pred"]})
+        history.append(
+            {
+                "epoch": epoch,
+                "step": step,
+                "minutes": elapsed / 60,
+                "train_loss": run_loss,
+                "val_piece_mae": m["piece_mean_mae"],
+                "val_sd_pred": m["sd_pred"],
+            }
+        )
         improved = best is None or m["piece_mean_mae"] < best["piece_mean_mae"]
-        print(f"epoch {epoch:3d}  step {step:6d}  {elapsed / 60:5.1f} min  loss {run_loss:.4f}  val per-piece MAE {m['piece_mean_mae']:.3f}  SD {m['sd_pred']:.1f}{'  *' if improved else ''}", file=sys.stderr)
+        print(
+            f"epoch {epoch:3d}  step {step:6d}  {elapsed / 60:5.1f} min  loss {run_loss:.4f}  val per-piece MAE {m['piece_mean_mae']:.3f}  SD {m['sd_pred']:.1f}{'  *' if improved else ''}",
+            file=sys.stderr,
+        )
         if improved:
             best = {**m, "epoch": epoch, "step": step}
             _write_outputs(out_dir, model, cfg, command, save_file)

@@ -155,7 +155,9 @@ class UNet(nn.Module):
         ch = [cfg.base * 2**i for i in range(cfg.depth + 1)]
         self.inc = DoubleConv(cfg.in_channels, ch[0])
         self.down = nn.ModuleList(DoubleConv(ch[i], ch[i + 1]) for i in range(cfg.depth))
-        self.attn = BottleneckAttention(ch[-1], cfg.attn_heads, N_PITCHES // scale, cfg.frames // scale) if cfg.attn_heads else nn.Identity()
+        self.attn = (
+            BottleneckAttention(ch[-1], cfg.attn_heads, N_PITCHES // scale, cfg.frames // scale) if cfg.attn_heads else nn.Identity()
+        )
         self.upsample = nn.ModuleList(nn.ConvTranspose2d(ch[i + 1], ch[i], 2, stride=2) for i in reversed(range(cfg.depth)))
         self.up = nn.ModuleList(DoubleConv(2 * ch[i], ch[i]) for i in reversed(range(cfg.depth)))
         self.head = nn.Conv2d(ch[0], 1, 1)
@@ -243,7 +245,12 @@ def predict_unet(model: UNet, perf, *, batch: int = 32) -> np.ndarray:
     tri = 1.0 - np.abs((np.arange(cfg.frames) + 0.5) / cfg.frames * 2.0 - 1.0) + 1e-3
     for b0 in range(0, n_windows, batch):
         starts = [k * hop for k in range(b0, min(b0 + batch, n_windows))]
-        x = np.stack([piano_roll(perf.onset, perf.offset, perf.pitch, perf.pedal_t, perf.pedal_v, s * fs, cfg.frames, fs)[: cfg.in_channels] for s in starts])
+        x = np.stack(
+            [
+                piano_roll(perf.onset, perf.offset, perf.pitch, perf.pedal_t, perf.pedal_v, s * fs, cfg.frames, fs)[: cfg.in_channels]
+                for s in starts
+            ]
+        )
         vel = logits_to_velocity(model(torch.from_numpy(x).to(device))).float().cpu().numpy()  # (b, 88, frames)
         for j, s in enumerate(starts):
             lo, hi = np.searchsorted(gcol, [s - 1, s + cfg.frames + 1], side="left")  # onsets are sorted

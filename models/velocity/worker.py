@@ -12,7 +12,7 @@ miss) and the runtime restarts the model with fresh session state.
 from __future__ import annotations
 
 import asyncio
-from typing import Callable
+from collections.abc import Callable
 
 from cadenza.models.runtime import (
     DEFAULT_BACKOFF,
@@ -35,8 +35,16 @@ VelocityJob = tuple[Kind, SessionKey, float, int, "asyncio.Future[float] | None"
 class VelocityModel:
     """The runtime handler: loads the step, owns the batcher, answers note-on futures."""
 
-    def __init__(self, load_model: Callable[[], VelocityStep], make_features: Callable[[], Featurizer], *, max_batch: int,
-                 threads: int, inline: bool, stats: StageStats) -> None:
+    def __init__(
+        self,
+        load_model: Callable[[], VelocityStep],
+        make_features: Callable[[], Featurizer],
+        *,
+        max_batch: int,
+        threads: int,
+        inline: bool,
+        stats: StageStats,
+    ) -> None:
         self._load_model = load_model
         self._make_features = make_features
         self.max_batch = max_batch
@@ -57,8 +65,9 @@ class VelocityModel:
         # waking a pool thread on a busy core costs a chord milliseconds. One thread, kept for the
         # life of the process (the limit is process-wide).
         self._blas_limit = threadpool_limits(self.threads, user_api="blas")
-        self.batcher = VelocityBatcher(self._load_model(), self._make_features, max_batch=self.max_batch,
-                                       prepare_ahead=self.inline, stats=self.stats)
+        self.batcher = VelocityBatcher(
+            self._load_model(), self._make_features, max_batch=self.max_batch, prepare_ahead=self.inline, stats=self.stats
+        )
         self.batcher.warm_up()
 
     def reset(self) -> None:
@@ -99,13 +108,22 @@ class VelocityWorker:
     With ``inline=True`` nothing runs until the owner calls :meth:`flush` on the loop thread.
     """
 
-    def __init__(self, *, load_model: Callable[[], VelocityStep], make_features: Callable[[], Featurizer], max_batch: int = 64,
-                 threads: int = 1, inline: bool = False, backoff: Backoff = DEFAULT_BACKOFF) -> None:
+    def __init__(
+        self,
+        *,
+        load_model: Callable[[], VelocityStep],
+        make_features: Callable[[], Featurizer],
+        max_batch: int = 64,
+        threads: int = 1,
+        inline: bool = False,
+        backoff: Backoff = DEFAULT_BACKOFF,
+    ) -> None:
         self.inline = inline
         stats = StageStats()
         self.model = VelocityModel(load_model, make_features, max_batch=max_batch, threads=threads, inline=inline, stats=stats)
-        self.stage: ModelStage[VelocityJob] = ModelStage(self.model, name="velocity", inline=inline, max_drain=4 * max_batch,
-                                                         backoff=backoff, stats=stats)
+        self.stage: ModelStage[VelocityJob] = ModelStage(
+            self.model, name="velocity", inline=inline, max_drain=4 * max_batch, backoff=backoff, stats=stats
+        )
 
     @property
     def stats(self) -> StageStats:

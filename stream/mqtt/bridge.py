@@ -51,7 +51,9 @@ class Bridge:
         self._stop.set()
 
     async def _connect(self) -> None:
-        self.client, self._stack = await connect(self.settings.mqtt, identifier=self.identifier, will_topic=self.bye_topic, will_payload=b"", retain_will=False)
+        self.client, self._stack = await connect(
+            self.settings.mqtt, identifier=self.identifier, will_topic=self.bye_topic, will_payload=b"", retain_will=False
+        )
         await self.client.subscribe(self.out_topic, qos=0)
 
     async def _disconnect(self, *, say_bye: bool) -> None:
@@ -143,7 +145,13 @@ async def run_bridge(settings: Settings, session: str, *, ready: Callable | None
     with contextlib.ExitStack() as opened:
         out = MidiOutputPort(api, client_name=midi.client_name, name=midi.out_port, attach=midi.attach_out)
         opened.callback(out.close)
-        inp = MidiInputPort(api, client_name=midi.client_name, name=midi.in_port, attach=midi.attach_in, deliver=lambda t, data: loop.call_soon_threadsafe(bridge.played, data))
+        inp = MidiInputPort(
+            api,
+            client_name=midi.client_name,
+            name=midi.in_port,
+            attach=midi.attach_in,
+            deliver=lambda t, data: loop.call_soon_threadsafe(bridge.played, data),
+        )
         opened.callback(inp.close)
         if install_signals:
             for sig in (signal.SIGINT, signal.SIGTERM):

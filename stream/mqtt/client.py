@@ -58,7 +58,9 @@ def check_session(name: str) -> str:
     return name
 
 
-async def connect(settings: MqttSettings, *, identifier: str, will_topic: str, will_payload: bytes, retain_will: bool) -> tuple[Any, contextlib.AsyncExitStack]:
+async def connect(
+    settings: MqttSettings, *, identifier: str, will_topic: str, will_payload: bytes, retain_will: bool
+) -> tuple[Any, contextlib.AsyncExitStack]:
     """An open aiomqtt client (and the stack that closes it); BrokerError in one line if the
     broker does not answer within ``connect_timeout_s``. ``client.incoming`` is its queue of
     received messages."""
@@ -88,7 +90,9 @@ async def connect(settings: MqttSettings, *, identifier: str, will_topic: str, w
     except (TimeoutError, aiomqtt.MqttError, OSError) as exc:
         await stack.aclose()
         reason = str(exc) or type(exc).__name__
-        raise BrokerError(f"cannot reach the MQTT broker at {settings.host}:{settings.port} ({reason}); start one (e.g. `mosquitto -p {settings.port}`) or set mqtt.host / mqtt.port") from None
+        raise BrokerError(
+            f"cannot reach the MQTT broker at {settings.host}:{settings.port} ({reason}); start one (e.g. `mosquitto -p {settings.port}`) or set mqtt.host / mqtt.port"
+        ) from None
     return client, stack
 
 

@@ -7,12 +7,11 @@ import contextlib
 import json
 import logging
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from cadenza.config.settings import MqttSettings, Settings
 from cadenza.errors import BrokerError, ConfigError
 from cadenza.messages import split_messages
-
 from cadenza.stream.mqtt.client import SESSION_RE, _aiomqtt, _Outbox, _publish_all, client_id, connect
 
 log = logging.getLogger(__name__)
@@ -50,7 +49,9 @@ class MqttTransport:
     async def connect(self) -> None:
         """Connect (BrokerError in one line if the broker does not answer); sessions are taken
         only once :meth:`run` starts, when the engine and its model are ready."""
-        self.client, self._stack = await connect(self.settings, identifier=self.identifier, will_topic=self.status_topic, will_payload=b"offline", retain_will=True)
+        self.client, self._stack = await connect(
+            self.settings, identifier=self.identifier, will_topic=self.status_topic, will_payload=b"offline", retain_will=True
+        )
         log.info("mqtt: connected to %s:%d as %s", self.settings.host, self.settings.port, self.identifier)
 
     async def _go_online(self) -> None:
@@ -236,7 +237,9 @@ async def serve_mqtt(settings: Settings, *, mode: str = "colorize", ready: Calla
     from cadenza.stream.build import build_engine
 
     if mode != "colorize":
-        raise ConfigError(f"--transport mqtt serves --mode colorize (got {mode}); continuation and lookahead answer one performer on one port pair")
+        raise ConfigError(
+            f"--transport mqtt serves --mode colorize (got {mode}); continuation and lookahead answer one performer on one port pair"
+        )
     loop = asyncio.get_running_loop()
     transport = MqttTransport(settings.mqtt, settings.engine)
     await transport.connect()

@@ -15,8 +15,8 @@ from __future__ import annotations
 import collections
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -70,7 +70,9 @@ def select_output_device(device: str | int | None = None) -> int:
     outputs = [d["index"] for d in devices if d["max_output_channels"] >= 2]
     if not outputs:
         release_portaudio()
-        raise AudioError("no audio output device found (no sound card, no JACK server); start JACK (jackd -d dummy works without hardware) or set audio.device")
+        raise AudioError(
+            "no audio output device found (no sound card, no JACK server); start JACK (jackd -d dummy works without hardware) or set audio.device"
+        )
     names = ", ".join(f"{i}: {devices[i]['name']!r}" for i in outputs)
     jack = _jack_api(sd)
     spec = None if device is None else str(device).strip()
@@ -133,8 +135,13 @@ class AudioSink:
         self.synth = Synth(soundfont=audio.soundfont, sample_rate=self.sample_rate, gain=audio.gain)
         try:
             self._stream = sd.OutputStream(
-                device=index, samplerate=self.sample_rate, blocksize=self.block_size, channels=2,
-                dtype="float32", latency="low", callback=self._callback,
+                device=index,
+                samplerate=self.sample_rate,
+                blocksize=self.block_size,
+                channels=2,
+                dtype="float32",
+                latency="low",
+                callback=self._callback,
             )
             self._stream.start()
         except sd.PortAudioError as exc:
@@ -228,7 +235,7 @@ class AudioSink:
         self.synth.close()
         release_portaudio()
 
-    def __enter__(self) -> "AudioSink":
+    def __enter__(self) -> AudioSink:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -243,7 +250,16 @@ class WavSink:
     ``normalize`` scales it to a -1 dBFS peak (a quiet excerpt at the default gain peaks near -25 dBFS).
     """
 
-    def __init__(self, path: str | Path, *, audio: AudioSettings | None = None, clock: Callable[[], float] = time.monotonic, name: str = "wav", tail_s: float = 1.0, normalize: bool = False) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        audio: AudioSettings | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        name: str = "wav",
+        tail_s: float = 1.0,
+        normalize: bool = False,
+    ) -> None:
         self.name = name
         self.path = Path(path)
         self._audio = audio or AudioSettings()
@@ -268,9 +284,17 @@ class WavSink:
             return
         self._closed = True
         a = self._audio
-        self.report = render_events(self.events, self.path, soundfont=a.soundfont, sample_rate=a.sample_rate, gain=a.gain, tail_s=self._tail_s, normalize=self._normalize)
+        self.report = render_events(
+            self.events,
+            self.path,
+            soundfont=a.soundfont,
+            sample_rate=a.sample_rate,
+            gain=a.gain,
+            tail_s=self._tail_s,
+            normalize=self._normalize,
+        )
 
-    def __enter__(self) -> "WavSink":
+    def __enter__(self) -> WavSink:
         return self
 
     def __exit__(self, *exc) -> None:

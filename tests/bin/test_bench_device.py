@@ -12,8 +12,9 @@ import sys
 def test_bench_device_quick_without_gpu_runs_every_path(tmp_path):
     # No GPU visible (also on a GPU machine) and no data: the synthetic colorize path.
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", CADENZA_DATA__ROOT=str(tmp_path))
-    r = subprocess.run([sys.executable, "-m", "cadenza", "bench", "device", "--json", "--quick"],
-                       capture_output=True, text=True, env=env, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "cadenza", "bench", "device", "--json", "--quick"], capture_output=True, text=True, env=env, timeout=300
+    )
     assert r.returncode == 0, r.stderr
     assert "no GPU present" in r.stderr
     out = json.loads(r.stdout)
@@ -42,8 +43,17 @@ def test_bench_device_quick_without_gpu_runs_every_path(tmp_path):
 
 def test_bench_device_table_names_each_path(tmp_path):
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", CADENZA_DATA__ROOT=str(tmp_path))
-    r = subprocess.run([sys.executable, "-m", "cadenza", "bench", "device", "--quick"],
-                       capture_output=True, text=True, env=env, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "cadenza", "bench", "device", "--quick"], capture_output=True, text=True, env=env, timeout=300
+    )
     assert r.returncode == 0, r.stderr
-    for fragment in ("velocity step", "batch64_static", "phrase decode", "batch8_static", "colorize synthetic", "train phrase", "train velocity"):
+    for fragment in (
+        "velocity step",
+        "batch64_static",
+        "phrase decode",
+        "batch8_static",
+        "colorize synthetic",
+        "train phrase",
+        "train velocity",
+    ):
         assert fragment in r.stdout, r.stdout

@@ -17,7 +17,12 @@ pytestmark = [pytest.mark.fluidsynth, pytest.mark.slow]
 @pytest.fixture(scope="module")
 def demo_out(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    r = subprocess.run([sys.executable, "-m", "cadenza", "--log-level", "warning", "demo", "--fast", "--out", str(out), "--continue-seconds", "6"], capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [sys.executable, "-m", "cadenza", "--log-level", "warning", "demo", "--fast", "--out", str(out), "--continue-seconds", "6"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr
     return out, r.stdout
 
@@ -84,7 +89,13 @@ def test_demo_without_a_soundfont_fails_at_once_in_one_line(tmp_path):
     import os
 
     env = dict(os.environ, CADENZA_AUDIO__SOUNDFONT=str(tmp_path / "missing.sf2"))
-    r = subprocess.run([sys.executable, "-m", "cadenza", "demo", "--fast", "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=120, env=env)
+    r = subprocess.run(
+        [sys.executable, "-m", "cadenza", "demo", "--fast", "--out", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "missing.sf2" in lines[0] and "not found" in lines[0], r.stderr

@@ -66,8 +66,9 @@ def test_guards_off_and_best_of_one_sample_as_before(shipped):
 
 def test_guards_keep_the_answer_in_key_and_register(shipped):
     free = np.concatenate([_pitches(_answer(shipped, None, seed=s)[1]) for s in range(3)])
-    guarded = np.concatenate([_pitches(_answer(shipped, AnswerOptions(key_guard=20.0, register_guard=20.0, register_margin=0.0),
-                                               seed=s)[1]) for s in range(3)])
+    guarded = np.concatenate(
+        [_pitches(_answer(shipped, AnswerOptions(key_guard=20.0, register_guard=20.0, register_margin=0.0), seed=s)[1]) for s in range(3)]
+    )
     tonic, major = estimate_key(np.asarray(CALL))
     assert (tonic, major) == (0, True)
     scale = set((tonic + MAJOR_SCALE) % 12)
@@ -85,7 +86,9 @@ def test_relatedness_of_a_phrase_with_itself_and_with_another():
     chords = np.repeat(on[:2] * 4, 2)  # two two-note chords, a second apart, loud
     far = relatedness(call, Notes(chords, np.array([85, 88, 90, 93]), 2.0, np.full(4, 96.0), keys_down_at_onsets(chords, chords + 0.5)))
     assert far["pc_corr"] < 0.5 and far["register"] > 20 and far["density"] == pytest.approx(1.0)
-    assert far["ioi"] == pytest.approx(2.0) and far["velocity"] == 32.0 and far["polyphony"] == pytest.approx(1.0)  # 2 keys down at each onset against 1
+    assert (
+        far["ioi"] == pytest.approx(2.0) and far["velocity"] == 32.0 and far["polyphony"] == pytest.approx(1.0)
+    )  # 2 keys down at each onset against 1
     assert relatedness(Notes(on, call.pitch, 2.0), call)["velocity"] is None  # unknown on one side
     assert relatedness(call, Notes(np.zeros(0), np.zeros(0), 2.0))["pc_corr"] is None
 
@@ -99,8 +102,16 @@ def test_continue_file_with_best_of_n(tmp_path):
     write_performance(perf, tmp_path / "in.mid")
     from cadenza.models.phrase.files import continue_file
 
-    n = continue_file(tmp_path / "in.mid", tmp_path / "out.mid", seconds=3.0, temperature=1.0, top_k=0, top_p=0.95, seed=0,
-                      answer=AnswerOptions(best_of=3, lookahead_tokens=16, first_tokens=8))
+    n = continue_file(
+        tmp_path / "in.mid",
+        tmp_path / "out.mid",
+        seconds=3.0,
+        temperature=1.0,
+        top_k=0,
+        top_p=0.95,
+        seed=0,
+        answer=AnswerOptions(best_of=3, lookahead_tokens=16, first_tokens=8),
+    )
     both = MidiFile.load(tmp_path / "out.mid").performance
     assert n > 0 and len(both) == 16 + n
 

@@ -18,8 +18,14 @@ def make_midi(path, seed: int = 0, n: int = 120) -> None:
     (mido writes it), a program change and text meta events — the things that must survive."""
     rng = np.random.default_rng(seed)
     mid = mido.MidiFile(type=1, ticks_per_beat=384)
-    meta = mido.MidiTrack([mido.MetaMessage("track_name", name="conductor"), mido.MetaMessage("set_tempo", tempo=500000),
-                           mido.MetaMessage("set_tempo", tempo=400000, time=1500), mido.MetaMessage("end_of_track")])
+    meta = mido.MidiTrack(
+        [
+            mido.MetaMessage("track_name", name="conductor"),
+            mido.MetaMessage("set_tempo", tempo=500000),
+            mido.MetaMessage("set_tempo", tempo=400000, time=1500),
+            mido.MetaMessage("end_of_track"),
+        ]
+    )
     notes = mido.MidiTrack([mido.Message("program_change", program=0), mido.MetaMessage("text", text="flat take")])
     events = []
     t = 0
@@ -29,8 +35,11 @@ def make_midi(path, seed: int = 0, n: int = 120) -> None:
         d = int(rng.choice([30, 96, 400]))
         events += [(t, 1, mido.Message("note_on", note=p, velocity=64)), (t + d, 0, mido.Message("note_on", note=p, velocity=0))]
     for k in range(0, t, 700):
-        events += [(k, 0, mido.Message("control_change", control=64, value=127)), (k + 500, 0, mido.Message("control_change", control=64, value=0)),
-                   (k + 10, 0, mido.Message("control_change", control=7, value=100))]
+        events += [
+            (k, 0, mido.Message("control_change", control=64, value=127)),
+            (k + 500, 0, mido.Message("control_change", control=64, value=0)),
+            (k + 10, 0, mido.Message("control_change", control=7, value=100)),
+        ]
     events.sort(key=lambda e: (e[0], e[1]))
     last = 0
     for tick, _, msg in events:

@@ -16,8 +16,13 @@ from cadenza.models.evaluation.stats import FEATURES, SetStats, compare
 def _perf(seed: int, n: int = 120, low: int = 48, high: int = 84) -> Performance:
     rng = np.random.default_rng(seed)
     on = np.cumsum(rng.uniform(0.05, 0.4, n))
-    return Performance(on, on + rng.uniform(0.05, 0.8, n), rng.integers(low, high, n).astype(np.int16),
-                       rng.integers(30, 110, n).astype(np.int16), np.zeros(n, np.int8))
+    return Performance(
+        on,
+        on + rng.uniform(0.05, 0.8, n),
+        rng.integers(low, high, n).astype(np.int16),
+        rng.integers(30, 110, n).astype(np.int16),
+        np.zeros(n, np.int8),
+    )
 
 
 @pytest.fixture()

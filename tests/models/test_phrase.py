@@ -201,7 +201,7 @@ def test_continue_keeps_the_input_and_appends(tmp_path):
     src = (tmp_path / "in.mid").read_bytes()
     n = continue_file(tmp_path / "in.mid", tmp_path / "out.mid", seconds=3.0, temperature=1.0, top_k=0, top_p=0.95, seed=0)
     out = (tmp_path / "out.mid").read_bytes()
-    assert out[14:len(src)] == src[14:]  # every original track byte kept
+    assert out[14 : len(src)] == src[14:]  # every original track byte kept
     assert int.from_bytes(out[10:12], "big") == int.from_bytes(src[10:12], "big") + 1
     both = MidiFile.load(tmp_path / "out.mid").performance
     assert len(both) == len(perf) + n and n > 0

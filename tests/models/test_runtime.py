@@ -52,8 +52,12 @@ def test_killed_velocity_model_falls_back_then_restarts_with_backoff(inline):
 
     async def run():
         loop = asyncio.get_running_loop()
-        worker = VelocityWorker(load_model=load_causal_step, make_features=LiveVelocityFeatures, inline=inline,
-                                backoff=Backoff(first=0.05, cap=0.2, at_once=False))
+        worker = VelocityWorker(
+            load_model=load_causal_step,
+            make_features=LiveVelocityFeatures,
+            inline=inline,
+            backoff=Backoff(first=0.05, cap=0.2, at_once=False),
+        )
         events: list[tuple[str, float]] = []
         worker.start(loop)
         worker.stage.listen(lambda e, stage: events.append((e, loop.time())))
@@ -93,8 +97,9 @@ def test_killed_velocity_model_falls_back_then_restarts_with_backoff(inline):
 
 def test_a_stopped_stage_does_not_restart():
     async def run():
-        worker = VelocityWorker(load_model=load_causal_step, make_features=LiveVelocityFeatures, inline=True,
-                                backoff=Backoff(first=0.02, at_once=False))
+        worker = VelocityWorker(
+            load_model=load_causal_step, make_features=LiveVelocityFeatures, inline=True, backoff=Backoff(first=0.02, at_once=False)
+        )
         worker.start(asyncio.get_running_loop())
         worker.kill()
         worker.stop()

@@ -93,7 +93,11 @@ def test_worker_with_the_static_step_answers_like_the_numpy_step():
     from cadenza.models.velocity.worker import VelocityWorker
 
     rng = np.random.default_rng(3)
-    events = [(int(rng.integers(0, 4)), 0.05 * k, int(p)) for k in range(60) for p in rng.choice(np.arange(40, 90), int(rng.choice([1, 3])), replace=False)]
+    events = [
+        (int(rng.integers(0, 4)), 0.05 * k, int(p))
+        for k in range(60)
+        for p in rng.choice(np.arange(40, 90), int(rng.choice([1, 3])), replace=False)
+    ]
     ref = load_causal_step()
     feats = {s: LiveVelocityFeatures() for s in range(4)}
     states = {s: ref.initial_state(1) for s in range(4)}
@@ -103,7 +107,9 @@ def test_worker_with_the_static_step_answers_like_the_numpy_step():
         want.append(float(v[0]))
 
     async def run():
-        worker = VelocityWorker(load_model=lambda: load_causal_step(static=True), make_features=LiveVelocityFeatures, max_batch=64, inline=False)
+        worker = VelocityWorker(
+            load_model=lambda: load_causal_step(static=True), make_features=LiveVelocityFeatures, max_batch=64, inline=False
+        )
         worker.start(asyncio.get_running_loop())
         try:
             futs = [worker.note_on(s, t, p) for s, t, p in events[:90]]

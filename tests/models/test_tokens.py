@@ -19,8 +19,15 @@ def _perf() -> Performance:
     onset[50:53] = [20.0, 20.3, 20.6]
     dur[50:53] = 1.0
     order = np.lexsort((pitch, onset))
-    return Performance(onset[order], (onset + dur)[order], pitch[order].astype(np.int16), rng.integers(1, 128, n)[order].astype(np.int16),
-                       np.zeros(n, np.int8), np.array([1.0, 5.123, 9.0, 12.0, 30.0]), np.array([100, 0, 64, 90, 10], np.int16))
+    return Performance(
+        onset[order],
+        (onset + dur)[order],
+        pitch[order].astype(np.int16),
+        rng.integers(1, 128, n)[order].astype(np.int16),
+        np.zeros(n, np.int8),
+        np.array([1.0, 5.123, 9.0, 12.0, 30.0]),
+        np.array([100, 0, 64, 90, 10], np.int16),
+    )
 
 
 def _match(a: Performance, b: Performance, q: float, t0: float = 0.0):

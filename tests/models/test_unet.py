@@ -29,7 +29,9 @@ def synthetic(seconds: float, n: int, seed: int = 0) -> Performance:
     order = np.lexsort((pitch, onset))
     onset, pitch = onset[order], pitch[order]
     offset = onset + rng.uniform(0.05, 2.0, n)
-    return Performance(onset, offset, pitch, np.full(n, 64, np.int16), np.zeros(n, np.int8), np.array([1.0, 3.0]), np.array([127, 0], np.int16))
+    return Performance(
+        onset, offset, pitch, np.full(n, 64, np.int16), np.zeros(n, np.int8), np.array([1.0, 3.0]), np.array([127, 0], np.int16)
+    )
 
 
 def tiny() -> UNet:

@@ -63,7 +63,7 @@ def test_causal_future_does_not_change_past(causal, perf):
     a, b = predict_causal(causal, perf), predict_causal(causal, other)
     past = perf.onset <= t_cut  # the perturbation keeps these notes first, in the same order
     np.testing.assert_allclose(a[past], b[: past.sum()], atol=1e-4)
-    assert np.abs(a[~past] - b[past.sum():]).max() > 0.5  # the perturbation is not a no-op
+    assert np.abs(a[~past] - b[past.sum() :]).max() > 0.5  # the perturbation is not a no-op
 
 
 @pytest.mark.parametrize("form", ["torch", "numpy"])

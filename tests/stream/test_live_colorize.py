@@ -141,7 +141,12 @@ def test_vanished_output_port_gets_its_notes_released_when_back(jack_server):
 
     synth = rtmidi.MidiIn(rtmidi.API_UNIX_JACK, "synth")
     synth.open_virtual_port("synth in")
-    settings = load_settings(overrides={"midi": {"api": "jack", "attach_out": True, "out_port": "synth in", "reattach_interval_s": 0.1}, "engine": {"stats_interval_s": 0}})
+    settings = load_settings(
+        overrides={
+            "midi": {"api": "jack", "attach_out": True, "out_port": "synth in", "reattach_interval_s": 0.1},
+            "engine": {"stats_interval_s": 0},
+        }
+    )
     svc = LiveService(settings, "colorize")
     player = Player("cadenza in")
     got: list[bytes] = []
@@ -184,8 +189,12 @@ def test_vanished_input_port_releases_its_notes_and_is_reattached(jack_server, b
         return kb
 
     kb = keyboard()
-    settings = load_settings(overrides={"midi": {"api": "jack", "attach_in": True, "in_port": "keys", "reattach_interval_s": 0.1},
-                                        "engine": {"stats_interval_s": 0, "busy_poll": busy}})
+    settings = load_settings(
+        overrides={
+            "midi": {"api": "jack", "attach_in": True, "in_port": "keys", "reattach_interval_s": 0.1},
+            "engine": {"stats_interval_s": 0, "busy_poll": busy},
+        }
+    )
     svc = LiveService(settings, "colorize")
     listener = Listener("cadenza out")
     try:

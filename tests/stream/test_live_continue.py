@@ -114,8 +114,16 @@ def test_with_midi_clock_the_phrase_ends_on_the_next_bar_line_and_the_answer_sta
 
 
 def test_end_call_cc_answers_at_once_and_duck_mode_keeps_the_answer_quieter(jack_server):
-    answer = {"silence_ms": 5000, "end_cc": 85, "barge_in": "duck", "duck_factor": 0.25, "length_mode": "seconds",
-              "response_seconds": 3.0, "seed": 3, "temperature": 1.0}
+    answer = {
+        "silence_ms": 5000,
+        "end_cc": 85,
+        "barge_in": "duck",
+        "duck_factor": 0.25,
+        "length_mode": "seconds",
+        "response_seconds": 3.0,
+        "seed": 3,
+        "temperature": 1.0,
+    }
     with running_service("continue", phrase=answer) as (svc, player, listener):
         _phrase(player)
         t_end = time.monotonic()

@@ -75,7 +75,7 @@ class Peer:
         self.got: dict[str, list[bytes]] = {}
         self._task = None
 
-    async def __aenter__(self) -> "Peer":
+    async def __aenter__(self) -> Peer:
         await self.client.__aenter__()
         await self.client.subscribe("cadenza/+/out")
         self._task = asyncio.create_task(self._collect())
@@ -261,7 +261,9 @@ def test_bridge_plays_through_the_daemon_and_releases_its_notes_when_it_stops(br
         async with running_daemon(daemon_settings(broker)) as d:
             box = {}
             ready = asyncio.Event()
-            task = asyncio.create_task(run_bridge(bridge_settings, "stage-left", ready=lambda b: (box.update(b=b), ready.set()), install_signals=False))
+            task = asyncio.create_task(
+                run_bridge(bridge_settings, "stage-left", ready=lambda b: (box.update(b=b), ready.set()), install_signals=False)
+            )
             await asyncio.wait_for(ready.wait(), 20)
             player, listener = Player("cadenza in"), Listener("cadenza out")
             try:

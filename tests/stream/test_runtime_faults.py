@@ -43,8 +43,14 @@ class _Out(list):
         pass
 
 
-async def _with_engine(settings: Settings, body: Callable[[Engine, list[tuple[bytes, object]]], Awaitable[None]], *,
-                       velocity: bool = False, lookahead: bool = False, phrase: bool = False) -> dict:
+async def _with_engine(
+    settings: Settings,
+    body: Callable[[Engine, list[tuple[bytes, object]]], Awaitable[None]],
+    *,
+    velocity: bool = False,
+    lookahead: bool = False,
+    phrase: bool = False,
+) -> dict:
     mode = "colorize" if velocity else "lookahead" if lookahead else "continue" if phrase else "thru"
     out = _Out()
     async with build_engine(settings, mode, [out]) as engine:

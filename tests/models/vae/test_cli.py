@@ -27,9 +27,11 @@ def _bad(tmp_path, case):
 def test_bad_input_one_line_error_no_output(vae_main, tmp_path, capsys, case, cmd):
     src = _bad(tmp_path, case)
     out = tmp_path / "out"
-    argv = {"reconstruct": ["vae", "reconstruct", str(src), "-o", str(out / "x.mid")],
-            "vary": ["vae", "vary", str(src), "-o", str(out), "-n", "2"],
-            "attribute": ["vae", "attribute", str(src), "--attribute", "density", "-o", str(out / "x.mid")]}[cmd]
+    argv = {
+        "reconstruct": ["vae", "reconstruct", str(src), "-o", str(out / "x.mid")],
+        "vary": ["vae", "vary", str(src), "-o", str(out), "-n", "2"],
+        "attribute": ["vae", "attribute", str(src), "--attribute", "density", "-o", str(out / "x.mid")],
+    }[cmd]
     rc = vae_main(argv)
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert rc != 0

@@ -25,12 +25,12 @@ def test_hierarchical_shapes_and_bar_reset():
     lg = m.decoder(z, x)
     assert lg.shape == (3, 256, m.cfg.vocab)
     y = x.clone()
-    y[:, 16 * 5:16 * 6] = (y[:, 16 * 5:16 * 6] + 1) % m.cfg.vocab  # change bar 6 only
+    y[:, 16 * 5 : 16 * 6] = (y[:, 16 * 5 : 16 * 6] + 1) % m.cfg.vocab  # change bar 6 only
     lg2 = m.decoder(z, y)
     same = (lg - lg2).abs().amax(-1) < 1e-6
-    assert same[:, :16 * 5 + 1].all()  # up to bar 6's first step (its input is the start token)
-    assert not same[:, 16 * 5 + 1:16 * 6].all()
-    assert same[:, 16 * 6:].all()  # bar 7 on: the state was reset, nothing leaks across the bar line
+    assert same[:, : 16 * 5 + 1].all()  # up to bar 6's first step (its input is the start token)
+    assert not same[:, 16 * 5 + 1 : 16 * 6].all()
+    assert same[:, 16 * 6 :].all()  # bar 7 on: the state was reset, nothing leaks across the bar line
     assert m.decode(z, 0.0).shape == (3, 256)
     assert m.decode(z, 1.0).shape == (3, 256)
 

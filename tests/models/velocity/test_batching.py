@@ -10,9 +10,9 @@ import asyncio
 import numpy as np
 import pytest
 
+from cadenza.models.velocity.batching import VelocityBatcher
 from cadenza.models.velocity.causal import load_causal_step
 from cadenza.models.velocity.features import LiveVelocityFeatures
-from cadenza.models.velocity.batching import VelocityBatcher
 from cadenza.models.velocity.worker import VelocityWorker
 
 
@@ -124,8 +124,11 @@ def test_reset_forgets_a_session_and_keeps_the_others():
     cut = len(events) // 2
     model = load_causal_step()
     batcher = VelocityBatcher(model, LiveVelocityFeatures)
-    got = batcher.apply([(kind, (0, s), t, p) for kind, s, t, p in events[:cut]] + [("reset", (0, 0), 0.0, 0)]
-                        + [(kind, (0, s), t, p) for kind, s, t, p in events[cut:]])
+    got = batcher.apply(
+        [(kind, (0, s), t, p) for kind, s, t, p in events[:cut]]
+        + [("reset", (0, 0), 0.0, 0)]
+        + [(kind, (0, s), t, p) for kind, s, t, p in events[cut:]]
+    )
     # reference: session 0 starts over at the cut (fresh features, fresh state)
     feats = {s: LiveVelocityFeatures() for s in range(2)}
     states = {s: model.initial_state(1) for s in range(2)}
