@@ -25,6 +25,7 @@ from typing import Iterator
 import torch
 
 from cadenza.models.phrase import tokens as tk
+from cadenza.models.phrase.lstm import PhraseLSTM
 from cadenza.models.phrase.model import PhraseModel, load_phrase  # noqa: F401  (load_phrase re-exported for the engine)
 
 MAX_GAP_S = 3.0  # longer silences are tokenized as this long: the model never saw longer ones
@@ -36,13 +37,14 @@ MAX_VOICES = 10  # at most this many response keys down at once
 class LivePhrase:
     """Appendable context + streaming response for one performer (one worker thread)."""
 
-    def __init__(self, model: PhraseModel, *, max_context: int | None = None, keep: int | None = None, style: str = "classical",
+    def __init__(self, model: PhraseModel | PhraseLSTM, *, max_context: int | None = None, keep: int | None = None, style: str = "classical",
                  static: bool | None = None):
         """``max_context``: tokens held in the cache (≤ the model's block size); when it is full
         the most recent ``keep`` tokens (default 3/4 of it) are re-prefilled and work goes on.
         ``style``: one of :data:`~cadenza.models.phrase.model.STYLES` the weights were trained with.
         ``static``: one-token steps through :class:`~cadenza.models.phrase.static.StaticDecoder`
-        (a CUDA graph on CUDA); default: when the model is on a CUDA device."""
+        (a CUDA graph on CUDA); default: when the model is on a CUDA device. ``model`` may also be
+        the LSTM baseline (:class:`~cadenza.models.phrase.lstm.PhraseLSTM`), always eager."""
         from cadenza.models.phrase.model import style_index
 
         self.model = model
@@ -53,7 +55,7 @@ class LivePhrase:
         self.reserve = min(64, (self.max_context - self.keep) // 2)  # slots kept free for a response's start
         self.device = model.wte.weight.device
         self.decoder = None
-        if static if static is not None else self.device.type == "cuda":
+        if (static if static is not None else self.device.type == "cuda") and isinstance(model, PhraseModel):  # (not the LSTM)
             from cadenza.models.phrase.static import StaticDecoder
 
             self.decoder = StaticDecoder(model, max_len=self.max_context, style=self._style)
@@ -165,8 +167,8 @@ class LivePhrase:
         if drop <= 0:
             return
         del self.hist[n:]
-        if self.cache.pos - drop >= 1:
-            self.cache.pos -= drop + 1  # re-run the last kept token to get its logits back
+        if self.cache.pos - drop >= 1 and self.cache.can_rewind(drop + 1):
+            self.cache.rewind(drop + 1)  # re-run the last kept token to get its logits back
             self._forward(self.hist[-1:])
         else:
             self.cache.reset()
@@ -174,7 +176,8 @@ class LivePhrase:
 
     def _push(self, toks: list[int], *, played: bool = True) -> None:
         """Append tokens to the context. For played input the cache slides early, while fewer
-        than ``reserve`` slots are free, so that a response never starts with a re-prefill."""
+        than ``reserve`` slots are free, so that a response never starts with a re-prefill. A
+        sliding cache (rotary model, LSTM state) is never full: it is never re-prefilled."""
         self.hist.extend(toks)
         free = self.cache.free - len(toks)
         if free < 0 or (played and free < self.reserve):  # slide: re-prefill the recent past
