@@ -22,10 +22,11 @@ import torch
 from cadenza.errors import CadenzaError
 from cadenza.models.phrase import tokens as tk
 from cadenza.models.phrase.data import TokenSplit, load_split
-from cadenza.models.phrase.model import load_phrase
+from cadenza.models.phrase.model import WEIGHTS_DIR, load_phrase
 from cadenza.models.phrase.ngram import NGram
 
 OVERLAP = 128
+LSTM_WEIGHTS = WEIGHTS_DIR / "phrase_lstm.safetensors"  # the baseline row, when trained
 STATS = ("pitch_class", "ioi", "density", "velocity", "polyphony")
 
 
@@ -195,10 +196,14 @@ def _pair(msgs, end):
 
 
 def evaluate(maestro_root: Path, *, split: str, limit: int | None, prompts: int, seconds: float, ngram_order: int,
-             weights: Path | None, seed: int, threads: int, sampling, pop909_root: Path | None = None) -> dict:
+             weights: Path | None, seed: int, threads: int, sampling, pop909_root: Path | None = None,
+             lstm: Path | None = LSTM_WEIGHTS) -> dict:
+    """``lstm``: the LSTM baseline's weights, scored on the same tokens when the file exists."""
     torch.set_num_threads(threads)
     t_start = time.monotonic()
     model = load_phrase(weights)
+    rnn = load_phrase(lstm) if lstm is not None and Path(lstm).is_file() else None
+    r_nll = 0.0
     train = load_split(maestro_root, "train")
     ng = NGram(ngram_order, tk.VOCAB_SIZE).fit(train.tokens)
     del train
@@ -212,6 +217,8 @@ def evaluate(maestro_root: Path, *, split: str, limit: int | None, prompts: int,
     for i in tqdm(picked, desc=f"scoring {split}", unit="piece"):
         piece = ts.piece(i)
         m_nll -= model_log_probs(model, piece).sum()
+        if rnn is not None:  # the same windows as the transformer's, from a zero state each
+            r_nll -= model_log_probs(rnn, piece).sum()
         n_nll -= ng.log_probs(piece).sum()
         count += len(piece) - 1
         secs += float(ts.seconds[i])
@@ -222,6 +229,7 @@ def evaluate(maestro_root: Path, *, split: str, limit: int | None, prompts: int,
         "split": split, "pieces": len(picked), "tokens": count, "music_seconds": round(secs, 1),
         "model": {"nll_per_token": m_nll / count, "nll_per_second": m_nll / secs, "params": model.num_params()},
         f"ngram{ngram_order}": {"nll_per_token": n_nll / count, "nll_per_second": n_nll / secs},
+        "lstm": {"nll_per_token": r_nll / count, "nll_per_second": r_nll / secs, "params": rnn.num_params()} if rnn is not None else None,
         "generation_overlap": gen,
         "sampling": {"temperature": sampling.temperature, "top_k": sampling.top_k, "top_p": sampling.top_p},
         "elapsed_s": round(time.monotonic() - t_start, 1),
@@ -258,6 +266,8 @@ def format_report(r: dict) -> str:
         f"{'transformer':14}{r['model']['nll_per_token']:>18.4f}{r['model']['nll_per_second']:>14.2f}",
         f"{ng + ' baseline':14}{r[ng]['nll_per_token']:>18.4f}{r[ng]['nll_per_second']:>14.2f}",
     ]
+    if r.get("lstm"):
+        lines.insert(3, f"{'LSTM baseline':14}{r['lstm']['nll_per_token']:>18.4f}{r['lstm']['nll_per_second']:>14.2f}")
     g = r["generation_overlap"]
     lines.append(f"generated {g['seconds']:g} s vs the real next {g['seconds']:g} s, {g['prompts']} prompts (histogram overlap, 1 = identical):")
     lines.append(f"{'':16}" + "".join(f"{s:>12}" for s in STATS + ("mean",)))

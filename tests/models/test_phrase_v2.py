@@ -249,3 +249,16 @@ def test_live_phrase_drives_both_new_models(which, tmp_path):
     assert live.context_tokens <= n + 4
     tail = list(live.respond(start_t=first[0][0] + 1.0, seconds=2.0, seed=3))
     assert sorted(m[1] for _, m in tail if m[0] & 0xF0 == 0x90) == sorted(m[1] for _, m in tail if m[0] & 0xF0 == 0x80)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_graphed_rope_decoder_slides_like_the_eager_one_on_cuda():
+    model = _rope(7, block=64).cuda()
+    x = torch.randint(0, tk.VOCAB_SIZE, (1, 200), device="cuda")
+    with torch.no_grad():
+        full = model(x)[0]  # band attention: what the ring gives
+    dec = StaticDecoder(model)
+    assert dec.graphed, dec.fallback_reason
+    parts = [dec.prefill(x[0, :10].tolist())] + [dec.step([int(x[0, i])]).clone() for i in range(10, 200)]
+    torch.testing.assert_close(torch.cat(parts), full[9:], atol=1e-3, rtol=1e-3)
