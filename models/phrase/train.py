@@ -373,7 +373,8 @@ def _lr(step: int, frac: float, opt: TrainOptions) -> float:
 
 def _command() -> str:
     argv = sys.argv
-    return "cadenza " + " ".join(shlex.quote(a) for a in argv[1:]) if argv and "cadenza" in argv[0] else " ".join(map(shlex.quote, argv))
+    named = argv and ("cadenza" in argv[0] or argv[0].endswith("__main__.py"))  # the console script or python -m cadenza
+    return "cadenza " + " ".join(shlex.quote(a) for a in argv[1:]) if named else " ".join(map(shlex.quote, argv))
 
 
 def _training_record(best: dict, runs: list[dict], params: int) -> dict:
