@@ -11,22 +11,57 @@ from pathlib import Path
 
 
 def register(groups) -> None:
-    p = groups["train"].add_parser("phrase", help="train the phrase-continuation transformer on MAESTRO train")
-    p.add_argument("--minutes", type=float, default=25.0, help="wall-clock budget (default 25)")
+    p = groups["train"].add_parser("phrase", help="train the phrase model (transformer, or the LSTM baseline) on MAESTRO train")
+    p.add_argument(
+        "--arch",
+        choices=["transformer", "lstm"],
+        default="transformer",
+        help="the transformer (default) or the Performance RNN style LSTM baseline",
+    )
+    p.add_argument(
+        "--minutes", type=float, default=25.0, help="wall-clock limit of this run (default 25); also the schedule without --tokens"
+    )
+    p.add_argument(
+        "--tokens",
+        type=float,
+        default=0,
+        help="declared training-token budget the learning rate decays over (e.g. 3e7); the run also ends when it is spent",
+    )
+    p.add_argument("--schedule", choices=["cosine", "linear"], default="cosine", help="decay after warmup (default cosine)")
+    p.add_argument("--steps", type=int, default=0, help="stop this run after N steps (default: no limit)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: the machine is shared)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=512, help="training window = context length in tokens")
     p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--min-lr", type=float, default=1e-4)
+    p.add_argument("--warmup", type=int, default=40, metavar="STEPS")
+    p.add_argument("--layers", type=int, help="blocks (transformer default 4) / LSTM layers (default 3); with --init: grow to this many")
     p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--width", type=int, default=128, help="embedding width")
+    p.add_argument("--width", type=int, help="embedding width (transformer default 128, LSTM 256)")
+    p.add_argument(
+        "--pos", choices=["absolute", "rope"], help="positions: rope (default for a new model) or absolute; with --init: convert to rope"
+    )
+    p.add_argument("--mlp", choices=["gelu", "swiglu"], help="MLP of a new transformer (default swiglu)")
     p.add_argument("--eval-every", type=float, default=150.0, metavar="SECONDS")
-    p.add_argument("--init", type=Path, help="continue training from these weights")
-    p.add_argument("--pop909", type=float, default=0.0, metavar="SHARE", help="share of each batch from POP909 train, learned as the pop style (default 0)")
-    p.add_argument("-o", "--out", type=Path, help="where to write the weights (default: the shipped ones)")
+    p.add_argument(
+        "--checkpoint-every", type=float, default=300.0, metavar="SECONDS", help="write the resumable checkpoint this often (default 300)"
+    )
+    p.add_argument("--init", type=Path, help="start from these weights (converted with --pos rope, grown with --layers)")
+    p.add_argument("--resume", action="store_true", help="continue the run whose checkpoint belongs to --out (or --checkpoint)")
+    p.add_argument("--checkpoint", type=Path, help="checkpoint file (default .cache/phrase/<out stem>.ckpt)")
+    p.add_argument(
+        "--pop909",
+        type=float,
+        default=0.0,
+        metavar="SHARE",
+        help="share of each batch from POP909 train, learned as the pop style (default 0)",
+    )
+    p.add_argument("-o", "--out", type=Path, help="where to write the best weights (default models/weights/phrase_v2 or phrase_lstm)")
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu", help="where to train (default cpu; auto = cuda when present)")
+    p.add_argument(
+        "--device", choices=["auto", "cpu", "cuda"], default="cpu", help="where to train (default cpu; auto = cuda when present)"
+    )
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the forward pass (GPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model for training (GPU)")
     p.set_defaults(func=_train)
@@ -43,8 +78,12 @@ def register(groups) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--save", type=Path, help="also write the JSON result to this file")
     p.add_argument("--files", type=Path, metavar="DIR", help="instead of a split: NLL per token and per second of the MIDI files in DIR")
-    p.add_argument("--report", type=Path, metavar="OUT_DIR",
-                   help="write the eval-midi report (report.md, figures) of the model's, the n-gram's and the real continuations")
+    p.add_argument(
+        "--report",
+        type=Path,
+        metavar="OUT_DIR",
+        help="write the eval-midi report (report.md, figures) of the model's, the n-gram's and the real continuations",
+    )
     _answer_flags(p)
     p.set_defaults(func=_eval, prepare=_answer_overrides)
 
@@ -84,7 +123,9 @@ def _sampling_flags(p) -> None:
 def _answer_flags(p) -> None:
     p.add_argument("--best-of", type=int, help="candidate answers per horizon, the best kept ([phrase] best_of; 1 = off)")
     p.add_argument("--key-guard", type=float, help="logit penalty on notes outside the call's key ([phrase] key_guard; 0 = off)")
-    p.add_argument("--register-guard", type=float, help="logit penalty per octave beyond the call's range ([phrase] register_guard; 0 = off)")
+    p.add_argument(
+        "--register-guard", type=float, help="logit penalty per octave beyond the call's range ([phrase] register_guard; 0 = off)"
+    )
 
 
 def _answer_overrides(args) -> None:
@@ -104,19 +145,48 @@ def _sampling_overrides(args) -> None:
 
 
 def _train(args, settings) -> int:
+    from cadenza.models.phrase.model import WEIGHTS_DIR
     from cadenza.models.phrase.train import TrainOptions, train
 
+    lstm = args.arch == "lstm"
     opt = TrainOptions(
-        minutes=args.minutes, threads=args.threads, seed=args.seed, batch=args.batch, seq_len=args.seq_len, lr=args.lr,
-        n_layer=args.layers, n_head=args.heads, n_embd=args.width, eval_every_s=args.eval_every, init=args.init,
-        pop909=args.pop909, pop909_root=settings.data.pop909, device=args.device, bf16=args.bf16, compile=args.compile,
+        minutes=args.minutes,
+        tokens=int(args.tokens),
+        schedule=args.schedule,
+        steps=args.steps,
+        threads=args.threads,
+        seed=args.seed,
+        batch=args.batch,
+        seq_len=args.seq_len,
+        lr=args.lr,
+        min_lr=args.min_lr,
+        warmup_steps=args.warmup,
+        arch=args.arch,
+        n_layer=args.layers or (3 if lstm else 4),
+        n_head=args.heads,
+        n_embd=args.width or (256 if lstm else 128),
+        pos=args.pos,
+        mlp=args.mlp,
+        eval_every_s=args.eval_every,
+        checkpoint_every_s=args.checkpoint_every,
+        init=args.init,
+        resume=args.resume,
+        checkpoint=args.checkpoint,
+        pop909=args.pop909,
+        pop909_root=settings.data.pop909,
+        device=args.device,
+        bf16=args.bf16,
+        compile=args.compile,
+        out=args.out or WEIGHTS_DIR / ("phrase_lstm.safetensors" if lstm else "phrase_v2.safetensors"),
     )
-    if args.out:
-        opt.out = args.out
     result = train(settings.data.maestro, opt, progress=not args.no_progress)
     b = result["best"]
-    print(f"phrase model: {result['params']:,} parameters, {result['steps']} steps, {result['tokens']:,} tokens")
-    print(f"best validation NLL {b['val_nll']:.4f} nats/token at step {b['step']} -> {opt.out}")
+    print(
+        f"phrase {opt.arch}: {result['params']:,} parameters, {result['steps']} steps, {result['tokens']:,} tokens (stopped: {result['stopped']})"
+    )
+    print(
+        f"best validation NLL {b['val_nll']:.4f} nats/token at step {b['step']} -> {opt.out}; resume with --resume (checkpoint {result['checkpoint']})"
+    )
     return 0
 
 
@@ -131,9 +201,19 @@ def _eval(args, settings) -> int:
         print(json.dumps(result) if args.json else format_files(result))
         return 0
     result = evaluate(
-        settings.data.maestro, split=args.split, limit=args.limit, prompts=args.prompts, seconds=args.seconds,
-        ngram_order=args.ngram, weights=args.weights or settings.phrase.weights, seed=args.seed, threads=args.threads,
-        sampling=settings.phrase, pop909_root=settings.data.pop909, answer=options_from(settings.phrase), report=args.report,
+        settings.data.maestro,
+        split=args.split,
+        limit=args.limit,
+        prompts=args.prompts,
+        seconds=args.seconds,
+        ngram_order=args.ngram,
+        weights=args.weights or settings.phrase.weights,
+        seed=args.seed,
+        threads=args.threads,
+        sampling=settings.phrase,
+        pop909_root=settings.data.pop909,
+        answer=options_from(settings.phrase),
+        report=args.report,
     )
     if args.save:
         from cadenza.atomic import write_atomic
@@ -148,8 +228,18 @@ def _continue(args, settings) -> int:
     from cadenza.models.phrase.files import continue_file
 
     c = settings.phrase
-    n = continue_file(args.input, args.output, seconds=args.seconds, temperature=c.temperature, top_k=c.top_k, top_p=c.top_p,
-                      seed=c.seed, weights=c.weights, style=c.style, answer=options_from(c))
+    n = continue_file(
+        args.input,
+        args.output,
+        seconds=args.seconds,
+        temperature=c.temperature,
+        top_k=c.top_k,
+        top_p=c.top_p,
+        seed=c.seed,
+        weights=c.weights,
+        style=c.style,
+        answer=options_from(c),
+    )
     print(f"{args.output}: input kept, {n} generated notes appended as a new track ({args.seconds:g} s)")
     return 0
 
@@ -158,8 +248,17 @@ def _generate(args, settings) -> int:
     from cadenza.models.phrase.files import generate_file
 
     c = settings.phrase
-    n = generate_file(args.output, seconds=args.seconds, temperature=c.temperature, top_k=c.top_k, top_p=c.top_p,
-                      seed=c.seed, weights=c.weights, channel=args.channel, style=c.style)
+    n = generate_file(
+        args.output,
+        seconds=args.seconds,
+        temperature=c.temperature,
+        top_k=c.top_k,
+        top_p=c.top_p,
+        seed=c.seed,
+        weights=c.weights,
+        channel=args.channel,
+        style=c.style,
+    )
     print(f"{args.output}: {n} notes, {args.seconds:g} s")
     return 0
 
@@ -168,8 +267,15 @@ def _bench(args, settings) -> int:
     from cadenza.bench import engine_ttfn
     from cadenza.models.phrase.bench import format_bench, run_bench
 
-    result = run_bench(weights=args.weights or settings.phrase.weights, device=args.device or settings.phrase.device,
-                       threads=args.threads, prompt=args.prompt, tokens=args.tokens, calls=args.calls, settings=settings,
-                       ttfn=engine_ttfn)
+    result = run_bench(
+        weights=args.weights or settings.phrase.weights,
+        device=args.device or settings.phrase.device,
+        threads=args.threads,
+        prompt=args.prompt,
+        tokens=args.tokens,
+        calls=args.calls,
+        settings=settings,
+        ttfn=engine_ttfn,
+    )
     print(json.dumps(result) if args.json else format_bench(result))
     return 0

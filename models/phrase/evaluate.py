@@ -23,7 +23,7 @@ import torch
 from cadenza.errors import CadenzaError
 from cadenza.models.phrase import tokens as tk
 from cadenza.models.phrase.data import TokenSplit, load_split
-from cadenza.models.phrase.model import load_phrase
+from cadenza.models.phrase.model import WEIGHTS_DIR, load_phrase
 from cadenza.models.phrase.ngram import NGram
 
 if TYPE_CHECKING:
@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from cadenza.models.phrase.calls import Named, StudyResult
 
 OVERLAP = 128
+LSTM_WEIGHTS = WEIGHTS_DIR / "phrase_lstm.safetensors"  # the baseline row, when trained
 STATS = ("pitch_class", "ioi", "density", "velocity", "polyphony")
 
 
@@ -62,6 +63,7 @@ def model_log_probs(model, piece: np.ndarray, style: int = 0) -> np.ndarray:
 
 
 # ---- generation statistics --------------------------------------------------------------------
+
 
 def _hist(values, bins) -> np.ndarray:
     h = np.histogram(np.clip(values, bins[0], bins[-1] - 1e-9), bins)[0].astype(np.float64) if len(values) else np.zeros(len(bins) - 1)
@@ -140,16 +142,31 @@ def _events_to_notes(events: list[tk.Event], stream: tk.TokenStream, end: float)
     return a[:, 0], a[:, 1], a[:, 2], a[:, 3]
 
 
-def generation_stats(model, ng: NGram, ts: TokenSplit, *, prompts: int, seconds: float, seed: int, sampling,
-                     answer: AnswerOptions | None = None, extra: list[Named] | None = None, progress: bool = False) -> StudyResult:
+def generation_stats(
+    model,
+    ng: NGram,
+    ts: TokenSplit,
+    *,
+    prompts: int,
+    seconds: float,
+    seed: int,
+    sampling,
+    answer: AnswerOptions | None = None,
+    extra: list[Named] | None = None,
+    progress: bool = False,
+) -> StudyResult:
     """Overlap with the real continuation and call-relatedness (models/phrase/calls.py) of the
     transformer (through the live API as on stage; ``answer``: best-of-N and guards), the n-gram,
     the real continuation, and any ``extra`` generators (calls.Named). Returns calls.StudyResult."""
     from cadenza.models.phrase.calls import Named, live_generator, ngram_generator, real_next, study
     from cadenza.models.phrase.live import LivePhrase
 
-    gens = [Named("model", live_generator(LivePhrase(model, answer=answer), sampling)),
-            Named("ngram", ngram_generator(ng, sampling.temperature)), *(extra or []), Named("real", real_next)]
+    gens = [
+        Named("model", live_generator(LivePhrase(model, answer=answer), sampling)),
+        Named("ngram", ngram_generator(ng, sampling.temperature)),
+        *(extra or []),
+        Named("real", real_next),
+    ]
     res = study(gens, lambda i: tk.decode_tokens(ts.piece(i)[1:]), len(ts), prompts=prompts, seconds=seconds, seed=seed, progress=progress)
     res.overlap.pop("real", None)  # the real continuation against itself: 1 by definition
     return res
@@ -169,12 +186,29 @@ def _pair(msgs, end):
     return a[:, 0], a[:, 1], a[:, 2], a[:, 3]
 
 
-def evaluate(maestro_root: Path, *, split: str, limit: int | None, prompts: int, seconds: float, ngram_order: int,
-             weights: Path | None, seed: int, threads: int, sampling, pop909_root: Path | None = None,
-             answer: AnswerOptions | None = None, report: Path | None = None) -> dict:
+def evaluate(
+    maestro_root: Path,
+    *,
+    split: str,
+    limit: int | None,
+    prompts: int,
+    seconds: float,
+    ngram_order: int,
+    weights: Path | None,
+    seed: int,
+    threads: int,
+    sampling,
+    pop909_root: Path | None = None,
+    answer: AnswerOptions | None = None,
+    report: Path | None = None,
+    lstm: Path | None = LSTM_WEIGHTS,
+) -> dict:
+    """``lstm``: the LSTM baseline's weights, scored on the same tokens when the file exists."""
     torch.set_num_threads(threads)
     t_start = time.monotonic()
     model = load_phrase(weights)
+    rnn = load_phrase(lstm) if lstm is not None and Path(lstm).is_file() else None
+    r_nll = 0.0
     train = load_split(maestro_root, "train")
     ng = NGram(ngram_order, tk.VOCAB_SIZE).fit(train.tokens)
     del train
@@ -188,11 +222,12 @@ def evaluate(maestro_root: Path, *, split: str, limit: int | None, prompts: int,
     for i in tqdm(picked, desc=f"scoring {split}", unit="piece"):
         piece = ts.piece(i)
         m_nll -= model_log_probs(model, piece).sum()
+        if rnn is not None:  # the same windows as the transformer's, from a zero state each
+            r_nll -= model_log_probs(rnn, piece).sum()
         n_nll -= ng.log_probs(piece).sum()
         count += len(piece) - 1
         secs += float(ts.seconds[i])
-    study = generation_stats(model, ng, ts, prompts=prompts, seconds=seconds, seed=seed, sampling=sampling, answer=answer,
-                             progress=True)
+    study = generation_stats(model, ng, ts, prompts=prompts, seconds=seconds, seed=seed, sampling=sampling, answer=answer, progress=True)
     gen = study.overlap
     if report is not None:
         from cadenza.models.phrase.report import phrase_report
@@ -201,9 +236,13 @@ def evaluate(maestro_root: Path, *, split: str, limit: int | None, prompts: int,
     styles = pop909_by_style(model, ng, pop909_root, split, limit) if pop909_root is not None and model.config.n_styles > 1 else None
     return {
         "pop909_by_style": styles,
-        "split": split, "pieces": len(picked), "tokens": count, "music_seconds": round(secs, 1),
+        "split": split,
+        "pieces": len(picked),
+        "tokens": count,
+        "music_seconds": round(secs, 1),
         "model": {"nll_per_token": m_nll / count, "nll_per_second": m_nll / secs, "params": model.num_params()},
         f"ngram{ngram_order}": {"nll_per_token": n_nll / count, "nll_per_second": n_nll / secs},
+        "lstm": {"nll_per_token": r_nll / count, "nll_per_second": r_nll / secs, "params": rnn.num_params()} if rnn is not None else None,
         "generation_overlap": gen,
         "call_relatedness": study.relatedness,
         "best_of": answer.best_of if answer is not None else 1,
@@ -231,7 +270,12 @@ def pop909_by_style(model, ng, root: Path, split: str, limit: int | None) -> dic
             nll[s] -= model_log_probs(model, piece, style=k).sum()
         n_nll -= ng.log_probs(piece).sum()
         count += len(piece) - 1
-    return {"pieces": len(picked), "tokens": count, **{f"nll_per_token_{s}": nll[s] / count for s in STYLES}, "ngram_nll_per_token": n_nll / count}
+    return {
+        "pieces": len(picked),
+        "tokens": count,
+        **{f"nll_per_token_{s}": nll[s] / count for s in STYLES},
+        "ngram_nll_per_token": n_nll / count,
+    }
 
 
 def format_report(r: dict) -> str:
@@ -242,15 +286,21 @@ def format_report(r: dict) -> str:
         f"{'transformer':14}{r['model']['nll_per_token']:>18.4f}{r['model']['nll_per_second']:>14.2f}",
         f"{ng + ' baseline':14}{r[ng]['nll_per_token']:>18.4f}{r[ng]['nll_per_second']:>14.2f}",
     ]
+    if r.get("lstm"):
+        lines.insert(3, f"{'LSTM baseline':14}{r['lstm']['nll_per_token']:>18.4f}{r['lstm']['nll_per_second']:>14.2f}")
     g = r["generation_overlap"]
-    lines.append(f"generated {g['seconds']:g} s vs the real next {g['seconds']:g} s, {g['prompts']} prompts (histogram overlap, 1 = identical):")
+    lines.append(
+        f"generated {g['seconds']:g} s vs the real next {g['seconds']:g} s, {g['prompts']} prompts (histogram overlap, 1 = identical):"
+    )
     lines.append(f"{'':16}" + "".join(f"{s:>12}" for s in STATS + ("mean",)))
     for k in [k for k in g if isinstance(g[k], dict)]:  # model, ngram, any extra generator, previous_real
         lines.append(f"{k:16}" + "".join(f"{g[k][s]:>12.3f}" for s in STATS + ("mean",)))
     p = r.get("pop909_by_style")
     if p:
-        lines.append(f"POP909 {r['split']} ({p['pieces']} songs, {p['tokens']:,} tokens), NLL/token: pop style {p['nll_per_token_pop']:.4f}, "
-                     f"classical style {p['nll_per_token_classical']:.4f}, {ng} (MAESTRO-trained) {p['ngram_nll_per_token']:.4f}")
+        lines.append(
+            f"POP909 {r['split']} ({p['pieces']} songs, {p['tokens']:,} tokens), NLL/token: pop style {p['nll_per_token_pop']:.4f}, "
+            f"classical style {p['nll_per_token_classical']:.4f}, {ng} (MAESTRO-trained) {p['ngram_nll_per_token']:.4f}"
+        )
     if r.get("call_relatedness"):
         from cadenza.models.phrase.calls import format_relatedness
 

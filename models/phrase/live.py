@@ -27,6 +27,7 @@ import torch
 
 from cadenza.models.phrase import tokens as tk
 from cadenza.models.phrase.answer import PIANO, AnswerOptions, AnswerRow, Choice, Found, call_notes, commit, note_bias, search  # noqa: F401  (PIANO re-exported)
+from cadenza.models.phrase.lstm import PhraseLSTM
 from cadenza.models.phrase.model import PhraseModel, load_phrase  # noqa: F401  (load_phrase re-exported for the engine)
 from cadenza.models.phrase.relatedness import Notes
 
@@ -40,13 +41,23 @@ MIN_HORIZON_TOKENS = 4  # below this many tokens a horizon compares nothing wort
 class LivePhrase:
     """Appendable context + streaming response for one performer (one worker thread)."""
 
-    def __init__(self, model: PhraseModel, *, max_context: int | None = None, keep: int | None = None, style: str = "classical",
-                 static: bool | None = None, answer: AnswerOptions | None = None, paced: bool = False):
+    def __init__(
+        self,
+        model: PhraseModel | PhraseLSTM,
+        *,
+        max_context: int | None = None,
+        keep: int | None = None,
+        style: str = "classical",
+        static: bool | None = None,
+        answer: AnswerOptions | None = None,
+        paced: bool = False,
+    ):
         """``max_context``: tokens held in the cache (≤ the model's block size); when it is full
         the most recent ``keep`` tokens (default 3/4 of it) are re-prefilled and work goes on.
         ``style``: one of :data:`~cadenza.models.phrase.model.STYLES` the weights were trained with.
         ``static``: one-token steps through :class:`~cadenza.models.phrase.static.StaticDecoder`
-        (a CUDA graph on CUDA); default: when the model is on a CUDA device. ``answer``: best-of-N
+        (a CUDA graph on CUDA); default: when the model is on a CUDA device. ``model`` may also be
+        the LSTM baseline (:class:`~cadenza.models.phrase.lstm.PhraseLSTM`), always eager. ``answer``: best-of-N
         and the key/register guards (:mod:`~cadenza.models.phrase.answer`); default: neither.
         ``paced``: the answer is played as it is yielded (live): best-of-N horizons are sized so
         that generation stays ahead of playback (see ``_horizon_tokens``)."""
@@ -60,7 +71,7 @@ class LivePhrase:
         self.reserve = min(64, (self.max_context - self.keep) // 2)  # slots kept free for a response's start
         self.device = model.wte.weight.device
         self.decoder = None
-        if static if static is not None else self.device.type == "cuda":
+        if (static if static is not None else self.device.type == "cuda") and isinstance(model, PhraseModel):  # (not the LSTM)
             from cadenza.models.phrase.static import StaticDecoder
 
             self.decoder = StaticDecoder(model, max_len=self.max_context, style=self._style)
@@ -181,8 +192,8 @@ class LivePhrase:
         if drop <= 0:
             return
         del self.hist[n:]
-        if self.cache.pos - drop >= 1:
-            self.cache.pos -= drop + 1  # re-run the last kept token to get its logits back
+        if self.cache.pos - drop >= 1 and self.cache.can_rewind(drop + 1):
+            self.cache.rewind(drop + 1)  # re-run the last kept token to get its logits back
             self._forward(self.hist[-1:])
         else:
             self.cache.reset()
@@ -190,7 +201,8 @@ class LivePhrase:
 
     def _push(self, toks: list[int], *, played: bool = True) -> None:
         """Append tokens to the context. For played input the cache slides early, while fewer
-        than ``reserve`` slots are free, so that a response never starts with a re-prefill."""
+        than ``reserve`` slots are free, so that a response never starts with a re-prefill. A
+        sliding cache (rotary model, LSTM state) is never full: it is never re-prefilled."""
         self.hist.extend(toks)
         free = self.cache.free - len(toks)
         if free < 0 or (played and free < self.reserve):  # slide: re-prefill the recent past
@@ -214,9 +226,19 @@ class LivePhrase:
         self._logits = self.model(idx, self.cache, last_only=True, style=self._style)[0, -1].float().cpu()
 
     # ---- response -----------------------------------------------------------------------------
-    def respond(self, *, start_t: float, seconds: float, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                seed: int | None = None, channel: int = 0, max_hold_s: float = MAX_HOLD_S,
-                max_voices: int = MAX_VOICES) -> Iterator[tuple[float, bytes]]:
+    def respond(
+        self,
+        *,
+        start_t: float,
+        seconds: float,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        channel: int = 0,
+        max_hold_s: float = MAX_HOLD_S,
+        max_voices: int = MAX_VOICES,
+    ) -> Iterator[tuple[float, bytes]]:
         """Generate up to ``seconds`` of answer from ``start_t``: yields (time, 3-byte message).
 
         Lazy: each ``next`` runs the model only as far as the next message. Times are absolute
@@ -229,7 +251,9 @@ class LivePhrase:
             raise ValueError("temperature > 0, 0 < top_p <= 1, top_k >= 0, seconds >= 0")
         self._gen += 1  # from now on, any feed/reset/respond makes this generator stop
         limits = (max(1, int(round(max_hold_s / self.stream.quantum))), max(1, int(max_voices)))
-        return self._respond(self._gen, float(start_t), float(seconds), float(temperature), int(top_k), float(top_p), seed, int(channel) & 15, limits)
+        return self._respond(
+            self._gen, float(start_t), float(seconds), float(temperature), int(top_k), float(top_p), seed, int(channel) & 15, limits
+        )
 
     def _respond(self, me, start_t, seconds, temperature, top_k, top_p, seed, channel, limits):
         if self._gen != me:
@@ -249,8 +273,14 @@ class LivePhrase:
             self._push(shift, played=False)
         opts = self.answer
         call = call_notes(self.hist[-self.max_context :], opts.call_s, st.quantum) if (opts.best_of > 1 or opts.guarded) else None
-        row = AnswerRow(st, mine=resp["mine"], may_pedal=not st.pedal,  # never release a pedal the performer is holding
-                        max_hold=limits[0], max_voices=limits[1], bias=note_bias(call, opts) if call is not None else None)
+        row = AnswerRow(
+            st,
+            mine=resp["mine"],
+            may_pedal=not st.pedal,  # never release a pedal the performer is holding
+            max_hold=limits[0],
+            max_voices=limits[1],
+            bias=note_bias(call, opts) if call is not None else None,
+        )
         self.choices = []
 
         def draw(logits, g):
@@ -295,8 +325,9 @@ class LivePhrase:
             if cap < MIN_HORIZON_TOKENS:  # no time to compare candidates: one onset alone, then look again
                 going = yield from single(True)
                 continue
-            found = self._best_of(row, horizon_tick=min(end_tick, st.tick + horizon), cap=cap, call=call,
-                                  sampling=(temperature, top_k, top_p), gen=gen)
+            found = self._best_of(
+                row, horizon_tick=min(end_tick, st.tick + horizon), cap=cap, call=call, sampling=(temperature, top_k, top_p), gen=gen
+            )
             if not found.tokens:
                 break  # every candidate stops at once (the answer's end is next): sample the rest singly
             row.st.__dict__.update(found.row.st.__dict__)  # the kept candidate's state becomes the answer's
@@ -342,16 +373,27 @@ class LivePhrase:
         ahead = (music_now - music0) - (time.perf_counter() - wall0)
         return max(0, min(self.answer.lookahead_tokens, int(PACE_SHARE * ahead / self._step_s)))
 
-    def _best_of(self, row: AnswerRow, *, horizon_tick: int, cap: int, call: Notes, sampling: tuple[float, int, float],
-                 gen: torch.Generator) -> Found:
+    def _best_of(
+        self, row: AnswerRow, *, horizon_tick: int, cap: int, call: Notes, sampling: tuple[float, int, float], gen: torch.Generator
+    ) -> Found:
         """One best-of-N horizon from the live cache (see answer.py), committed into it."""
         if self._bank is None:
             from cadenza.models.phrase.static import StaticDecoder
 
             self._bank = StaticDecoder(self.model, batch=self.answer.best_of, max_len=self.max_context, style=self._style)
         t0 = time.perf_counter()
-        found = search(self._bank, self.cache, self._logits, row, horizon_tick=horizon_tick, cap=min(cap, self.cache.free - 1), call=call,
-                       opts=self.answer, sampling=sampling, generator=gen)
+        found = search(
+            self._bank,
+            self.cache,
+            self._logits,
+            row,
+            horizon_tick=horizon_tick,
+            cap=min(cap, self.cache.free - 1),
+            call=call,
+            opts=self.answer,
+            sampling=sampling,
+            generator=gen,
+        )
         steps = max(map(len, found.choice.tokens)) + 1
         self._step_s = 0.7 * self._step_s + 0.3 * (time.perf_counter() - t0) / steps  # for pacing the next horizons
         commit(self._bank, self.cache, found)

@@ -1,10 +1,21 @@
 """The phrase model: a small decoder-only transformer over event tokens, with a KV cache.
 
-nanoGPT's shape (pre-LayerNorm blocks, learned positions, tied input/output embeddings) at a size
-that trains on CPU. Inference appends tokens through a preallocated :class:`KVCache`, so a live
-context costs one short forward per event and nothing is left to prefill when the performer stops.
+nanoGPT's shape (pre-LayerNorm blocks, tied input/output embeddings) at a size that trains on CPU.
+Positions are either learned absolute embeddings (``pos="absolute"``: the first shipped weights)
+or rotary (``pos="rope"``, RoFormer): keys and queries are rotated by their position, so attention
+depends only on how far apart two tokens are. Inference appends tokens through a preallocated
+:class:`KVCache`, so a live context costs one short forward per event and nothing is left to
+prefill when the performer stops.
 
-The cache has two attention modes: ``static=False`` attends over the filled prefix only (fastest
+Sliding past the context. An absolute-position cache is full after ``block_size`` tokens and must
+be rebuilt (re-prefill the recent past). A rotary cache is a ring instead: a key, once rotated, is
+valid at any later step, so the newest token simply overwrites the oldest slot and every query
+sees the last ``max_len`` tokens; no token is ever re-encoded. This is sliding-window attention:
+the same logits as a full forward over the whole sequence with a band mask of width ``max_len``
+(what :meth:`PhraseModel.forward` computes for a rotary model given more than ``block_size``
+tokens; tests/models/test_phrase_v2.py checks the two agree).
+
+The cache has two attention modes: ``static=False`` attends over the filled slots only (fastest
 on CPU), ``static=True`` always attends over the whole preallocated buffer with a mask, so every
 step has the same shapes (what CUDA graphs need). Both give the same logits.
 
@@ -16,8 +27,10 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
@@ -41,44 +54,141 @@ class PhraseConfig:
     n_embd: int = 256
     dropout: float = 0.0
     n_styles: int = 0  # 0: no style conditioning (weights from before styles load as they were)
+    pos: str = "absolute"  # "absolute" (learned, the first shipped weights) or "rope" (rotary, slides freely)
+    mlp: str = "gelu"  # "gelu" (4x wide) or "swiglu" (gated, 8/3 x wide: the same parameter count)
+    rope_base: float = 10000.0
+
+    def __post_init__(self):
+        if self.pos not in ("absolute", "rope") or self.mlp not in ("gelu", "swiglu"):
+            raise ValueError(f"pos must be absolute|rope and mlp gelu|swiglu (got {self.pos!r}, {self.mlp!r})")
+        if self.pos == "rope" and (self.n_embd // self.n_head) % 2:
+            raise ValueError("rotary positions need an even head width")
 
 
 class KVCache:
-    """Preallocated keys/values for every layer: (n_layer, B, n_head, max_len, head_dim)."""
+    """Preallocated keys/values for every layer: (n_layer, B, n_head, max_len, head_dim).
 
-    def __init__(self, cfg: PhraseConfig, *, batch: int = 1, max_len: int | None = None, static: bool = False, device="cpu", dtype=torch.float32):
+    ``pos`` counts the tokens appended since the last reset (the next token's position). A
+    ``sliding`` cache (rotary models) is a ring: token ``p`` lives in slot ``p % max_len`` and
+    ``slot_pos`` says which position each slot holds (-1: empty), which is all a mask needs.
+    """
+
+    def __init__(
+        self, cfg: PhraseConfig, *, batch: int = 1, max_len: int | None = None, static: bool = False, device="cpu", dtype=torch.float32
+    ):
         self.max_len = min(max_len or cfg.block_size, cfg.block_size)
         hd = cfg.n_embd // cfg.n_head
         shape = (cfg.n_layer, batch, cfg.n_head, self.max_len, hd)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.slot_pos = torch.full((self.max_len,), -1, dtype=torch.long, device=device)
         self.static = static
-        self.pos = 0  # tokens held
+        self.sliding = cfg.pos == "rope"
+        self.reset()
 
     def reset(self) -> None:
-        self.pos = 0
+        self.pos = 0  # tokens held (absolute) / appended (sliding)
+        self._holes_until = 0  # a sliding cache has empty slots inside its window until pos reaches this
+        self.slot_pos.fill_(-1)
 
     @property
     def free(self) -> int:
-        return self.max_len - self.pos
+        """Tokens that can still be appended: a sliding cache never runs out (it forgets its oldest)."""
+        return sys.maxsize if self.sliding else self.max_len - self.pos
+
+    @property
+    def contiguous(self) -> bool:
+        """Every slot a one-token step attends to (the first min(pos + 1, max_len)) is valid."""
+        return self.pos >= self._holes_until
+
+    def can_rewind(self, n: int) -> bool:
+        return 0 <= n <= self.pos
+
+    def rewind(self, n: int) -> None:
+        """Forget the last ``n`` tokens. In a ring that has wrapped, the slots they overwrote are
+        lost too: the window holds fewer tokens until as many new ones have been appended."""
+        if not self.can_rewind(n):
+            raise ValueError(f"cannot rewind {n} of {self.pos} tokens")
+        old, self.pos = self.pos, self.pos - n
+        if n:
+            self.slot_pos.masked_fill_(self.slot_pos >= self.pos, -1)
+            if self.sliding and old > self.max_len:
+                self._holes_until = max(self._holes_until, old)
+
+    def advance(self, T: int) -> None:
+        """Record that ``T`` tokens were written at positions pos .. pos+T-1."""
+        m = min(T, self.max_len)
+        if m == 1:
+            self.slot_pos[(self.pos + T - 1) % self.max_len] = self.pos + T - 1
+        else:
+            p = torch.arange(self.pos + T - m, self.pos + T, device=self.slot_pos.device)
+            self.slot_pos.index_copy_(0, p % self.max_len, p)
+        self.pos += T
+
+    def window_mask(self, qpos: torch.Tensor, kpos: torch.Tensor) -> torch.Tensor:
+        """(T, K) bool: key at position kpos is visible from query at qpos (causal, within the
+        last max_len positions, slot filled)."""
+        q, k = qpos[:, None], kpos[None, :]
+        return (k <= q) & (k > q - self.max_len) & (k >= 0)
+
+
+def rope_tables(pos: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and signed sin (T, 1, head_dim) for positions ``pos`` (T,), laid out for (B, T, H, hd).
+    Angles are computed in float64: a live session reaches millions of positions, where float32
+    angles would be off by a tenth of a radian."""
+    ang = pos.to(torch.float64)[:, None] * inv_freq[None, :]  # (T, hd/2)
+    sin = ang.sin()
+    return torch.cat((ang, ang), dim=-1).cos().to(dtype)[:, None], torch.cat((-sin, sin), dim=-1).to(dtype)[:, None]
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, ssin: torch.Tensor) -> torch.Tensor:
+    """Rotate (B, T, H, hd) by the tables: pairs (i, i + hd/2) turn together. The roll and the
+    signed sine make it four array calls, which is what a one-token step costs at batch 1."""
+    return x * cos + torch.roll(x, x.size(-1) // 2, dims=-1) * ssin
+
+
+def split_heads(
+    qkv: torch.Tensor, n_head: int, rope: tuple[torch.Tensor, torch.Tensor] | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(B, T, 3C) -> q, k, v (B, nh, T, hd), queries and keys rotated together when ``rope``."""
+    B, T, C3 = qkv.shape
+    hd = C3 // 3 // n_head
+    qkv = qkv.view(B, T, 3 * n_head, hd)
+    if rope is None:
+        q, k = qkv[:, :, :n_head], qkv[:, :, n_head : 2 * n_head]
+    else:
+        q, k = apply_rope(qkv[:, :, : 2 * n_head], *rope).split(n_head, dim=2)
+    return q.transpose(1, 2), k.transpose(1, 2), qkv[:, :, 2 * n_head :].transpose(1, 2)
+
+
+def band_mask(T: int, width: int, device) -> torch.Tensor:
+    """(T, T) causal mask that lets each query see only the last ``width`` positions."""
+    i = torch.arange(T, device=device)
+    d = i[:, None] - i[None, :]
+    return (d >= 0) & (d < width)
 
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: PhraseConfig):
         super().__init__()
         self.n_head = cfg.n_head
+        self.window = cfg.block_size
         self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd)
         self.dropout = cfg.dropout
 
-    def forward(self, x: torch.Tensor, layer: int, cache: KVCache | None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, layer: int, cache: KVCache | None, rope: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> torch.Tensor:
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hd)
-        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        q, k, v = split_heads(self.c_attn(x), self.n_head, rope)  # (B, nh, T, hd) each
         if cache is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+            if rope is not None and self.window < T:  # longer than trained: sliding-window attention
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=band_mask(T, self.window, x.device))
+            else:
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        elif cache.sliding:
+            y = self._ring(q, k, v, layer, cache)
         else:
             p = cache.pos
             cache.k[layer, :, :, p : p + T] = k
@@ -94,16 +204,46 @@ class CausalSelfAttention(nn.Module):
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
         return self.c_proj(y)
 
+    @staticmethod
+    def _ring(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, cache: KVCache) -> torch.Tensor:
+        """Attention through a sliding (ring) cache; writes this chunk's keys and values into it."""
+        T, W, p = q.size(2), cache.max_len, cache.pos
+        if T == 1 and not cache.static and cache.contiguous:  # the per-event step: no mask needed
+            s = p % W
+            cache.k[layer, :, :, s : s + 1] = k
+            cache.v[layer, :, :, s : s + 1] = v
+            n = min(p + 1, W)  # before the ring wraps only the prefix is filled; after, every slot
+            return F.scaled_dot_product_attention(q, cache.k[layer, :, :, :n], cache.v[layer, :, :, :n])
+        # A chunk (or a step with holes): attend over the cache as it was plus the chunk itself,
+        # masked by position, then write the chunk's newest max_len tokens into their slots.
+        qpos = torch.arange(p, p + T, device=q.device)
+        keys, vals = torch.cat((cache.k[layer], k), 2), torch.cat((cache.v[layer], v), 2)
+        mask = cache.window_mask(qpos, torch.cat((cache.slot_pos, qpos)))
+        y = F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask)
+        m = min(T, W)
+        slots = qpos[T - m :] % W
+        cache.k[layer].index_copy_(2, slots, k[:, :, T - m :])
+        cache.v[layer].index_copy_(2, slots, v[:, :, T - m :])
+        return y
+
 
 class MLP(nn.Module):
     def __init__(self, cfg: PhraseConfig):
         super().__init__()
-        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd)
-        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd)
+        self.gated = cfg.mlp == "swiglu"
+        # SwiGLU (Shazeer 2020) splits one projection into a gate and a value; 8/3 x keeps the
+        # parameter count of the 4 x GELU MLP.
+        hidden = 32 * round(8 * cfg.n_embd / 3 / 32) if self.gated else 4 * cfg.n_embd
+        self.c_fc = nn.Linear(cfg.n_embd, 2 * hidden if self.gated else hidden)
+        self.c_proj = nn.Linear(hidden, cfg.n_embd)
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x):
-        return self.drop(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+        h = self.c_fc(x)
+        if self.gated:
+            a, b = h.chunk(2, dim=-1)
+            return self.drop(self.c_proj(F.silu(a) * b))
+        return self.drop(self.c_proj(F.gelu(h, approximate="tanh")))
 
 
 class Block(nn.Module):
@@ -114,8 +254,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.n_embd)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, layer: int, cache: KVCache | None):
-        x = x + self.attn(self.ln_1(x), layer, cache)
+    def forward(self, x, layer: int, cache: KVCache | None, rope: tuple[torch.Tensor, torch.Tensor] | None = None):
+        x = x + self.attn(self.ln_1(x), layer, cache, rope)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -124,7 +264,10 @@ class PhraseModel(nn.Module):
         super().__init__()
         self.config = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
-        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
+        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.pos == "absolute" else None
+        hd = cfg.n_embd // cfg.n_head
+        inv_freq = 1.0 / cfg.rope_base ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)  # (hd/2,), float64: see rope_tables
         self.wse = nn.Embedding(cfg.n_styles, cfg.n_embd) if cfg.n_styles else None
         self.drop = nn.Dropout(cfg.dropout)
         self.h = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)])
@@ -150,26 +293,33 @@ class PhraseModel(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, idx: torch.Tensor, cache: KVCache | None = None, *, last_only: bool = False, style: torch.Tensor | int | None = None) -> torch.Tensor:
+    def forward(
+        self, idx: torch.Tensor, cache: KVCache | None = None, *, last_only: bool = False, style: torch.Tensor | int | None = None
+    ) -> torch.Tensor:
         """Logits (B, T, vocab) for tokens ``idx`` (B, T); with a cache, ``idx`` continues it.
 
         ``style``: an index into :data:`STYLES` (or one per row); default 0. A cached context
         must keep one style (its keys and values carry it)."""
         B, T = idx.shape
         p0 = cache.pos if cache is not None else 0
-        limit = cache.max_len if cache is not None else self.config.block_size
-        if p0 + T > limit:
-            raise ValueError(f"context of {p0 + T} tokens exceeds {limit}")
-        pos = torch.arange(p0, p0 + T, device=idx.device)
-        x = self.wte(idx) + self.wpe(pos)  # (B, T, C)
+        if self.wpe is not None:  # learned positions end at block_size; rotary ones slide (module doc)
+            limit = cache.max_len if cache is not None else self.config.block_size
+            if p0 + T > limit:
+                raise ValueError(f"context of {p0 + T} tokens exceeds {limit}")
+        x = self.wte(idx)  # (B, T, C)
+        rope = None
+        if self.wpe is not None:
+            x = x + self.wpe(torch.arange(p0, p0 + T, device=idx.device))
+        else:
+            rope = rope_tables(torch.arange(p0, p0 + T, device=idx.device), self.inv_freq, x.dtype)
         if self.wse is not None:
             s = torch.as_tensor(0 if style is None else style, device=idx.device, dtype=torch.long).reshape(-1)
             x = x + self.wse(s)[:, None, :]
         x = self.drop(x)
         for i, block in enumerate(self.h):
-            x = block(x, i, cache)
+            x = block(x, i, cache, rope)
         if cache is not None:
-            cache.pos += T
+            cache.advance(T)
         if last_only:
             x = x[:, -1:]
         return self.lm_head(self.ln_f(x))  # (B, T, vocab)
@@ -178,20 +328,24 @@ class PhraseModel(nn.Module):
         w = self.wte.weight
         return KVCache(self.config, batch=batch, max_len=max_len, static=static, device=w.device, dtype=w.dtype)
 
-    # ---- weights ---------------------------------------------------------------------------
     def save(self, path: str | Path, extra: dict | None = None) -> None:
-        """Weights as safetensors plus ``<stem>.json`` (config + ``extra``), both atomically."""
-        from safetensors.torch import save_file
+        save_weights(self, path, extra)
 
-        from cadenza.atomic import atomic_path
 
-        path = Path(path)
-        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items() if k != "lm_head.weight"}
-        with atomic_path(path, suffix=".safetensors") as tmp:
-            save_file(state, str(tmp), metadata={"format": "pt"})
-        meta = {"config": asdict(self.config), **(extra or {})}
-        with atomic_path(path.with_suffix(".json")) as tmp:
-            tmp.write_text(json.dumps(meta, indent=2) + "\n")
+def save_weights(model: nn.Module, path: str | Path, extra: dict | None = None) -> None:
+    """Weights as safetensors plus ``<stem>.json`` (config + ``extra``), both atomically; the
+    tied output layer is not stored twice."""
+    from safetensors.torch import save_file
+
+    from cadenza.atomic import atomic_path
+
+    path = Path(path)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    with atomic_path(path, suffix=".safetensors") as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt"})
+    meta = {"config": asdict(model.config), **(extra or {})}
+    with atomic_path(path.with_suffix(".json")) as tmp:
+        tmp.write_text(json.dumps(meta, indent=2) + "\n")
 
 
 def style_index(model: PhraseModel, style: str) -> int:
@@ -222,10 +376,20 @@ def with_styles(model: PhraseModel, n_styles: int) -> PhraseModel:
     return new.to(model.wte.weight.device)
 
 
-def load_phrase(path: str | Path | None = None, device: str = "cpu") -> PhraseModel:
-    """The phrase model in eval mode, from ``path`` (default: the shipped weights)."""
+if TYPE_CHECKING:
+    from cadenza.models.phrase.lstm import PhraseLSTM
+
+    PhraseNet = PhraseModel | PhraseLSTM  # what load_phrase returns: both take (idx, cache, last_only, style)
+
+
+def load_phrase(path: str | Path | None = None, device: str = "cpu") -> PhraseNet:
+    """The phrase model in eval mode, from ``path`` (default: the shipped weights): a
+    :class:`PhraseModel`, or a :class:`~cadenza.models.phrase.lstm.PhraseLSTM` when the config
+    says ``"arch": "lstm"``."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
+
+    from cadenza.models.phrase.lstm import LSTMConfig, PhraseLSTM
 
     path = Path(path) if path else DEFAULT_WEIGHTS
     cfg_path = path.with_suffix(".json")
@@ -233,18 +397,21 @@ def load_phrase(path: str | Path | None = None, device: str = "cpu") -> PhraseMo
         raise ModelError(f"phrase model weights not found: {path} (and {cfg_path.name} beside it)")
     try:
         meta = json.loads(cfg_path.read_text())
-        names = {f.name for f in fields(PhraseConfig)}
-        cfg = PhraseConfig(**{k: v for k, v in meta["config"].items() if k in names})
-    except (ValueError, KeyError, TypeError) as exc:
+        kind = LSTMConfig if meta["config"].get("arch") == "lstm" else PhraseConfig
+        names = {f.name for f in fields(kind)}
+        cfg = kind(**{k: v for k, v in meta["config"].items() if k in names})  # pos/mlp missing: absolute/gelu
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ModelError(f"{cfg_path}: not a phrase model config ({exc})") from None
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = PhraseModel(cfg)
+    model = PhraseLSTM(cfg) if isinstance(cfg, LSTMConfig) else PhraseModel(cfg)
     try:
         state = load_file(str(path))
         missing, unexpected = model.load_state_dict(state, strict=False)
     except (SafetensorError, RuntimeError, OSError) as exc:
         raise ModelError(f"{path}: weights do not load ({str(exc).splitlines()[0]})") from None
     if unexpected or set(missing) - {"lm_head.weight"}:
-        raise ModelError(f"{path}: weights do not match {cfg_path.name} (missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
+        raise ModelError(
+            f"{path}: weights do not match {cfg_path.name} (missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})"
+        )
     return model.to(device).eval()

@@ -9,7 +9,10 @@ tensor's address and shape, and every value the host passes in. So here:
 * attention always covers the whole buffer, with a mask ``slot <= position`` (the slots past the
   position hold stale keys; the mask hides them);
 * the position is a tensor (``index``) that the host sets before each replay, so the graph reads
-  it instead of baking a number in; the token and style inputs are static buffers too.
+  it instead of baking a number in; the token and style inputs are static buffers too;
+* a rotary model's cache is a ring (see ``model.py``): the slot is ``index % max_len``, the
+  rotation and the mask are computed from ``index`` and the cache's ``slot_pos`` inside the graph,
+  so decoding goes on past ``max_len`` without a re-prefill.
 
 Prefill (many tokens at once: a fed file, a re-prefill when the cache slides) stays eager: it is
 ``PhraseModel.forward`` on the same :class:`~cadenza.models.phrase.model.KVCache`, so the two
@@ -27,7 +30,7 @@ import logging
 import torch
 from torch.nn import functional as F
 
-from cadenza.models.phrase.model import CausalSelfAttention, KVCache, PhraseModel
+from cadenza.models.phrase.model import CausalSelfAttention, KVCache, PhraseModel, rope_tables, split_heads
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +44,9 @@ class StaticDecoder:
     Not thread-safe: one worker thread drives it.
     """
 
-    def __init__(self, model: PhraseModel, *, batch: int = 1, max_len: int | None = None, style: int = 0,
-                 graphs: bool | None = None) -> None:
+    def __init__(
+        self, model: PhraseModel, *, batch: int = 1, max_len: int | None = None, style: int = 0, graphs: bool | None = None
+    ) -> None:
         """``graphs``: capture a CUDA graph (default: when the model is on a CUDA device)."""
         self.model = model.eval()
         self.batch = batch
@@ -53,7 +57,6 @@ class StaticDecoder:
         self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=dev)
         self.index = torch.zeros(1, dtype=torch.long, device=dev)  # the position, as a tensor
         self._style = torch.full((batch,), style, dtype=torch.long, device=dev)
-        self._slots = torch.arange(self.cache.max_len, device=dev)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.fallback_reason: str | None = None
         with torch.inference_mode():
@@ -65,6 +68,7 @@ class StaticDecoder:
                 self.graph = None
                 self.fallback_reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
                 log.warning("phrase decode: CUDA graph capture failed, running eagerly (%s)", self.fallback_reason)
+        self.cache.reset()  # the trial steps above wrote slot 0
 
     @property
     def graphed(self) -> bool:
@@ -87,27 +91,39 @@ class StaticDecoder:
     # ---- the step ------------------------------------------------------------------------------
     def _decode(self) -> torch.Tensor:
         """tokens (B, 1) at position ``index`` -> logits (B, vocab); writes each layer's key and
-        value into slot ``index``. Only tensors: nothing the host must recompute between calls."""
+        value into the slot of ``index``. Only tensors: nothing the host must recompute between calls."""
         m = self.model
-        x = m.wte(self.tokens) + m.wpe(self.index)  # (B, 1, C)
+        cache = self.cache
+        slot = self.index % cache.max_len if cache.sliding else self.index  # (1,)
+        cache.slot_pos.index_copy_(0, slot, self.index)
+        x = m.wte(self.tokens)  # (B, 1, C)
+        rope = None
+        if m.wpe is not None:
+            x = x + m.wpe(self.index)
+        else:
+            rope = rope_tables(self.index, m.inv_freq, x.dtype)
         if m.wse is not None:
             x = x + m.wse(self._style)[:, None, :]
-        mask = (self._slots <= self.index)[None, :]  # (1, max_len): the filled slots, this one included
+        mask = cache.window_mask(self.index, cache.slot_pos)  # (1, max_len): the filled slots in the window, this one included
         for layer, block in enumerate(m.h):
-            x = x + self._attend(block.attn, block.ln_1(x), layer, mask)
+            x = x + self._attend(block.attn, block.ln_1(x), layer, mask, slot, rope)
             x = x + block.mlp(block.ln_2(x))
         return m.lm_head(m.ln_f(x))[:, 0]  # (B, vocab)
 
-    def _attend(self, attn: CausalSelfAttention, x: torch.Tensor, layer: int, mask: torch.Tensor) -> torch.Tensor:
+    def _attend(
+        self,
+        attn: CausalSelfAttention,
+        x: torch.Tensor,
+        layer: int,
+        mask: torch.Tensor,
+        slot: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+    ) -> torch.Tensor:
         B, T, C = x.shape  # T == 1
-        hd = C // attn.n_head
-        q, k, v = attn.c_attn(x).split(C, dim=2)
-        q = q.view(B, T, attn.n_head, hd).transpose(1, 2)  # (B, nh, 1, hd)
-        k = k.view(B, T, attn.n_head, hd).transpose(1, 2)
-        v = v.view(B, T, attn.n_head, hd).transpose(1, 2)
+        q, k, v = split_heads(attn.c_attn(x), attn.n_head, rope)  # (B, nh, 1, hd)
         keys, vals = self.cache.k[layer], self.cache.v[layer]  # (B, nh, max_len, hd)
-        keys.index_copy_(2, self.index, k)
-        vals.index_copy_(2, self.index, v)
+        keys.index_copy_(2, slot, k)
+        vals.index_copy_(2, slot, v)
         y = F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask)
         return attn.c_proj(y.transpose(1, 2).reshape(B, T, C))
 
@@ -125,7 +141,7 @@ class StaticDecoder:
     def step(self, tokens: list[int] | torch.Tensor) -> torch.Tensor:
         """Append one token per row -> next-token logits (B, vocab), a buffer the next step reuses."""
         p = self.cache.pos
-        if p >= self.cache.max_len:
+        if p >= self.cache.max_len and not self.cache.sliding:
             raise ValueError(f"context of {p + 1} tokens exceeds {self.cache.max_len}")
         if isinstance(tokens, torch.Tensor):
             self.tokens.copy_(tokens.view(self.batch, 1), non_blocking=True)
@@ -136,5 +152,5 @@ class StaticDecoder:
             self.graph.replay()
         else:
             self.logits = self._decode()
-        self.cache.pos = p + 1
+        self.cache.pos = p + 1  # (slot_pos was written by the step itself)
         return self.logits
