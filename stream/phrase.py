@@ -22,6 +22,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from cadenza.config.settings import ControlSettings, PhraseSettings, Settings
+from cadenza.messages import control, note_off
 from cadenza.models.phrase.worker import (
     LivePhraseModel,
     PhraseJob,
@@ -275,9 +276,9 @@ class PhraseStage:
         self.engine.scheduler.cancel(gen_id)
         if release:
             for ch, pitch in sorted(self._sounding):
-                self.engine._emit(self.engine.now_music(), bytes((0x80 | ch, pitch, 0)), "release")
+                self.engine._emit(self.engine.now_music(), note_off(ch, pitch), "release")
             for ch in sorted(self._pedal):
-                self.engine._emit(self.engine.now_music(), bytes((0xB0 | ch, 64, 0)), "release")
+                self.engine._emit(self.engine.now_music(), control(ch, 64, 0), "release")
         self._sounding.clear()
         self._pedal.clear()
         self._finish()
@@ -302,7 +303,7 @@ class PhraseStage:
         cc = self.controls.state_out_cc
         if cc is not None:
             ch = self.controls.channel or 0
-            self.engine._emit(self.engine.now_music(), bytes((0xB0 | ch, cc, state)), "state")
+            self.engine._emit(self.engine.now_music(), control(ch, cc, state), "state")
 
 
 def _default_live(settings: PhraseSettings) -> Callable[[], LivePhraseModel]:

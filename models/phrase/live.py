@@ -25,6 +25,7 @@ from collections.abc import Iterator
 
 import torch
 
+from cadenza.messages import control, note_off, note_on
 from cadenza.models.phrase import tokens as tk
 from cadenza.models.phrase.answer import PIANO, AnswerOptions, AnswerRow, Choice, Found, call_notes, commit, note_bias, search  # noqa: F401  (PIANO re-exported)
 from cadenza.models.phrase.lstm import PhraseLSTM
@@ -100,8 +101,8 @@ class LivePhrase:
         answer does not pay for first-call allocations (cache views, sampling buffers, kernel
         selection). Returns the number of answer events it produced."""
         for i, p in enumerate((60, 64, 67, 72, 67, 64)):
-            self.feed(0.2 * i, bytes((0x90, p, 80)))
-            self.feed(0.2 * i + 0.15, bytes((0x80, p, 0)))
+            self.feed(0.2 * i, note_on(0, p, 80))
+            self.feed(0.2 * i + 0.15, note_off(0, p))
         paced, self.paced = self.paced, False  # so that best-of-N runs too: its decoder is made, its step timed
         try:
             n = sum(1 for _ in self.respond(start_t=1.6, seconds=1.0, seed=0))
@@ -293,10 +294,10 @@ class LivePhrase:
             if ev.kind == tk.ON:
                 if not first:
                     first.append((time.perf_counter(), t))
-                return t, bytes((0x90 | channel, ev.pitch, max(1, ev.value)))
+                return t, note_on(channel, ev.pitch, max(1, ev.value))
             if ev.kind == tk.OFF:
-                return t, bytes((0x80 | channel, ev.pitch, 0))
-            return t, bytes((0xB0 | channel, 64, ev.value))
+                return t, note_off(channel, ev.pitch)
+            return t, control(channel, 64, ev.value)
 
         def single(handover: bool):
             """Sample one row; with ``handover``, return True at the first TIME_SHIFT after an
@@ -354,9 +355,9 @@ class LivePhrase:
         if toks:
             self._push(toks)
         for p in sorted(mine):
-            yield t_end, bytes((0x80 | channel, p, 0))
+            yield t_end, note_off(channel, p)
         if resp["pedal"]:
-            yield t_end, bytes((0xB0 | channel, 64, 0))
+            yield t_end, control(channel, 64, 0)
         mine.clear()
         resp["pedal"] = False
 

@@ -42,7 +42,7 @@ from cadenza.models.phrase.tokens import VOCAB_SIZE
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
 # Styles the model can be asked for (a learned vector added at every position; index = id).
 STYLES = ("classical", "pop")
-DEFAULT_WEIGHTS = WEIGHTS_DIR / "phrase.safetensors"
+DEFAULT_WEIGHTS = WEIGHTS_DIR / "phrase_v2.safetensors"  # phrase.safetensors: the first model (absolute positions), kept for comparison
 
 
 @dataclass

@@ -6,9 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from cadenza.messages import note_off, note_on
 from cadenza.models.phrase import tokens as tk
 from cadenza.models.phrase.live import LivePhrase
-from cadenza.models.phrase.model import PhraseConfig, PhraseModel, load_phrase
+from cadenza.models.phrase.model import WEIGHTS_DIR, PhraseConfig, PhraseModel, load_phrase
 from cadenza.models.phrase.static import StaticDecoder
 
 
@@ -99,12 +100,12 @@ def test_static_decoder_slides_a_rope_cache(styles):
 
 
 def test_shipped_absolute_weights_still_load_and_generate():
-    model = load_phrase()
+    model = load_phrase(WEIGHTS_DIR / "phrase.safetensors")  # the first model, absolute positions
     assert model.config.pos == "absolute" and model.wpe is not None
     live = LivePhrase(model)
     for i, p in enumerate((60, 64, 67, 72)):
-        live.feed(0.25 * i, bytes((0x90, p, 80)))
-        live.feed(0.25 * i + 0.2, bytes((0x80, p, 0)))
+        live.feed(0.25 * i, note_on(0, p, 80))
+        live.feed(0.25 * i + 0.2, note_off(0, p))
     out = list(live.respond(start_t=1.5, seconds=3.0, seed=0))
     assert any(m[0] & 0xF0 == 0x90 for _, m in out)
 
@@ -246,8 +247,8 @@ def test_live_phrase_drives_both_new_models(which, tmp_path):
     live = LivePhrase(model, style="pop")
     t = 0.0
     for i in range(40):  # ~120 tokens: past the 32/64-token context
-        live.feed(t, bytes((0x90, 48 + i % 24, 60 + i % 40)))
-        live.feed(t + 0.1, bytes((0x80, 48 + i % 24, 0)))
+        live.feed(t, note_on(0, 48 + i % 24, 60 + i % 40))
+        live.feed(t + 0.1, note_off(0, 48 + i % 24))
         t += 0.15
     assert live.context_tokens == len(live.hist) > model.config.block_size  # slid, never re-prefilled
     ev = list(live.respond(start_t=t + 0.5, seconds=3.0, seed=1, top_p=0.95))
@@ -258,7 +259,7 @@ def test_live_phrase_drives_both_new_models(which, tmp_path):
     first = [next(resp) for _ in range(3)]
     resp.close()
     n = live.context_tokens
-    live.feed(first[0][0] + 0.01, bytes((0x90, 60, 80)))  # barge in: the unheard tail is taken back
+    live.feed(first[0][0] + 0.01, note_on(0, 60, 80))  # barge in: the unheard tail is taken back
     assert live.context_tokens <= n + 4
     tail = list(live.respond(start_t=first[0][0] + 1.0, seconds=2.0, seed=3))
     assert sorted(m[1] for _, m in tail if m[0] & 0xF0 == 0x90) == sorted(m[1] for _, m in tail if m[0] & 0xF0 == 0x80)

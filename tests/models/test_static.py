@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from cadenza.messages import note_off, note_on
 from cadenza.models.phrase import tokens as tk
 from cadenza.models.phrase.live import LivePhrase
 from cadenza.models.phrase.model import PhraseConfig, PhraseModel, load_phrase
@@ -190,8 +191,8 @@ def test_live_phrase_static_path_gives_the_same_logits_and_greedy_tokens(shipped
     assert eager.decoder is None and static.decoder is not None
     for live in (eager, static):
         for i, p in enumerate((60, 64, 67, 72, 67, 64, 62, 59)):
-            live.feed(0.25 * i, bytes((0x90, p, 70 + i)))
-            live.feed(0.25 * i + 0.2, bytes((0x80, p, 0)))
+            live.feed(0.25 * i, note_on(0, p, 70 + i))
+            live.feed(0.25 * i + 0.2, note_off(0, p))
     torch.testing.assert_close(static._logits, eager._logits, atol=1e-4, rtol=1e-4)
     le, te = _greedy(eager, 40)
     ls, ts = _greedy(static, 40)
@@ -224,8 +225,8 @@ def test_graphed_phrase_decode_equals_eager_on_cuda():
     assert graphed.decoder is not None and graphed.decoder.graphed, graphed.decoder.fallback_reason
     for live in (eager, graphed):
         for i, p in enumerate((60, 64, 67, 72)):
-            live.feed(0.25 * i, bytes((0x90, p, 80)))
-            live.feed(0.25 * i + 0.2, bytes((0x80, p, 0)))
+            live.feed(0.25 * i, note_on(0, p, 80))
+            live.feed(0.25 * i + 0.2, note_off(0, p))
     le, te = _greedy(eager, 32)
     lg, tg = _greedy(graphed, 32)
     assert tg == te
