@@ -1,4 +1,4 @@
-"""MusicVAE for Cadenza: a latent space of melodies (issue 12). Map of the package:
+"""MusicVAE for Cadenza: a latent space of melodies. Map of the package:
 
 data.py        melodies as sixteenth-note events; POP909 cache and windows; user-file extraction; MIDI writing
 model.py       encoder, flat and hierarchical decoders, scheduled sampling, beta-VAE loss with free bits
