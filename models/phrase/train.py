@@ -242,7 +242,7 @@ def load_data(maestro_root: Path, opt: TrainOptions, *, progress: bool = True) -
 
 def train(maestro_root: Path, opt: TrainOptions, *, progress: bool = True) -> dict:
     if opt.resume:  # the data options (seq_len, pop909) are the checkpoint's
-        ckpt_opts = torch.load(checkpoint_path(opt), map_location="cpu", weights_only=False)["options"]
+        ckpt_opts = torch.load(checkpoint_path(opt), map_location="cpu", weights_only=True)["options"]
         opt = _options_from(ckpt_opts, opt)
     return fit(opt, load_data(maestro_root, opt, progress=progress), progress=progress)
 
@@ -259,7 +259,7 @@ def fit(opt: TrainOptions, data: Data, *, progress: bool = True) -> dict:
             from cadenza.errors import ConfigError
 
             raise ConfigError(f"no checkpoint to resume: {ckpt_file}")
-        ckpt = torch.load(ckpt_file, map_location="cpu", weights_only=False)
+        ckpt = torch.load(ckpt_file, map_location="cpu", weights_only=True)
         opt = _options_from(ckpt["options"], opt)
         kind = (LSTMConfig, PhraseLSTM) if ckpt["config"].get("arch") == "lstm" else (PhraseConfig, PhraseModel)
         model = kind[1](kind[0](**ckpt["config"]))
@@ -302,7 +302,7 @@ def fit(opt: TrainOptions, data: Data, *, progress: bool = True) -> dict:
         "step_start": step,
         "tokens_start": tokens,
         "history": [],
-        "torch": torch.__version__,
+        "torch": str(torch.__version__),  # a plain str: checkpoints load with weights_only=True
     }
     stop = _StopFlag()
     t0 = last_eval = last_ckpt = time.monotonic()

@@ -94,7 +94,7 @@ def train(root: Path, opt: TrainOptions, progress: bool = True) -> dict:
     ck = ckpt_path(opt.model, opt.out)
     saved = None
     if opt.resume and ck.is_file():
-        saved = torch.load(ck, weights_only=False)
+        saved = torch.load(ck, weights_only=True)
         arch = lambda d: {k: v for k, v in d.items() if k not in LOSS_ONLY}  # noqa: E731
         if arch(saved["config"]) == arch(cfg.to_dict()):
             if saved["config"] != cfg.to_dict():

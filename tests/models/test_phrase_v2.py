@@ -172,8 +172,8 @@ def test_resume_continues_the_run_exactly(tmp_path, arch):
     rest = fit(_opts(tmp_path / "b", arch=arch, pop909=0.25, resume=True), _tiny_data(pop=True), progress=False)
     assert whole["stopped"] == rest["stopped"] == "tokens" and rest["steps"] == whole["steps"] == 12
     assert [h["val_nll"] for h in rest["history"]] == pytest.approx([h["val_nll"] for h in whole["history"]], rel=1e-4)
-    a = torch.load(tmp_path / "a" / "w.ckpt", weights_only=False)
-    b = torch.load(tmp_path / "b" / "w.ckpt", weights_only=False)
+    a = torch.load(tmp_path / "a" / "w.ckpt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "w.ckpt", weights_only=True)
     for k, v in a["model"].items():
         torch.testing.assert_close(b["model"][k], v, atol=1e-5, rtol=1e-4)
     for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
