@@ -299,14 +299,11 @@ def to_vae_events(window_events: np.ndarray) -> np.ndarray:
     """The window's melody events (``buffers.pianoroll.melody_event``) in the VAE's encoding:
     the same grid and note-offs, pitches folded by octaves into the model's range."""
     from cadenza.buffers.pianoroll import MIN_PITCH
-    from cadenza.models.vae.data import HI, LO
+    from cadenza.models.vae.data import LO, fold_pitches
 
     out = np.asarray(window_events, np.int64).copy()
     on = out >= 2
-    pitch = out[on] - 2 + MIN_PITCH
-    pitch = np.where(pitch < LO, pitch + 12 * ((LO - pitch + 11) // 12), pitch)
-    pitch = np.where(pitch > HI, pitch - 12 * ((pitch - HI + 11) // 12), pitch)
-    out[on] = pitch - LO + 2
+    out[on] = fold_pitches(out[on] - 2 + MIN_PITCH) - LO + 2
     return out
 
 

@@ -14,13 +14,13 @@ The whole data set is cached once as ``.cache/vae/pop909_events.npz``.
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from cadenza.errors import MidiFileError, OutputError
+from cadenza.atomic import atomic_path
+from cadenza.errors import MidiFileError
 
 LO, HI = 36, 95
 NO_EVENT, NOTE_OFF = 0, 1
@@ -28,6 +28,13 @@ VOCAB = 2 + HI - LO + 1
 STEPS_PER_BAR = 16
 CACHE_VERSION = 1
 SPLITS = {"train": (1, 809), "validation": (810, 859), "test": (860, 909)}
+
+
+def fold_pitches(pitch: np.ndarray) -> np.ndarray:
+    """MIDI pitches moved by whole octaves into ``LO..HI`` (those inside stay)."""
+    pitch = np.asarray(pitch, np.int64)
+    pitch = np.where(pitch < LO, pitch + 12 * ((LO - pitch + 11) // 12), pitch)
+    return np.where(pitch > HI, pitch - 12 * ((pitch - HI + 11) // 12), pitch)
 
 
 def pitch_of(ev: int) -> int:
@@ -178,17 +185,15 @@ def build_cache(root: Path, path: Path | None = None, progress: bool = True) -> 
             song.append(int(f.name))
             track.append(0 if name == "MELODY" else 1)
             offs.append(offs[-1] + len(ev))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez_compressed(
-        tmp,
-        events=np.concatenate(events),
-        song=np.array(song, np.int16),
-        track=np.array(track, np.int8),
-        offsets=np.array(offs, np.int64),
-        version=np.array(CACHE_VERSION),
-    )
-    os.replace(tmp, path)
+    with atomic_path(path, suffix=".npz") as tmp:
+        np.savez_compressed(
+            tmp,
+            events=np.concatenate(events),
+            song=np.array(song, np.int16),
+            track=np.array(track, np.int8),
+            offsets=np.array(offs, np.int64),
+            version=np.array(CACHE_VERSION),
+        )
     return path
 
 
@@ -357,7 +362,7 @@ def events_to_notes(events, step_s: float = 1.0) -> list[tuple[float, float, int
 
 def write_midi(path: Path, events, bpm: float = 120.0, velocity: int = 90, program: int = 0, transpose: int = 0) -> None:
     """One-track MIDI of the melody at ``bpm`` (pitches moved by ``transpose`` when all stay in 0..127),
-    written to a temp file in the same folder and moved into place."""
+    never half-written (:func:`cadenza.atomic.atomic_path`)."""
     import mido
 
     tpb = 480
@@ -383,18 +388,5 @@ def write_midi(path: Path, events, bpm: float = 120.0, velocity: int = 90, progr
         last = t
     n_steps = len(events)
     tr.append(mido.MetaMessage("end_of_track", time=max(0, n_steps * step - last)))
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                mid.save(file=fh)
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-    except OSError as exc:
-        raise OutputError(f"{path}: cannot write ({exc.strerror or exc})") from None
+    with atomic_path(path) as tmp:
+        mid.save(str(tmp))

@@ -97,10 +97,9 @@ def load_vae(name: str = "mel_2bar") -> VAE:
 
 def melody_to_events(notes, step_s: float, n_steps: int) -> np.ndarray:
     """[(t_on, t_off, pitch)] in seconds from the window start -> events (top voice, octave-folded)."""
-    from .data import notes_to_events
+    from .data import fold_pitches, notes_to_events
 
-    q = [(int(round(a / step_s)), int(round(b / step_s)), int(p)) for a, b, p in notes]
-    q = [(a, b, p + 12 * max(0, -((p - LO) // 12)) - 12 * max(0, (p - HI + 11) // 12)) for a, b, p in q]
-    q = [(a, b, min(max(p, LO), HI)) for a, b, p in q]
+    folded = fold_pitches([p for _, _, p in notes])
+    q = [(int(round(a / step_s)), int(round(b / step_s)), int(p)) for (a, b, _), p in zip(notes, folded)]
     ev = notes_to_events(q, n_steps)
     return ev.astype(np.int64)

@@ -4,10 +4,9 @@ attribute vectors) and ``vae_<name>.json`` beside it (config, training runs, met
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
+from cadenza.atomic import write_atomic
 from cadenza.errors import ConfigError, ModelError
 
 MODELS = ("mel_2bar", "mel_16bar", "mel_16bar_flat")
@@ -24,35 +23,20 @@ def meta_path(weights: Path) -> Path:
     return Path(weights).with_suffix(".json")
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def read_meta(weights: Path) -> dict:
     p = meta_path(weights)
     return json.loads(p.read_text()) if p.is_file() else {}
 
 
 def write_meta(weights: Path, meta: dict) -> None:
-    atomic_write_bytes(meta_path(weights), (json.dumps(meta, indent=1) + "\n").encode())
+    write_atomic(meta_path(weights), (json.dumps(meta, indent=1) + "\n").encode())
 
 
 def save_tensors(weights: Path, tensors: dict) -> None:
     from safetensors.torch import save
 
     data = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
-    atomic_write_bytes(Path(weights), data)
+    write_atomic(Path(weights), data)
 
 
 def load_model(name_or_path: str | Path):

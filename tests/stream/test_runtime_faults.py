@@ -16,6 +16,7 @@ from cadenza.models.runtime import Backoff
 from cadenza.stream.build import build_engine
 from cadenza.stream.engine import Engine
 from cadenza.stream.phrase import IDLE, RESPONDING
+from cadenza.stream.sinks.record import Recorder
 
 from .conftest import sounding
 
@@ -31,36 +32,24 @@ def _settings(**sections) -> Settings:
     return load_settings(overrides={"engine": {"stats_interval_s": 0}, **sections})
 
 
-class _Out(list):
-    """A tagged sink keeping (data, tag) of everything the engine sent."""
-
-    name = "out"
-
-    def send_tagged(self, t: float, data: bytes, tag: object) -> None:
-        self.append((data, tag))
-
-    def close(self) -> None:
-        pass
-
-
 async def _with_engine(
     settings: Settings,
-    body: Callable[[Engine, list[tuple[bytes, object]]], Awaitable[None]],
+    body: Callable[[Engine, list[tuple[float, bytes, object]]], Awaitable[None]],
     *,
     velocity: bool = False,
     lookahead: bool = False,
     phrase: bool = False,
 ) -> dict:
     mode = "colorize" if velocity else "lookahead" if lookahead else "continue" if phrase else "thru"
-    out = _Out()
-    async with build_engine(settings, mode, [out]) as engine:
+    recorder = Recorder()  # its events: (music time, data, tag)
+    async with build_engine(settings, mode, [recorder]) as engine:
         if lookahead:
             engine.lookahead.margin = settings.velocity.lookahead_s / 2  # a generous model time: a busy CI machine
             engine.lookahead.stage.backoff = Backoff(first=1.0, at_once=False)  # down long enough for notes to fall due meanwhile
         run = asyncio.create_task(engine.run())
         try:
             await asyncio.sleep(0.05)
-            await body(engine, out)
+            await body(engine, recorder.events)
         finally:
             engine.stop()
             await run
@@ -76,7 +65,7 @@ def _release(engine: Engine, pitch: int) -> None:
 
 
 def _note_ons(out, tag=None) -> list[bytes]:
-    return [d for d, t in out if d[0] & 0xF0 == 0x90 and d[2] > 0 and (tag is None or t == tag)]
+    return [d for _, d, t in out if d[0] & 0xF0 == 0x90 and d[2] > 0 and (tag is None or t == tag)]
 
 
 @pytest.mark.parametrize("worker", ["inline", "thread"])
@@ -91,7 +80,7 @@ def test_velocity_model_killed_releases_notes_falls_back_and_restarts(worker):
         stage.backoff = Backoff(first=1.0, at_once=False)  # down long enough to play into the gap
         engine.velocity.worker.kill()
         await _until(lambda: not stage.alive)
-        await _until(lambda: sounding([d for d, _ in out]) == {})  # the chord was released
+        await _until(lambda: sounding([d for _, d, _ in out]) == {})  # the chord was released
         _play(engine, 72)  # meanwhile: the fallback velocity at once
         await _until(lambda: len(_note_ons(out)) == 4)
         assert _note_ons(out)[-1][2] == 33
@@ -167,10 +156,10 @@ def test_phrase_model_killed_cuts_the_answer_and_answers_the_next_phrase():
         cr.worker.kill()
         await _until(lambda: stage.stats.crashes == 1)
         assert cr.state != RESPONDING and cr._gen is None  # cut
-        assert sounding([d for d, _ in out]) == {}  # its notes were released
-        n_answer = len([d for d, t in out if t == gen])
+        assert sounding([d for _, d, _ in out]) == {}  # its notes were released
+        n_answer = len([d for _, d, t in out if t == gen])
         await asyncio.sleep(0.3)
-        assert len([d for d, t in out if t == gen]) == n_answer  # nothing more of it plays
+        assert len([d for _, d, t in out if t == gen]) == n_answer  # nothing more of it plays
         assert not stage.alive
         await phrase(engine)  # a phrase ending while the model is down is over at once
         assert cr.state == IDLE

@@ -12,6 +12,7 @@ from cadenza.config.settings import load_settings
 from cadenza.messages import control, note_off, note_on
 from cadenza.models.vae.data import HI, LO
 from cadenza.stream.build import build_engine
+from cadenza.stream.sinks.record import Recorder
 from cadenza.stream.vary import IDLE, LISTENING, PLAYING, to_vae_events
 
 from .conftest import sounding
@@ -20,23 +21,13 @@ STEP = 15 / 240  # 240 bpm
 STATE_CC = 27
 
 
-class _Out(list):
-    name = "out"
-
-    def send_tagged(self, t: float, data: bytes, tag: object) -> None:
-        self.append((t, data, tag))
-
-    def close(self) -> None:
-        pass
-
-
 async def _session(settings, body) -> dict:
-    out = _Out()
-    async with build_engine(settings, "vary", [out]) as engine:
+    recorder = Recorder()
+    async with build_engine(settings, "vary", [recorder]) as engine:
         run = asyncio.create_task(engine.run())
         try:
             await asyncio.sleep(0.05)
-            await body(engine, out)
+            await body(engine, recorder.events)
         finally:
             engine.stop()
             await run
