@@ -4,7 +4,10 @@
 as their mean interval: a tick stamped late lengthens one interval and shortens the next by the
 same amount, so timing jitter (ticks arrive on JACK/driver period boundaries) cancels out instead
 of biasing the estimate, as a median of quantised intervals does; Start/Stop/Continue and Song Position
-Pointer set the transport. Every stage can ask for ``bpm``, ``beat`` and ``bar_phase``.
+Pointer set the transport. As the MIDI 1.0 specification has it, the first tick after Start is the
+downbeat (song position 0), and the first after Continue is the position a Song Position Pointer
+set (or the one after the last tick played). Every stage can ask for ``bpm``, ``beat`` and
+``bar_phase``, and convert between times and beats (``beat_at``, ``time_at_beat``).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ class MidiClock:
         self._n_intervals = 0
         self._last_tick_t: float | None = None
         self.ticks = 0  # ticks since song position 0
+        self._on_position = False  # the next tick plays ``ticks`` itself (after Start or a pointer)
         self.running = False
         self.last_tick_t: float | None = None
 
@@ -37,10 +41,13 @@ class MidiClock:
             self._last_tick_t = t
             self.last_tick_t = t
             if self.running:
-                self.ticks += 1
+                if self._on_position:
+                    self._on_position = False
+                else:
+                    self.ticks += 1
             return True
         if s == START:
-            self.running, self.ticks = True, 0
+            self.running, self.ticks, self._on_position = True, 0, True
             return True
         if s == CONTINUE:
             self.running = True
@@ -51,6 +58,7 @@ class MidiClock:
         if s == SONG_POSITION and len(data) >= 3:
             sixteenths = data[1] | (data[2] << 7)
             self.ticks = sixteenths * (TICKS_PER_BEAT // 4)
+            self._on_position = True
             return True
         return False
 
@@ -80,28 +88,40 @@ class MidiClock:
         """Position inside the bar, 0 <= phase < 1."""
         return (self.beat / self.beats_per_bar) % 1.0
 
+    def beat_at(self, t: float) -> float | None:
+        """The beat (since song position 0) at time ``t``, extrapolated from the last tick at the
+        current tempo; None when no clock is running or its tempo is not known yet."""
+        spb = self.seconds_per_beat
+        if spb is None or self.last_tick_t is None or not self.running:
+            return None
+        return self.beat + (t - self.last_tick_t) / spb
+
+    def time_at_beat(self, beat: float) -> float | None:
+        """The time of ``beat``, extrapolated from the last tick: ask again close to the beat, as
+        a tempo estimate's error grows with the distance (a beat's worth of jitter over 8 beats)."""
+        spb = self.seconds_per_beat
+        if spb is None or self.last_tick_t is None or not self.running:
+            return None
+        return self.last_tick_t + (beat - self.beat) * spb
+
     def next_grid_time(self, now: float, *, unit_beats: float) -> float:
         """The time of the next multiple of ``unit_beats`` (e.g. 1 = beat, 4 = bar) after ``now``.
 
         Falls back to ``now`` when no clock is running.
         """
-        spb = self.seconds_per_beat
-        if spb is None or self.last_tick_t is None or not self.running:
+        beat_now = self.beat_at(now)
+        if beat_now is None:
             return now
-        beat_at_last_tick = self.beat
-        beat_now = beat_at_last_tick + (now - self.last_tick_t) / spb
         target = (np.floor(beat_now / unit_beats + 1e-9) + 1) * unit_beats
-        return self.last_tick_t + (target - beat_at_last_tick) * spb
+        return self.time_at_beat(float(target))  # type: ignore[return-value]
 
     def last_grid_time(self, now: float, *, unit_beats: float) -> float | None:
         """The time of the last multiple of ``unit_beats`` at or before ``now`` (e.g. 0.25 = a
         sixteenth); None when no clock is running."""
-        spb = self.seconds_per_beat
-        if spb is None or self.last_tick_t is None or not self.running:
+        beat_now = self.beat_at(now)
+        if beat_now is None:
             return None
-        beat_now = self.beat + (now - self.last_tick_t) / spb
-        target = np.floor(beat_now / unit_beats + 1e-9) * unit_beats
-        return self.last_tick_t + (target - self.beat) * spb
+        return self.time_at_beat(float(np.floor(beat_now / unit_beats + 1e-9) * unit_beats))
 
     def sixteenths(self, now: float, *, bpm: float) -> tuple[float, float]:
         """(the last sixteenth line at or before ``now``, seconds per sixteenth): the clock's grid

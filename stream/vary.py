@@ -73,6 +73,7 @@ class VaryStage:
         self._session: SessionKey | None = None  # the channel the loop is read from
         self._anchor: float | None = None  # without a clock: the first note's time, bar 1 beat 1
         self._timer: asyncio.TimerHandle | None = None
+        self._boundary_beat: float | None = None  # with a clock: the next loop line, in the clock's beats
         self._gens = itertools.count(1)
         self._gen: int | None = None  # the answer playing
         self._scheduled: set[int] = set()  # answers with events still in the scheduler
@@ -132,9 +133,18 @@ class VaryStage:
         return 16 if self.steps > 32 else 0
 
     def _arm(self, boundary: float) -> None:
+        """Read the loop before ``boundary``. With a clock the line is kept as a beat and turned
+        into a time again when the read is due: extrapolated across a whole loop, a tempo read
+        from one beat of jittery ticks misses the line by tens of milliseconds."""
         self._disarm()
-        read_at = boundary - (self._ahead_steps() + 0.5) * self._step_s()
-        self._timer = self.engine._loop.call_at(max(self.engine.now_music(), read_at), self._read_loop, boundary)
+        clock = self.engine.clock
+        beat = clock.beat_at(boundary)
+        loop_beats = self.steps / 4
+        self._boundary_beat = None if beat is None else round(beat / loop_beats) * loop_beats
+        self._timer = self.engine._loop.call_at(max(self.engine.now_music(), self._read_time(boundary)), self._read_loop, boundary)
+
+    def _read_time(self, boundary: float) -> float:
+        return boundary - (self._ahead_steps() + 0.5) * self._step_s()
 
     def _disarm(self) -> None:
         if self._timer is not None:
@@ -174,6 +184,14 @@ class VaryStage:
         """Half a step before ``boundary``: the loop just played goes to the model."""
         self._timer = None
         assert self.stage is not None and self._session is not None
+        if self._boundary_beat is not None:
+            fresh = self.engine.clock.time_at_beat(self._boundary_beat)
+            if fresh is not None:  # the clock's line, from its latest ticks
+                boundary = fresh
+                read_at = self._read_time(boundary)
+                if read_at > self.engine.now_music() + 0.002:  # the estimate was early: wait for it
+                    self._timer = self.engine._loop.call_at(read_at, self._read_loop, boundary)
+                    return
         step_s = self._step_s()
         ahead = self._ahead_steps()
         end = boundary - (ahead + 0.5) * step_s  # half a step early: each step centred on its grid line

@@ -110,6 +110,8 @@ def test_melody_event_folds_pitches_into_the_range_by_octaves():
 def test_clock_tempo_position_and_grid():
     clock = MidiClock()
     clock.handle(0.0, b"\xfa")
+    clock.handle(0.0, b"\xf8")  # the first tick after Start is the downbeat
+    assert clock.beat == 0.0
     t = 0.0
     for _ in range(24 * 5):
         t += 0.5 / 24  # 120 bpm
@@ -119,8 +121,16 @@ def test_clock_tempo_position_and_grid():
     assert clock.next_grid_time(t + 0.1, unit_beats=4) == pytest.approx(t + 1.5)  # next bar line
     assert clock.last_grid_time(t + 0.2, unit_beats=0.25) == pytest.approx(t + 0.125)  # last sixteenth line
     assert clock.sixteenths(t + 0.2, bpm=90) == pytest.approx((t + 0.125, 0.125))  # the clock's grid, not the set tempo
+    clock.handle(t, b"\xfc")
     clock.handle(t, bytes((0xF2, 16, 0)))  # song position: 16 sixteenths = bar 2
     assert clock.beat == pytest.approx(4.0)
+    clock.handle(t, b"\xfb")
+    clock.handle(t + 0.5 / 24, b"\xf8")  # continue: the next tick plays the position set
+    assert clock.beat == pytest.approx(4.0)
+    clock.handle(t + 1.0 / 24, b"\xf8")
+    assert clock.beat == pytest.approx(4.0 + 1 / 24)
+    assert clock.time_at_beat(5.0) == pytest.approx(t + 1.0 / 24 + 23 * 0.5 / 24)
+    assert clock.beat_at(t + 1.0 / 24 + 0.25) == pytest.approx(4.5 + 1 / 24)
     clock.handle(t, b"\xfc")
     assert not clock.running and clock.next_grid_time(7.0, unit_beats=4) == 7.0
     assert clock.last_grid_time(7.0, unit_beats=0.25) is None

@@ -84,15 +84,15 @@ def test_with_midi_clock_the_phrase_ends_on_the_next_bar_line_and_the_answer_sta
     clock_out = Player("cadenza in", name="clock")  # its own client: rtmidi outputs are single-producer
     stop = threading.Event()
     spt = 0.5 / 24  # 120 bpm: a bar of 4/4 is 2 s
-    t_start = time.monotonic()
+    t_start = time.monotonic() + 0.05
 
     def clock():
         clock_out.send((0xFA,))
         k = 0
-        while not stop.is_set():
-            k += 1
+        while not stop.is_set():  # the first tick after Start is the downbeat, at t_start
             time.sleep(max(0.0, t_start + k * spt - time.monotonic()))
             clock_out.send((0xF8,))
+            k += 1
 
     th = threading.Thread(target=clock, daemon=True)
     th.start()

@@ -32,10 +32,10 @@ class Clock:
     def _run(self) -> None:
         self.out.send((0xFA,))
         k = 0
-        while not self.stop.is_set():
-            k += 1
+        while not self.stop.is_set():  # the first tick after Start is the downbeat, at t0
             time.sleep(max(0.0, self.t0 + k * BEAT / 24 - time.monotonic()))
             self.out.send((0xF8,))
+            k += 1
 
     def close(self) -> None:
         self.stop.set()
