@@ -227,13 +227,24 @@ class MqttSettings(_Section):
     password: SecretStr | None = Field(None, description="broker password; set it through CADENZA_MQTT__PASSWORD rather than a file")
     topic_prefix: str = Field("cadenza", pattern=r"^[A-Za-z0-9_.\-/]+$", description="first topic level(s): PREFIX/SESSION/in, /out, /bye")
     client_id: str | None = Field(None, description="MQTT client id (default: cadenza-HOST-PID)")
-    keepalive_s: int = Field(30, ge=5, le=3600, description="MQTT keepalive; a silent peer is declared gone after 1.5x this")
+    keepalive_s: int = Field(
+        30, ge=1, le=3600, description="MQTT keepalive; a silent peer (a daemon cut off the network) is declared gone after 1.5x this"
+    )
     out_qos: int = Field(0, ge=0, le=1, description="QoS of outgoing MIDI (0: lowest latency)")
     max_sessions: int = Field(256, ge=1, le=100_000, description="sessions beyond this many are refused (their input dropped and counted)")
     session_idle_s: float = Field(
         300.0, ge=0, description="a session with no input for this long is ended (notes released, state freed); 0 = never"
     )
     max_payload_bytes: int = Field(262_144, ge=16, le=1 << 24, description="larger payloads are dropped and counted")
+    capacity: float = Field(
+        1.0, gt=0, le=1e5, description="this daemon's share of the sessions, relative to the other daemons on the broker (e.g. its GPUs)"
+    )
+    session_msgs_per_s: float = Field(1000.0, ge=0, description="input messages a second one session may send (0 = no limit)")
+    session_burst_msgs: int = Field(2000, ge=1, description="messages one session may send at once above its rate")
+    session_bytes_per_s: float = Field(65_536.0, ge=0, description="input bytes a second one session may send (0 = no limit)")
+    session_burst_bytes: int = Field(
+        262_144, ge=16, description="bytes one session may send at once above its rate (keep >= max_payload_bytes)"
+    )
     reconnect_interval_s: float = Field(2.0, gt=0, le=300, description="wait between reconnection attempts after the broker is lost")
     connect_timeout_s: float = Field(5.0, gt=0, le=120, description="how long the first connection may take before the command fails")
 

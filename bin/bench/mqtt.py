@@ -145,12 +145,15 @@ def _wait_online(host: str, port: int, proc: subprocess.Popen, timeout: float = 
     """Until the daemon's retained status says online."""
     import aiomqtt
 
+    from cadenza.stream.mqtt.ownership import ONLINE, Status
+
     async def main():
         async with aiomqtt.Client(host, port) as c:
             await c.subscribe("cadenza/_daemon/+/status")
             end = time.monotonic() + timeout
             async for m in c.messages:
-                if bytes(m.payload) == b"online":
+                status = Status.decode(bytes(m.payload))
+                if status is not None and status.state == ONLINE:
                     return
                 if proc.poll() is not None or time.monotonic() > end:
                     break

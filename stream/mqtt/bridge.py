@@ -12,6 +12,7 @@ from cadenza.config.settings import Settings
 from cadenza.errors import BrokerError
 from cadenza.messages import split_messages
 from cadenza.stream.mqtt.client import _aiomqtt, _Outbox, _publish_all, check_session, client_id, connect
+from cadenza.stream.mqtt.ownership import LiveSet, Status, daemon_of
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +24,10 @@ class Bridge:
     (messages that arrive together share a packet); what comes back on ``SESSION/out`` is sent
     to the output port. Every note it sends locally is in its ledger, so leaving — Ctrl-C, the
     broker lost, the daemon gone — never leaves a note sounding.
+
+    It follows the daemons' statuses as the daemons do, so it knows which one answers its
+    session: when that one leaves or dies (its will), the notes it left sounding here are
+    released at once, and the next note played is answered by the new owner.
     """
 
     def __init__(self, settings: Settings, session: str) -> None:
@@ -30,9 +35,12 @@ class Bridge:
         self.session = check_session(session)
         prefix = settings.mqtt.topic_prefix.rstrip("/")
         self.in_topic, self.out_topic, self.bye_topic = (f"{prefix}/{session}/{v}" for v in ("in", "out", "bye"))
-        self.identifier = client_id(settings.mqtt, "bridge")
+        self.status_filter = f"{prefix}/_daemon/+/status"
+        self.live = LiveSet()
+        self.owner: str | None = None  # the daemon answering this session
+        self.identifier = client_id(settings.mqtt, f"bridge-{session}")
         self.ledger = NoteLedger()
-        self.counts = {"in": 0, "out": 0, "dropped_malformed": 0, "dropped_offline": 0, "disconnects": 0}
+        self.counts = {"in": 0, "out": 0, "dropped_malformed": 0, "dropped_offline": 0, "disconnects": 0, "failovers": 0}
         self.client = None
         self._stack = None
         self._outbox = _Outbox()
@@ -54,7 +62,8 @@ class Bridge:
         self.client, self._stack = await connect(
             self.settings.mqtt, identifier=self.identifier, will_topic=self.bye_topic, will_payload=b"", retain_will=False
         )
-        await self.client.subscribe(self.out_topic, qos=0)
+        self.live = LiveSet()
+        await self.client.subscribe([(self.out_topic, 0), (self.status_filter, 1)])
 
     async def _disconnect(self, *, say_bye: bool) -> None:
         if self.client is not None and say_bye:
@@ -79,6 +88,10 @@ class Bridge:
 
         async for message in self.client.messages:
             payload = message.payload if isinstance(message.payload, (bytes, bytearray)) else b""
+            daemon = daemon_of(message.topic.value)
+            if daemon is not None:
+                self._status(daemon, bytes(payload))
+                continue
             for data in split_messages(bytes(payload)):
                 if classify(data) is None:
                     self.counts["dropped_malformed"] += 1
@@ -86,6 +99,24 @@ class Bridge:
                 self._out_port.send(data)
                 self.ledger.track(data)
                 self.counts["out"] += 1
+
+    def _status(self, daemon: str, payload: bytes) -> None:
+        status = Status.decode(payload)
+        if status is None or not self.live.update(daemon, status):
+            return
+        owner = self.live.owner(self.session)
+        if owner == self.owner:
+            return
+        if self.owner is not None:
+            # The daemon that played our notes is gone, or handed us to one that joined: what
+            # it left sounding here is released now (a live one releases them too; a note-off
+            # twice is harmless), and the new owner starts afresh with the next note played.
+            if self.owner not in self.live.daemons:
+                self.counts["failovers"] += 1
+            self.release(f"daemon {self.owner} left, {owner or 'no daemon'} takes over")
+        else:
+            log.info("bridge: session %r is served by %s", self.session, owner)
+        self.owner = owner
 
     async def _publish(self) -> None:
         while True:

@@ -10,9 +10,11 @@ import time
 from collections.abc import Callable
 
 from cadenza.config.settings import MqttSettings, Settings
-from cadenza.errors import BrokerError, ConfigError
+from cadenza.errors import BrokerError
 from cadenza.messages import split_messages
 from cadenza.stream.mqtt.client import SESSION_RE, _aiomqtt, _Outbox, _publish_all, client_id, connect
+from cadenza.stream.mqtt.limits import SessionGate
+from cadenza.stream.mqtt.ownership import DRAINING, OFFLINE, ONLINE, LiveSet, Status, daemon_of
 
 log = logging.getLogger(__name__)
 
@@ -22,6 +24,11 @@ class MqttTransport:
 
     It is a :class:`~cadenza.stream.sinks.RoutedSink`: the engine hands it ``(source, data)`` and
     it publishes to that source's ``out`` topic. Session names map to engine sources 1, 2, ...
+
+    Several daemons may share a broker: each follows the others' retained statuses and answers
+    only the sessions it owns (:mod:`cadenza.stream.mqtt.ownership`); when the live set changes,
+    the sessions that moved away are ended here (their notes released) and start afresh at their
+    new owner with the next note played.
     """
 
     name = "mqtt"
@@ -31,6 +38,8 @@ class MqttTransport:
         self.prefix = settings.topic_prefix.rstrip("/")
         self.identifier = client_id(settings, "serve")
         self.status_topic = f"{self.prefix}/_daemon/{self.identifier}/status"
+        self.live = LiveSet()
+        self.draining = False
         self.stats_interval = engine_settings.stats_interval_s
         self.engine = None
         self.on_online: Callable[[], None] | None = None  # called once, when sessions are first taken
@@ -43,6 +52,7 @@ class MqttTransport:
         self._last_input: dict[int, float] = {}
         self._next_source = 1
         self._refused: set[str] = set()
+        self._gates: dict[int, SessionGate] = {}
 
     # ---- connection ---------------------------------------------------------------------
 
@@ -55,12 +65,30 @@ class MqttTransport:
         log.info("mqtt: connected to %s:%d as %s", self.settings.host, self.settings.port, self.identifier)
 
     async def _go_online(self) -> None:
+        # Learn the live set first (the retained statuses arrive at once), so that no session
+        # another daemon owns is answered twice while this one starts.
+        self.live = LiveSet()
+        status_filter = f"{self.prefix}/_daemon/+/status"
+        await self.client.subscribe(status_filter, qos=1)
+        await self._settle_statuses()
+        self.live.update(self.identifier, Status(ONLINE, self.settings.capacity))
         await self.client.subscribe([(f"{self.prefix}/+/in", 0), (f"{self.prefix}/+/bye", 1)])
-        await self.client.publish(self.status_topic, b"online", qos=1, retain=True)
-        log.info("mqtt: online; sessions on %s/+/in", self.prefix)
+        await self.client.publish(self.status_topic, Status(ONLINE, self.settings.capacity).encode(), qos=1, retain=True)
+        log.info("mqtt: online as %s, one of %d daemons; sessions on %s/+/in", self.identifier, len(self.live), self.prefix)
         on_online, self.on_online = self.on_online, None
         if on_online is not None:
             on_online()
+
+    async def _settle_statuses(self, quiet: float = 0.15, limit: float = 1.0) -> None:
+        """Take status messages until none has come for ``quiet`` seconds (at most ``limit``)."""
+        incoming = self.client.incoming
+        end = time.monotonic() + limit
+        while (left := end - time.monotonic()) > 0:
+            try:
+                message = await asyncio.wait_for(incoming.get(), min(quiet, left))
+            except TimeoutError:
+                return
+            self._take(message)
 
     async def _drop_connection(self) -> None:
         stack, self._stack, self.client = self._stack, None, None
@@ -105,13 +133,27 @@ class MqttTransport:
             self.engine.metrics.inc("mqtt_out_lost", lost)
         await asyncio.sleep(self.settings.reconnect_interval_s)
 
+    def drain(self) -> None:
+        """Stop taking sessions (SIGTERM): say so, so the others take them over at once; the
+        engine's shutdown then releases this daemon's notes and :meth:`close` says offline."""
+        if self.draining:
+            return
+        self.draining = True
+        log.info("mqtt: draining: handing %d sessions over", len(self._sources))
+        if self.client is not None:
+            asyncio.get_running_loop().create_task(self._say(Status(DRAINING, self.settings.capacity)))
+
+    async def _say(self, status: Status) -> None:
+        with contextlib.suppress(Exception):
+            await self.client.publish(self.status_topic, status.encode(), qos=1, retain=True)
+
     async def close(self, timeout: float = 3.0) -> None:
         """Publish what is still queued (the shutdown's note-offs), say offline, disconnect."""
         if self.client is not None:
             try:
                 async with asyncio.timeout(timeout):
                     await _publish_all(self.client, self._outbox.take(), 1)
-                    await self.client.publish(self.status_topic, b"offline", qos=1, retain=True)
+                    await self.client.publish(self.status_topic, Status(OFFLINE).encode(), qos=1, retain=True)
             except Exception as exc:  # broker gone at the very end: nothing more to do
                 log.warning("mqtt: could not publish the final messages (%s)", exc)
         await self._drop_connection()
@@ -131,14 +173,21 @@ class MqttTransport:
     def _take(self, message) -> None:
         engine = self.engine
         metrics = engine.metrics
-        parts = message.topic.value.split("/")
-        name, verb = parts[-2], parts[-1]
+        topic = message.topic.value
         payload = message.payload if isinstance(message.payload, (bytes, bytearray)) else b""
+        daemon = daemon_of(topic)
+        if daemon is not None:
+            self._status(daemon, bytes(payload))
+            return
+        parts = topic.split("/")
+        name, verb = parts[-2], parts[-1]
         if verb == "bye":
             source = self._sources.get(name)
             if source is not None:
                 self._end(source, "session said bye")
             return
+        if self.draining or (self._sources.get(name) is None and self.live.owner(name) != self.identifier):
+            return  # another daemon's session (or this one is leaving)
         source = self._source(name)
         if source is None:
             metrics.inc("dropped")
@@ -151,8 +200,48 @@ class MqttTransport:
         now = getattr(message, "arrived", None) or time.monotonic()
         metrics.observe("mqtt_in_wait", time.monotonic() - now)  # socket -> the engine has it
         self._last_input[source] = now
-        for data in split_messages(bytes(payload)):
+        gate = self._gates[source]
+        if not gate.admit_payload(len(payload), now):
+            metrics.inc("dropped_rate_limit_payloads")
+            self._throttle(source, gate, now)
+            return
+        messages = split_messages(bytes(payload))
+        allowed = gate.admit_messages(len(messages), now)
+        for data in messages[:allowed] if allowed < len(messages) else messages:
+            gate.passed(data)
             engine.deliver_now(now, data, source=source)
+        if allowed < len(messages):
+            metrics.inc("dropped", len(messages) - allowed)
+            metrics.inc("dropped_rate_limit", len(messages) - allowed)
+            self._throttle(source, gate, now)
+
+    def _throttle(self, source: int, gate: SessionGate, now: float) -> None:
+        owed = gate.throttle()
+        if owed:
+            log.warning("mqtt: session %r over its rate limit; releasing its notes", self._names[source])
+        for data in owed:
+            self.engine.deliver_now(now, data, source=source)
+
+    def _status(self, daemon: str, payload: bytes) -> None:
+        status = Status.decode(payload)
+        if status is None:
+            self.engine.metrics.inc("mqtt_bad_status")
+            return
+        if daemon == self.identifier and status.state != ONLINE and not self.draining:
+            # our own will, left over from a previous connection or published by the broker
+            # while it thought us gone: we are here, say so again
+            asyncio.get_running_loop().create_task(self._say(Status(ONLINE, self.settings.capacity)))
+            return
+        if not self.live.update(daemon, status):
+            return
+        self.engine.metrics.inc("ownership_changes")
+        self.engine.metrics.gauge("daemons", len(self.live))
+        log.info("mqtt: daemon %s is %s; %d live", daemon, status.state, len(self.live))
+        for name, source in list(self._sources.items()):
+            new_owner = self.live.owner(name)
+            if new_owner != self.identifier:
+                self.engine.metrics.inc("sessions_moved_out")
+                self._end(source, f"moved to {new_owner}")
 
     def _source(self, name: str) -> int | None:
         source = self._sources.get(name)
@@ -169,6 +258,10 @@ class MqttTransport:
         self._sources[name] = source
         self._names[source] = name
         self._out_topics[source] = f"{self.prefix}/{name}/out"
+        m = self.settings
+        self._gates[source] = SessionGate(
+            m.session_msgs_per_s, m.session_burst_msgs, m.session_bytes_per_s, m.session_burst_bytes, time.monotonic()
+        )
         self.engine.metrics.gauge("sessions", len(self._sources))
         log.info("mqtt: session %r started", name)
         return source
@@ -179,6 +272,7 @@ class MqttTransport:
         self.engine.forget_source(source, f"session {name} ended")  # its note-offs are queued by now
         del self._sources[name]
         del self._out_topics[source]
+        self._gates.pop(source, None)
         self._last_input.pop(source, None)
         self.engine.metrics.inc("sessions_ended")
         self.engine.metrics.gauge("sessions", len(self._sources))
@@ -225,6 +319,7 @@ class MqttTransport:
             await asyncio.sleep(self.stats_interval)
             snap = self.engine.metrics.snapshot()
             snap["sessions"] = sorted(self._sources)
+            snap["daemons"] = dict(self.live.daemons)
             await self.client.publish(topic, json.dumps(snap).encode(), qos=0)
 
 
@@ -236,10 +331,6 @@ async def serve_mqtt(settings: Settings, *, mode: str = "colorize", ready: Calla
     from cadenza.models.runtime import pick_device
     from cadenza.stream.build import build_engine
 
-    if mode != "colorize":
-        raise ConfigError(
-            f"--transport mqtt serves --mode colorize (got {mode}); continuation and lookahead answer one performer on one port pair"
-        )
     loop = asyncio.get_running_loop()
     transport = MqttTransport(settings.mqtt, settings.engine)
     await transport.connect()
@@ -247,8 +338,13 @@ async def serve_mqtt(settings: Settings, *, mode: str = "colorize", ready: Calla
         async with build_engine(settings, mode, [transport], loop=loop) as engine:
             transport.engine = engine
             if install_signals:
+
+                def leave() -> None:  # SIGINT and SIGTERM: hand the sessions over, then stop
+                    transport.drain()
+                    engine.stop()
+
                 for sig in (signal.SIGINT, signal.SIGTERM):
-                    loop.add_signal_handler(sig, engine.stop)
+                    loop.add_signal_handler(sig, leave)
             log.info("serving sessions over MQTT (model on %s); Ctrl-C to stop", pick_device(settings.velocity.device))
             if ready is not None:
                 transport.on_online = lambda: ready(engine, transport)

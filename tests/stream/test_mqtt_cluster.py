@@ -1,0 +1,216 @@
+"""Several daemons on one broker: real Mosquitto, real daemon processes, real bridges.
+
+Each daemon is ``python -m cadenza serve --transport mqtt`` with its own client id; the bridges
+are :class:`~cadenza.stream.mqtt.bridge.Bridge` objects in this process, each playing into a
+list that stands where the performer's synth would be (what reached it is what they hear).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+
+import pytest
+
+from cadenza.config.settings import load_settings
+from cadenza.harness.daemons import DaemonProcess, wait_online
+from cadenza.harness.mosquitto import MosquittoBroker
+from cadenza.messages import note_off, note_on
+from cadenza.stream.mqtt.ownership import owner
+
+from .conftest import sounding
+
+aiomqtt = pytest.importorskip("aiomqtt")
+pytestmark = pytest.mark.mosquitto
+
+SESSIONS = [f"s{i:02d}" for i in range(12)]
+DAEMON_ENV = {"CADENZA_ENGINE__STATS_INTERVAL_S": "0.3", "CADENZA_VELOCITY__DEADLINE_MS": "20"}
+
+
+@pytest.fixture()
+def broker(tmp_path):
+    with MosquittoBroker(log=tmp_path / "mosquitto.log") as b:
+        yield b
+
+
+@contextlib.contextmanager
+def daemons(broker, tmp_path, *idents, mode="colorize"):
+    procs = [DaemonProcess(broker.host, broker.port, i, mode=mode, env=DAEMON_ENV, log=tmp_path / f"{i}.log") for i in idents]
+    try:
+        for p in procs:
+            p.start()
+        wait_online(broker.host, broker.port, procs)
+        yield {p.ident: p for p in procs}
+    finally:
+        for p in procs:
+            p.stop()
+
+
+class Peer:
+    """Plays sessions and collects every ``out`` payload and every daemon's stats."""
+
+    def __init__(self, broker) -> None:
+        self.client = aiomqtt.Client(broker.host, broker.port)
+        self.got: dict[str, list[tuple[float, bytes]]] = {}
+        self.stats: dict[str, dict] = {}
+
+    async def __aenter__(self) -> Peer:
+        await self.client.__aenter__()
+        await self.client.subscribe([("cadenza/+/out", 0), ("cadenza/_daemon/+/stats", 0)])
+        self._task = asyncio.create_task(self._collect())
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
+            await self._task
+        await self.client.__aexit__(None, None, None)
+
+    async def _collect(self) -> None:
+        from cadenza.messages import split_messages
+
+        async for m in self.client.messages:
+            parts = m.topic.value.split("/")
+            if parts[1] == "_daemon":
+                self.stats[parts[2]] = json.loads(m.payload)
+                continue
+            now = time.monotonic()
+            self.got.setdefault(parts[1], []).extend((now, d) for d in split_messages(bytes(m.payload)))
+
+    async def play(self, session: str, *msgs: bytes) -> None:
+        await self.client.publish(f"cadenza/{session}/in", b"".join(msgs))
+
+    def note_ons(self, session: str, pitch: int | None = None) -> list[float]:
+        return [t for t, m in self.got.get(session, []) if m[0] & 0xF0 == 0x90 and m[2] > 0 and (pitch is None or m[1] == pitch)]
+
+    async def served_by(self, idents, timeout: float = 5.0) -> dict[str, list[str]]:
+        """Each daemon's sessions, from stats published after now."""
+        self.stats.clear()
+        assert await wait_for(lambda: all(i in self.stats for i in idents), timeout), f"no stats from {set(idents) - set(self.stats)}"
+        return {i: self.stats[i]["sessions"] for i in idents}
+
+
+async def wait_for(pred, timeout: float = 10.0) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return True
+        await asyncio.sleep(0.02)
+    return False
+
+
+async def play_round(peer: Peer, pitch: int) -> None:
+    """Every session plays ``pitch`` once; each must be answered exactly once."""
+    for s in SESSIONS:
+        await peer.play(s, note_on(0, pitch, 80), note_off(0, pitch))
+    assert await wait_for(lambda: all(len(peer.note_ons(s, pitch)) >= 1 for s in SESSIONS)), "a session was not answered"
+    await asyncio.sleep(0.3)  # a second answer would have come by now
+    twice = [s for s in SESSIONS if len(peer.note_ons(s, pitch)) > 1]
+    assert not twice, f"answered twice: {twice}"
+
+
+def test_two_daemons_split_the_sessions_and_a_third_moves_only_its_share(broker, tmp_path):
+    async def main(ds):
+        async with Peer(broker) as peer:
+            await play_round(peer, 60)
+            served = await peer.served_by(["d1", "d2"])
+            expect = {d: sorted(s for s in SESSIONS if owner(s, {"d1": 1.0, "d2": 1.0}) == d) for d in ("d1", "d2")}
+            assert {d: sorted(v) for d, v in served.items()} == expect
+            assert expect["d1"] and expect["d2"]  # both take a share
+
+            ds3 = DaemonProcess(broker.host, broker.port, "d3", env=DAEMON_ENV, log=tmp_path / "d3.log").start()
+            try:
+                await asyncio.to_thread(wait_online, broker.host, broker.port, [ds3])
+                three = {"d1": 1.0, "d2": 1.0, "d3": 1.0}
+                moved = sorted(s for s in SESSIONS if owner(s, three) == "d3")
+                assert moved and len(moved) < len(SESSIONS)
+                await play_round(peer, 62)
+                served = await peer.served_by(["d1", "d2", "d3"])
+                assert sorted(served["d3"]) == moved
+                for d in ("d1", "d2"):  # the others kept theirs, minus what moved
+                    assert sorted(served[d]) == sorted(set(expect[d]) - set(moved))
+                out = sum(peer.stats[d]["counters"].get("sessions_moved_out", 0) for d in ("d1", "d2"))
+                assert out == len(moved)
+            finally:
+                ds3.stop()
+        assert all(p.alive for p in ds.values())
+
+    with daemons(broker, tmp_path, "d1", "d2") as ds:
+        asyncio.run(main(ds))
+
+
+class Synth:
+    """What a bridge's output port would play."""
+
+    def __init__(self) -> None:
+        self.got: list[bytes] = []
+
+    def send(self, data: bytes) -> None:
+        self.got.append(bytes(data))
+
+
+@contextlib.asynccontextmanager
+async def bridges(broker, sessions):
+    from cadenza.stream.mqtt.bridge import Bridge
+
+    settings = load_settings(overrides={"mqtt": {"host": broker.host, "port": broker.port, "keepalive_s": 1}})
+    out = {s: (Bridge(settings, s), Synth()) for s in sessions}
+    tasks = [asyncio.create_task(b.run(synth)) for b, synth in out.values()]
+    assert await wait_for(lambda: all(b.owner is not None for b, _ in out.values())), "bridges did not learn their owners"
+    try:
+        yield out
+    finally:
+        for b, _ in out.values():
+            b.stop()
+        await asyncio.gather(*tasks)
+
+
+def test_sigkill_of_a_daemon_mid_chord_moves_its_sessions_and_no_note_hangs(broker, tmp_path):
+    async def main(ds):
+        async with bridges(broker, SESSIONS[:6]) as bs:
+            victims = [s for s in bs if bs[s][0].owner == "d1"]
+            keepers = [s for s in bs if bs[s][0].owner == "d2"]
+            assert victims and keepers
+            chord = (60, 64, 67)
+            for bridge, _ in bs.values():
+                for p in chord:
+                    bridge.played(note_on(0, p, 90))  # held: no note-offs
+            assert await wait_for(lambda: all(len(sounding(synth.got)) == 3 for _, synth in bs.values())), "chords not answered"
+            t_kill = time.monotonic()
+            ds["d1"].kill()
+            # the broker publishes d1's will; each bridge of d1's releases what d1 left sounding
+            assert await wait_for(lambda: all(sounding(bs[s][1].got) == {} for s in victims), 2.0), "notes left hanging"
+            assert all(len(sounding(bs[s][1].got)) == 3 for s in keepers)  # untouched
+            assert all(bs[s][0].owner == "d2" for s in victims)
+            # the next note of a moved session is answered by d2
+            for s in victims:
+                bs[s][0].played(note_on(0, 72, 90))
+            assert await wait_for(lambda: all(any(m[:2] == b"\x90\x48" for m in bs[s][1].got) for s in victims), 2.0)
+            assert time.monotonic() - t_kill < 3.0
+            assert all(bs[s][0].counts["failovers"] == 1 for s in victims)
+        # the bridges left: nothing sounds anywhere
+        assert all(sounding(synth.got) == {} for _, synth in bs.values())
+        assert ds["d2"].alive
+
+    with daemons(broker, tmp_path, "d1", "d2") as ds:
+        asyncio.run(main(ds))
+
+
+def test_sigterm_drains_a_daemon_its_notes_released_and_its_sessions_served_by_the_other(broker, tmp_path):
+    async def main(ds):
+        async with Peer(broker) as peer:
+            mine = [s for s in SESSIONS if owner(s, {"d1": 1.0, "d2": 1.0}) == "d1"]
+            for s in mine:
+                await peer.play(s, note_on(0, 60, 90), note_on(0, 64, 90))  # held
+            assert await wait_for(lambda: all(len(peer.note_ons(s)) == 2 for s in mine))
+            rc = await asyncio.to_thread(ds["d1"].drain)
+            assert rc == 0
+            assert await wait_for(lambda: all(sounding([m for _, m in peer.got[s]]) == {} for s in mine), 2.0)
+            for s in mine:
+                await peer.play(s, note_on(0, 67, 90), note_off(0, 67))
+            assert await wait_for(lambda: all(peer.note_ons(s, 67) for s in mine), 3.0), "not taken over"
+
+    with daemons(broker, tmp_path, "d1", "d2") as ds:
+        asyncio.run(main(ds))
