@@ -1,5 +1,7 @@
 """`cadenza bench mqtt`: the headless daemon's round trip through a real broker.
 
+(With ``--daemons N``: several daemons and a failover, in :mod:`cadenza.bench.cluster`.)
+
 A private Mosquitto on loopback (or the configured broker with ``--broker configured``), then
 two passes of the same playing, each from one client that plays ``--sessions`` performers at
 once (the `bench latency` pattern, a different seed per session):
@@ -32,6 +34,9 @@ def register(b) -> None:
     p.add_argument("--rate", type=float, default=12.0, help="note-ons per second per session (default 12)")
     p.add_argument("--broker", choices=["own", "configured"], default="own", help="a private Mosquitto (default) or mqtt.host/port")
     p.add_argument("--busy-poll", action="store_true", help="serve with --busy-poll (engine.busy_poll: the loop never sleeps)")
+    p.add_argument("--daemons", type=int, default=0, help="N daemons behind one broker, sessions played through real bridges")
+    p.add_argument("--kill-one", action="store_true", help="with --daemons: SIGKILL the busiest daemon halfway (failover figures)")
+    p.add_argument("--logs", help="with --daemons: write the broker's and the daemons' logs to this folder")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_bench)
 
@@ -85,6 +90,10 @@ async def _play(host: str, port: int, sessions: dict[str, list], ready_wait: flo
 
 
 def _bench(args, settings) -> int:
+    if args.daemons:
+        from cadenza.bench.cluster import bench_cluster
+
+        return bench_cluster(args, settings)
     from cadenza.bench.latency import _stats_ms, added_ms, pattern, print_paths, run_service
     from cadenza.harness.mosquitto import MosquittoBroker
 

@@ -214,3 +214,63 @@ def test_sigterm_drains_a_daemon_its_notes_released_and_its_sessions_served_by_t
 
     with daemons(broker, tmp_path, "d1", "d2") as ds:
         asyncio.run(main(ds))
+
+
+def _flood(host: str, port: int, seconds: float, per_s: int, names: list[str]) -> None:
+    """A broken or hostile client: random bytes to a few session names (its own process)."""
+    import random
+
+    async def main():
+        rng = random.Random(11)
+        async with aiomqtt.Client(host, port) as c:
+            t0 = time.monotonic()
+            for k in range(int(seconds * per_s)):
+                await asyncio.sleep(max(0.0, t0 + k / per_s - time.monotonic()))
+                payload = bytes(rng.randrange(256) for _ in range(rng.randrange(50, 400)))
+                await c.publish(f"cadenza/{names[k % len(names)]}/in", payload)
+
+    asyncio.run(main())
+
+
+def test_a_flooding_session_loses_its_own_excess_while_the_others_keep_their_time(broker, tmp_path):
+    import multiprocessing
+
+    import numpy as np
+
+    async def phase(peer: Peer, base: int, seconds: float) -> list[float]:
+        """alice and bob play a note every 50 ms each; publish -> answer latencies."""
+        lat = []
+        for k in range(int(seconds / 0.05)):
+            pitch = base + k % 24
+            for s in ("alice", "bob"):
+                t = time.monotonic()
+                await peer.play(s, note_on(0, pitch, 70), note_off(0, pitch))
+                ok = await wait_for(lambda s=s, pitch=pitch, t=t: any(x >= t for x in peer.note_ons(s, pitch)), 2.0)
+                assert ok, f"{s}'s note {k} got no answer"
+                lat.append(min(x for x in peer.note_ons(s, pitch) if x >= t) - t)
+            await asyncio.sleep(0.05)
+        return lat
+
+    async def main(flood: multiprocessing.Process):
+        async with Peer(broker) as peer:
+            quiet = await phase(peer, 36, 2.0)
+            flood.start()
+            loud = await phase(peer, 60, 3.0)
+            flood.join(10)
+            await asyncio.sleep(2.0)
+            t = time.monotonic()
+            await peer.play("carol", note_on(0, 70, 70), note_off(0, 70))  # a fresh session after the flood
+            assert await wait_for(lambda: peer.note_ons("carol", 70), 1.0), "no answer to a fresh session after the flood"
+            stats = await peer.served_by(["d1"])  # noqa: F841 (fresh stats below)
+            return quiet, loud, time.monotonic() - t, peer.stats["d1"]
+
+    names = ["m0", "m1", "m2"]
+    flood = multiprocessing.get_context("spawn").Process(target=_flood, args=(broker.host, broker.port, 3.0, 1000, names), daemon=True)
+    with daemons(broker, tmp_path, "d1"):
+        quiet, loud, _, stats = asyncio.run(main(flood))
+    q99, l99 = float(np.percentile(quiet, 99)), float(np.percentile(loud, 99))
+    c = stats["counters"]
+    assert c.get("dropped_rate_limit", 0) + c.get("dropped_rate_limit_payloads", 0) > 0, c  # the flood lost its excess
+    # Every note of alice's and bob's was answered (phase() asserts it); the flood added less
+    # than a note's deadline (velocity.deadline_ms in DAEMON_ENV) to their round trip's p99.
+    assert l99 - q99 < 0.020, f"p99 {q99 * 1e3:.1f} ms quiet, {l99 * 1e3:.1f} ms under the flood"
