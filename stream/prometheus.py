@@ -118,8 +118,11 @@ class PrometheusExporter:
             server_class = type("PrometheusServer", (ThreadingWSGIServer,), {"address_family": family})
             server = make_server(host, port, make_wsgi_app(self.registry), server_class, handler_class=_QuietHandler)
         except OSError as exc:
-            reason = "in use" if exc.errno == errno.EADDRINUSE else (exc.strerror or str(exc))
-            raise ConfigError(f"cannot serve metrics on {host}:{port} ({reason}): set metrics.prometheus_port to a free port") from None
+            if exc.errno == errno.EADDRINUSE:
+                reason, fix = "in use", "set metrics.prometheus_port to a free port"
+            else:  # not an address of this machine, or a name that does not resolve
+                reason, fix = exc.strerror or str(exc), "check metrics.prometheus_host"
+            raise ConfigError(f"cannot serve metrics on {host}:{port} ({reason}): {fix}") from None
         self._server = server
         self._thread = threading.Thread(target=server.serve_forever, args=(POLL_S,), name="prometheus", daemon=True)
         self._thread.start()

@@ -144,6 +144,13 @@ def test_a_port_in_use_is_one_line():
     assert f"127.0.0.1:{port} (in use)" in msg and "metrics.prometheus_port" in msg and "\n" not in msg
 
 
+def test_an_address_not_of_this_machine_is_one_line():
+    with pytest.raises(ConfigError) as exc:  # TEST-NET-1: nobody's address, refused without asking DNS
+        prometheus_exporter(MetricsSettings(prometheus_port=0, prometheus_host="192.0.2.1"), Metrics())
+    msg = str(exc.value)
+    assert msg.startswith("cannot serve metrics on 192.0.2.1:0") and "metrics.prometheus_host" in msg and "\n" not in msg
+
+
 def test_settings_from_toml_env_and_round_trip(tmp_path, monkeypatch):
     path = tmp_path / "c.toml"
     path.write_text('[metrics]\nprometheus_port = 9464\nprometheus_host = "0.0.0.0"\n')
