@@ -249,6 +249,17 @@ class MqttSettings(_Section):
     connect_timeout_s: float = Field(5.0, gt=0, le=120, description="how long the first connection may take before the command fails")
 
 
+class MetricsSettings(_Section):
+    """The Prometheus endpoint of ``cadenza serve`` and of the MQTT daemon (off by default)."""
+
+    prometheus_port: int | None = Field(
+        None, ge=0, le=65535, description="serve the metrics for Prometheus on this TCP port (0 = any free port); unset = off"
+    )
+    prometheus_host: str = Field(
+        "127.0.0.1", min_length=1, description="address the Prometheus endpoint listens on (0.0.0.0 or :: = every interface)"
+    )
+
+
 class DataSettings(_Section):
     root: Path = Field(default_factory=lambda: _default_data_root(), description="folder holding maestro-v2.0.0/ and pop909/")
 
@@ -283,6 +294,7 @@ class Settings(BaseSettings):
     controls: ControlSettings = ControlSettings()
     audio: AudioSettings = AudioSettings()
     mqtt: MqttSettings = MqttSettings()
+    metrics: MetricsSettings = MetricsSettings()
     data: DataSettings = DataSettings()
 
     @model_validator(mode="after")

@@ -14,6 +14,7 @@ from cadenza.models.runtime import pick_device
 from cadenza.stream.build import build_engine
 from cadenza.stream.engine import Engine
 from cadenza.stream.ports import MidiInputPort, MidiOutputPort, api_name, resolve_api
+from cadenza.stream.prometheus import prometheus_exporter
 from cadenza.stream.spin import SpinEventLoop
 
 log = logging.getLogger(__name__)
@@ -87,6 +88,8 @@ async def serve(settings: Settings, *, mode: str, audio: bool = False, ready=Non
                 loop.add_signal_handler(sig, engine.stop)
                 opened.callback(loop.remove_signal_handler, sig)
         device = pick_device(settings.velocity.device) if mode in ("colorize", "both", "lookahead") else "-"
+        # Off unless metrics.prometheus_port is set; closed first on the way out, after the notes' release.
+        opened.enter_context(prometheus_exporter(settings.metrics, engine.metrics, info={"mode": mode, "device": device, "role": "serve"}))
         log.info(
             "listening on %r -> %r (%s, mode %s, model on %s%s); Ctrl-C to stop",
             inp.name,
