@@ -330,6 +330,7 @@ async def serve_mqtt(settings: Settings, *, mode: str = "colorize", ready: Calla
 
     from cadenza.models.runtime import pick_device
     from cadenza.stream.build import build_engine
+    from cadenza.stream.prometheus import prometheus_exporter
 
     loop = asyncio.get_running_loop()
     transport = MqttTransport(settings.mqtt, settings.engine)
@@ -337,24 +338,29 @@ async def serve_mqtt(settings: Settings, *, mode: str = "colorize", ready: Calla
     try:
         async with build_engine(settings, mode, [transport], loop=loop) as engine:
             transport.engine = engine
-            if install_signals:
-
-                def leave() -> None:  # SIGINT and SIGTERM: hand the sessions over, then stop
-                    transport.drain()
-                    engine.stop()
-
-                for sig in (signal.SIGINT, signal.SIGTERM):
-                    loop.add_signal_handler(sig, leave)
-            log.info("serving sessions over MQTT (model on %s); Ctrl-C to stop", pick_device(settings.velocity.device))
-            if ready is not None:
-                transport.on_online = lambda: ready(engine, transport)
-            try:
-                await engine.run(transport.run)
-            finally:
+            for name in ("ownership_changes", "sessions_moved_out", "sessions_ended", "dropped_rate_limit"):
+                engine.metrics.inc(name, 0)  # scraped from the start, not from their first count
+            device = pick_device(settings.velocity.device)
+            # opened before the signal handlers: a port in use is one line, with nothing to undo
+            with prometheus_exporter(settings.metrics, engine.metrics, info={"mode": mode, "device": str(device), "role": "daemon"}):
                 if install_signals:
+
+                    def leave() -> None:  # SIGINT and SIGTERM: hand the sessions over, then stop
+                        transport.drain()
+                        engine.stop()
+
                     for sig in (signal.SIGINT, signal.SIGTERM):
-                        loop.remove_signal_handler(sig)
-            snapshot = engine.metrics.snapshot()
+                        loop.add_signal_handler(sig, leave)
+                log.info("serving sessions over MQTT, mode %s (model on %s); Ctrl-C or SIGTERM to hand over and stop", mode, device)
+                if ready is not None:
+                    transport.on_online = lambda: ready(engine, transport)
+                try:
+                    await engine.run(transport.run)
+                finally:
+                    if install_signals:
+                        for sig in (signal.SIGINT, signal.SIGTERM):
+                            loop.remove_signal_handler(sig)
+                snapshot = engine.metrics.snapshot()
     finally:
         await transport.close()
     return snapshot

@@ -294,3 +294,28 @@ def test_bridge_plays_through_the_daemon_and_releases_its_notes_when_it_stops(br
                 listener.close()
 
     asyncio.run(main())
+
+
+def test_the_daemon_serves_prometheus_metrics(broker):
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    port = free_port()
+    settings = daemon_settings(broker)
+    settings.metrics.prometheus_port = port
+
+    async def main():
+        async with running_daemon(settings), Peer(broker) as peer:
+            await peer.play("alice", b"\x90\x3c\x50", b"\x80\x3c\x00")
+            assert await peer.wait_for(lambda: len(peer.out("alice")) == 2)
+            url = f"http://127.0.0.1:{port}/metrics"
+            return await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).read().decode())
+
+    text = asyncio.run(main())
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    value = {f.name: f.samples[0].value for f in families.values() if f.samples}
+    assert value["cadenza_sessions"] == 1 and families["cadenza_ownership_changes"].type == "counter"
+    assert families["cadenza_internal_seconds"].type == "histogram"
+    info = families["cadenza_info"].samples[0].labels
+    assert info["role"] == "daemon" and info["mode"] == "colorize"
