@@ -125,7 +125,7 @@ def _refused(exc: BaseException, settings: MqttSettings, will_topic: str, logged
     if code in (5, 135):  # Mosquitto says "not authorized" for a wrong password too
         return (
             f"the MQTT broker at {where} refused user {user!r} (not authorized): wrong user name or password, "
-            f"or its ACL refuses this client (will topic {will_topic!r}; a bridge's session name must be its user name)"
+            f"or its ACL does not let this user set its will on {will_topic!r}"
         )
     reason = logged if isinstance(exc, TimeoutError) and logged else _reason(exc)
     if "CERTIFICATE_VERIFY_FAILED" in reason:
