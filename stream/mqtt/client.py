@@ -91,7 +91,8 @@ def _tls_context(settings: MqttSettings) -> ssl.SSLContext | None:
             context.load_cert_chain(str(settings.tls_cert_file), str(key) if key is not None else None)
         except (OSError, ssl.SSLError) as exc:
             what = f"{str(settings.tls_cert_file)!r}" + (f" with its key {str(key)!r}" if key is not None else "")
-            raise ConfigError(f"cannot load the client certificate mqtt.tls_cert_file {what} ({_reason(exc)})") from None
+            hint = "; if its key is in another file, set mqtt.tls_key_file" if key is None else ""
+            raise ConfigError(f"cannot load the client certificate mqtt.tls_cert_file {what} ({_reason(exc)}){hint}") from None
     return context
 
 
