@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 from cadenza.errors import ConfigError
@@ -247,6 +247,40 @@ class MqttSettings(_Section):
     )
     reconnect_interval_s: float = Field(2.0, gt=0, le=300, description="wait between reconnection attempts after the broker is lost")
     connect_timeout_s: float = Field(5.0, gt=0, le=120, description="how long the first connection may take before the command fails")
+    # Security: TLS and credentials (docs/operators.md#security, deploy/).
+    password_file: Path | None = Field(
+        None, description="file holding the broker password (read at each connect, whitespace stripped); instead of mqtt.password"
+    )
+    tls_ca_file: Path | None = Field(
+        None, description="CA certificate(s), PEM, that the broker's certificate must chain to; setting it turns TLS on (port 8883)"
+    )
+    tls_cert_file: Path | None = Field(None, description="client certificate, PEM, for a broker that asks for one (needs tls_ca_file)")
+    tls_key_file: Path | None = Field(None, description="the client certificate's private key, PEM (default: in tls_cert_file)")
+
+    # Field validators rather than one model validator: a model validator's error shows the whole
+    # section as its input, and that would print the password.
+    @field_validator("password_file")
+    @classmethod
+    def _one_password(cls, v: Path | None, info: ValidationInfo) -> Path | None:
+        if v is not None and info.data.get("password") is not None:
+            raise ValueError("set mqtt.password or mqtt.password_file, not both")
+        if v is not None and info.data.get("username") is None:
+            raise ValueError("mqtt.password_file needs mqtt.username")
+        return v
+
+    @field_validator("tls_cert_file")
+    @classmethod
+    def _cert_needs_tls(cls, v: Path | None, info: ValidationInfo) -> Path | None:
+        if v is not None and info.data.get("tls_ca_file") is None:
+            raise ValueError("mqtt.tls_cert_file needs mqtt.tls_ca_file (a client certificate is sent only over TLS)")
+        return v
+
+    @field_validator("tls_key_file")
+    @classmethod
+    def _key_needs_cert(cls, v: Path | None, info: ValidationInfo) -> Path | None:
+        if v is not None and info.data.get("tls_cert_file") is None:
+            raise ValueError("mqtt.tls_key_file needs mqtt.tls_cert_file")
+        return v
 
 
 class MetricsSettings(_Section):
