@@ -31,8 +31,18 @@ class Bridge:
     """
 
     def __init__(self, settings: Settings, session: str) -> None:
-        self.settings = settings
         self.session = check_session(session)
+        m = settings.mqtt
+        if m.username is None and (m.password is not None or m.password_file is not None):
+            # the shipped ACL (deploy/acl) gives each performer the session named like their user
+            settings = settings.model_copy(update={"mqtt": m.model_copy(update={"username": session})})
+        elif m.username is not None and m.username != session:
+            log.warning(
+                "bridge: user %r plays session %r; with the shipped ACL a user may only use the session of its own name",
+                m.username,
+                session,
+            )
+        self.settings = settings
         prefix = settings.mqtt.topic_prefix.rstrip("/")
         self.in_topic, self.out_topic, self.bye_topic = (f"{prefix}/{session}/{v}" for v in ("in", "out", "bye"))
         self.status_filter = f"{prefix}/_daemon/+/status"

@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 
 from cadenza.config.settings import MqttSettings, Settings
-from cadenza.errors import BrokerError
+from cadenza.errors import BrokerError, ConfigError
 from cadenza.messages import split_messages
 from cadenza.stream.mqtt.client import SESSION_RE, _aiomqtt, _Outbox, _publish_all, client_id, connect
 from cadenza.stream.mqtt.limits import SessionGate
@@ -103,7 +103,7 @@ class MqttTransport:
             if self.client is None:
                 try:
                     await self.connect()
-                except BrokerError as exc:
+                except (BrokerError, ConfigError) as exc:  # a password file being rotated, too
                     log.warning("mqtt: %s; retrying in %.0f s", exc, self.settings.reconnect_interval_s)
                     await asyncio.sleep(self.settings.reconnect_interval_s)
                     continue

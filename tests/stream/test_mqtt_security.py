@@ -22,6 +22,7 @@ from cadenza.config.settings import load_settings
 from cadenza.errors import BrokerError, ConfigError
 from cadenza.harness.mosquitto import MosquittoBroker, make_certificates
 from cadenza.messages import note_off, note_on
+from cadenza.stream.mqtt.ownership import Status
 
 from .test_mqtt import note_ons, running_daemon
 
@@ -176,7 +177,9 @@ def test_each_performer_reaches_only_their_own_session(broker, pki, passwords, t
             assert not any(t.startswith("cadenza/bob/") for t in topics), topics
             # the daemons' status is readable (the real one, retained), and cannot be forged
             statuses = {t: p for t, p in seen if t.startswith("cadenza/_daemon/")}
-            assert list(statuses.values()) == [b"online"] and "cadenza/_daemon/fake/status" not in statuses, statuses
+            assert [Status.decode(v).state for v in statuses.values()] == ["online"] and "cadenza/_daemon/fake/status" not in statuses, (
+                statuses
+            )
             assert d["transport"].status_topic in statuses
 
             alice.played(note_on(0, 50, 80))  # still serving alice
