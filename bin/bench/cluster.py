@@ -59,7 +59,8 @@ async def _stats_listener(host: str, port: int, into: dict) -> None:
     async with aiomqtt.Client(host, port) as c:
         await c.subscribe("cadenza/_daemon/+/stats")
         async for m in c.messages:
-            into[m.topic.value.split("/")[2]] = json.loads(m.payload)
+            with contextlib.suppress(ValueError):
+                into[m.topic.value.split("/")[2]] = json.loads(m.payload)
 
 
 async def _run(args, host: str, port: int, daemons: list) -> dict:
