@@ -4,11 +4,13 @@ controls, answers, loops and delayed notes stay its own. The shipped models, in 
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 from cadenza.config.settings import load_settings
 from cadenza.messages import control, note_off, note_on
 from cadenza.models.phrase import tokens as tk
+from cadenza.models.phrase.worker import PhraseWorker, ResponseParams
 from cadenza.stream.build import build_engine
 from cadenza.stream.engine import Engine
 from cadenza.stream.phrase import IDLE, RESPONDING, AnswerTag
@@ -175,6 +177,41 @@ def test_forgetting_one_session_cuts_its_answer_and_leaves_the_other_playing():
     routed, rec, e = run(_phrase_settings(4.0), "continue", body)
     assert seen["sounding_1"] == {} and seen["more_1"] == []
     assert seen["sessions"] == [0, 2]
+
+
+def test_the_phrase_model_interleaves_the_sessions_answers_and_feeds_a_session_after_its_own():
+    """One model thread: a short answer of session 2 is not held up by session 1's long one, and
+    what session 1 plays meanwhile reaches its context once its answer is done (not cutting it)."""
+    from cadenza.models.phrase.live import LivePhrase, load_phrase
+
+    model = load_phrase(load_settings().phrase.weights, device="cpu")
+    events: list[int] = []
+    done: dict[int, int] = {}
+
+    async def main() -> dict:
+        worker = PhraseWorker(lambda: LivePhrase(model), asyncio.get_running_loop())
+        await asyncio.to_thread(worker.start)
+        try:
+            for s, pitches in CALLS.items():
+                for i, p in enumerate(pitches):
+                    worker.feed(s, 0.25 * i, note_on(0, p, 80))
+                    worker.feed(s, 0.25 * i + 0.2, note_off(0, p))
+            for s, seconds in ((1, 8.0), (2, 2.0)):
+                params = ResponseParams(start_t=2.5, seconds=seconds, temperature=1.0, top_k=0, top_p=0.95, seed=s)
+                worker.respond(s, s, threading.Event(), params, lambda g, t, m: events.append(g), lambda g: done.setdefault(g, len(events)))
+            worker.feed(1, 3.0, note_on(0, 50, 80))  # played during its own answer
+            await until(lambda: len(done) == 2)
+            await worker.caught_up()
+            return {s: [tk.token_name(t) for t in live.hist] for s, live in worker._contexts.items()}
+        finally:
+            worker.stop()
+
+    hist = asyncio.run(main())
+    last_of_1 = max(i for i, g in enumerate(events) if g == 1)
+    assert events.index(2) < last_of_1, "session 2 waited for session 1's whole answer"
+    assert hist[1][-1] == "ON_50" and events.count(1) > 2  # fed after the answer, which was not cut at its first step
+    for s, pitches in CALLS.items():  # each context begins with its own call, and only that
+        assert [name for name in hist[s] if name.startswith("ON_")][: len(pitches)] == [f"ON_{p}" for p in pitches]
 
 
 # ---- vary --------------------------------------------------------------------------------------
