@@ -60,6 +60,9 @@ class Engine:
     ``velocity_worker`` colorizes note-ons, ``lookahead`` delays everything by a fixed time for
     the full-context model, ``phrase_factory(engine)`` makes the phrase stage (it needs the
     engine to emit its answers); each is None when the mode does not use it.
+
+    ``sessions`` holds each source's :class:`Session` (``session(source)`` makes one);
+    ``ledger``, ``clock``, ``velocity``, ``phrase`` and ``vary`` are source 0's (the ports').
     """
 
     def __init__(
