@@ -370,18 +370,18 @@ class CallResponse:
 
 
 def _default_live(settings: PhraseSettings) -> Callable[[], LivePhraseModel]:
-    """A context per call (one per session), all over one copy of the weights, loaded at the first."""
-    loaded = []
-
     def make() -> LivePhraseModel:
         from cadenza.models.phrase.answer import options_from
         from cadenza.models.phrase.live import LivePhrase, load_phrase
         from cadenza.models.runtime import pick_device
 
-        if not loaded:
-            loaded.append(load_phrase(settings.weights, device=pick_device(settings.device)))
         # best-of-N and the guards come from [phrase] (best_of, lookahead_*, fit_*, *_guard)
-        return LivePhrase(loaded[0], style=settings.style, answer=options_from(settings), paced=True)
+        return LivePhrase(
+            load_phrase(settings.weights, device=pick_device(settings.device)),
+            style=settings.style,
+            answer=options_from(settings),
+            paced=True,
+        )
 
     return make
 

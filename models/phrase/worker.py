@@ -39,6 +39,7 @@ class LivePhraseModel(Protocol):
     """What the phrase stage drives (``cadenza.models.phrase.live.LivePhrase``)."""
 
     def warm_up(self) -> int: ...
+    def new_context(self) -> LivePhraseModel: ...
     def reset(self) -> None: ...
     def feed(self, t: float, msg: bytes) -> None: ...
     def respond(
@@ -88,8 +89,8 @@ class PhraseWorker:
     """The phrase model in the model runtime: every performer note is fed to its session's
     ``LivePhrase`` as it happens, and answers stream back to the loop event by event.
 
-    ``make_live()`` makes one context; it is called once per session (on the model thread), so
-    it must share the weights it loads (``cadenza.stream.phrase`` loads them once).
+    ``make_live()`` loads the model with its first context; every other session's context is
+    ``new_context()`` of it (the same weights), made on the model thread at its first job.
     """
 
     def __init__(
@@ -97,8 +98,9 @@ class PhraseWorker:
     ) -> None:
         self._make_live = make_live
         self._loop = loop
+        self._first: LivePhraseModel | None = None  # loaded and warmed up; other contexts are made from it
         self._contexts: dict[int, LivePhraseModel] = {}  # per source
-        self._spare: LivePhraseModel | None = None  # warmed up (or reset), for the next new session
+        self._spare: LivePhraseModel | None = None  # empty, for the next new session
         self._answers: dict[int, Respond] = {}  # in flight, per source
         self._deferred: dict[int, list[Feed]] = {}  # fed while its session's answer was generated
         self._syncs: list[Sync] = []
@@ -152,8 +154,8 @@ class PhraseWorker:
     # ---- the runtime's handler --------------------------------------------------------------
 
     def load(self) -> None:
-        self._spare = self._make_live()
-        self._spare.warm_up()
+        self._first = self._spare = self._make_live()
+        self._first.warm_up()
 
     def reset(self) -> None:
         """Every context empty, no answer in flight (a start, or a restart after a crash: the
@@ -173,7 +175,7 @@ class PhraseWorker:
     def _context(self, source: int) -> LivePhraseModel:
         live = self._contexts.get(source)
         if live is None:
-            live, self._spare = (self._spare, None) if self._spare is not None else (self._make_live(), None)
+            live, self._spare = self._spare or self._first.new_context(), None
             self._contexts[source] = live
         return live
 
