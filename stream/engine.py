@@ -342,17 +342,8 @@ class Engine:
             self.session(0)
 
     def melody(self, source: int, channel: int, bars: int) -> np.ndarray:
-        """The last ``bars`` of a channel as melody events (``PianoRollWindow.melody_steps``), on
-        the sixteenth grid of the source's MIDI clock while it runs, else ending now at ``engine.bpm``."""
-        s = self.session(source)
-        end, step_s = s.clock.sixteenths(self.now_music(), bpm=self.settings.engine.bpm)
-        return s.roll(channel).melody_steps(end, bars * self.settings.engine.beats_per_bar * 4, step_s)
-
-    def melody_at(self, session: tuple[int, int], end_t: float, steps: int, seconds_per_step: float) -> np.ndarray:
-        """``steps`` sixteenths of a channel ending at ``end_t``, as melody events (silence if it
-        has played nothing yet)."""
-        s = self.sessions.get(session[0])
-        return np.zeros(steps, np.int16) if s is None else s.melody_at(session[1], end_t, steps, seconds_per_step)
+        """The last ``bars`` of a channel as melody events, now (see :meth:`Session.melody`)."""
+        return self.session(source).melody(channel, self.now_music(), bars)
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:

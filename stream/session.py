@@ -46,6 +46,7 @@ class Session:
         self.velocity = VelocityStage(settings.velocity, engine.velocity_worker)
         self._frame_s = settings.engine.frame_ms / 1000
         self._window_s = settings.engine.window_s
+        self._bpm = settings.engine.bpm
         self.rolls: dict[int, PianoRollWindow] = {}  # per channel
         self.phrase: CallResponse | None = engine.phrase_stage.session(self) if engine.phrase_stage is not None else None
         self.vary: VaryLoop | None = engine.vary_stage.session(self) if engine.vary_stage is not None else None
@@ -56,6 +57,12 @@ class Session:
         if roll is None:
             roll = self.rolls[channel] = PianoRollWindow(frame_s=self._frame_s, window_s=self._window_s)
         return roll
+
+    def melody(self, channel: int, now: float, bars: int) -> np.ndarray:
+        """The last ``bars`` of a channel as melody events (``PianoRollWindow.melody_steps``), on
+        the sixteenth grid of this source's MIDI clock while it runs, else ending ``now`` at ``engine.bpm``."""
+        end, step_s = self.clock.sixteenths(now, bpm=self._bpm)
+        return self.roll(channel).melody_steps(end, bars * self.clock.beats_per_bar * 4, step_s)
 
     def melody_at(self, channel: int, end_t: float, steps: int, seconds_per_step: float) -> np.ndarray:
         """``steps`` sixteenths of a channel ending at ``end_t``, as melody events (silence if it

@@ -129,7 +129,7 @@ class VaryLoop:
         self.controls = stage.controls
         self.source = session.source
         self.clock = session.clock
-        self._performer = session
+        self.session = session
         self.mode = settings.mode
         self.amount = settings.amount
         self.attributes = {name: 0.0 for name in ATTRIBUTES}
@@ -242,9 +242,9 @@ class VaryLoop:
         ahead = self._ahead_steps()
         end = boundary - (ahead + 0.5) * step_s  # half a step early: each step centred on its grid line
         try:
-            events = self._performer.melody_at(self._channel, end, self.steps - ahead, step_s)
+            events = self.session.melody_at(self._channel, end, self.steps - ahead, step_s)
             if ahead:  # the loop's last bar, as it was played one repetition ago
-                last = self._performer.melody_at(self._channel, end - (self.steps - ahead) * step_s, ahead, step_s)
+                last = self.session.melody_at(self._channel, end - (self.steps - ahead) * step_s, ahead, step_s)
                 events = np.concatenate([events, last])
         except ValueError as exc:  # the loop is longer than the window at this tempo
             log.warning("vary: %s; raise engine.window_s", exc)
