@@ -285,3 +285,25 @@ def test_lookahead_delays_each_session_to_itself_and_drops_what_a_forgotten_sess
     assert [m[1] for m in note_ons(routed.to(2))] == [72, 76, 79, 84]
     assert sounding(routed.to(1)) == {} and sounding(routed.to(2)) == {}
     assert note_ons(routed.to(0)) == []
+
+
+# ---- MIDI clock --------------------------------------------------------------------------------
+
+
+def test_each_session_follows_its_own_midi_clock():
+    seen = {}
+
+    async def body(e: Engine, routed: PerSource, _rec) -> None:
+        t0 = asyncio.get_running_loop().time() - 2.0
+        for source, bpm in ((1, 100.0), (2, 120.0)):
+            tick = 60.0 / bpm / 24
+            for k, data in enumerate([b"\xfa"] + [b"\xf8"] * 48):  # Start, two beats
+                e.deliver_now(time.monotonic(), data, source=source, music_t=t0 + tick * k)
+        await e.drain()
+        seen["bpm"] = {s: e.sessions[s].clock.bpm for s in (0, 1, 2)}
+        seen["running"] = {s: e.sessions[s].clock.running for s in (0, 1, 2)}
+
+    routed, _, _ = run(_settings(), "thru", body)
+    assert seen["running"] == {0: False, 1: True, 2: True}
+    assert seen["bpm"][0] is None and abs(seen["bpm"][1] - 100.0) < 0.5 and abs(seen["bpm"][2] - 120.0) < 0.5
+    assert routed.to(1).count(b"\xf8") == 48 and routed.to(2).count(b"\xf8") == 48  # passed through, to its own
