@@ -269,6 +269,11 @@ class ModelStage(Generic[J]):
         self._put(job, deadline)
         return True
 
+    def later(self, job: J) -> None:
+        """For the handler itself, from ``run``: queue follow-up work behind what is waiting, so
+        that other jobs get their turn (an inline stage runs it at the next flush)."""
+        self._put(job, None)
+
     def _put(self, job: object, deadline: float | None) -> None:
         if self.inline:
             self._pending.append((job, deadline))

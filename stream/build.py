@@ -16,6 +16,9 @@ vary       MusicVAE stage: the performer's loop, varied, from the next loop line
 thru       none: messages pass through the engine's buffers and ledger only
 =========  ===================================================================
 
+Each stage is one model shared by every session (source) the engine serves; a session's state
+over it is made at the session's first message (see ``stream/session.py``).
+
 The caller opens and closes its sinks (ports, audio, transports); what this builds, it stops on
 the way out, failed starts included (stopping twice is safe, and ``Engine.run`` stops the
 stages too, so that notes are released before the stages go).
@@ -94,10 +97,10 @@ async def build_engine(
             realtime=realtime,
         )
         engine.bind(loop)
-        if engine.phrase is not None:
-            started.callback(engine.phrase.close)
-            await engine.phrase.start()
-        if engine.vary is not None:
-            started.callback(engine.vary.close)
-            await engine.vary.start()
+        if engine.phrase_stage is not None:
+            started.callback(engine.phrase_stage.close)
+            await engine.phrase_stage.start()
+        if engine.vary_stage is not None:
+            started.callback(engine.vary_stage.close)
+            await engine.vary_stage.start()
         yield engine

@@ -6,8 +6,13 @@ droppable kinds) are dropped and counted; note-offs, controllers (pedal) and clo
 
 The pump drains what is queued, asks the velocity worker for every note-on in one go, waits at
 most until the earliest note's deadline, and emits everything in input order — a controller that
-followed a note-on never overtakes it. Every outgoing message passes the open-note ledger, so
-``panic()`` can always release exactly what is sounding.
+followed a note-on never overtakes it. Every outgoing message passes the open-note ledger of its
+source, so ``panic()`` can always release exactly what is sounding.
+
+Each source (0: the local ports; 1, 2, ...: remote sessions) has its own
+:class:`~cadenza.stream.session.Session`: ledger, MIDI clock, velocity controls, call and response,
+vary loop. A performer control acts on the session that sent it, and every answer goes out as the
+source it answers (a routed sink sends it back there). The models are shared by all sessions.
 """
 
 from __future__ import annotations
@@ -23,26 +28,28 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from cadenza.buffers.clock import MidiClock
-from cadenza.buffers.ledger import NoteLedger
-from cadenza.buffers.pianoroll import PianoRollWindow
 from cadenza.config.settings import Settings
 from cadenza.messages import NEVER_DROP, Kind, classify
 from cadenza.models.velocity.worker import VelocityWorker
 from cadenza.stream import tasks as background
 from cadenza.stream.controls import control_map
-from cadenza.stream.lookahead import LookaheadNote
+from cadenza.stream.lookahead import Delayed
 from cadenza.stream.metrics import Metrics
+from cadenza.stream.phrase import AnswerTag
 from cadenza.stream.scheduler import OutputScheduler
+from cadenza.stream.session import Session
 from cadenza.stream.sinks import AnySink, Sinks
 from cadenza.stream.vary import VaryTag
-from cadenza.stream.velocity_stage import VelocityStage, is_down
+from cadenza.stream.velocity_stage import is_down
 
 if TYPE_CHECKING:
+    from cadenza.buffers.clock import MidiClock
+    from cadenza.buffers.ledger import NoteLedger
     from cadenza.models.velocity.worker import VelocityWorker
     from cadenza.stream.lookahead import LookaheadStage
-    from cadenza.stream.phrase import PhraseStage
-    from cadenza.stream.vary import VaryStage
+    from cadenza.stream.phrase import CallResponse, PhraseStage
+    from cadenza.stream.vary import VaryLoop, VaryStage
+    from cadenza.stream.velocity_stage import VelocityStage
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +60,9 @@ class Engine:
     ``velocity_worker`` colorizes note-ons, ``lookahead`` delays everything by a fixed time for
     the full-context model, ``phrase_factory(engine)`` makes the phrase stage (it needs the
     engine to emit its answers); each is None when the mode does not use it.
+
+    ``sessions`` holds each source's :class:`Session` (``session(source)`` makes one);
+    ``ledger``, ``clock``, ``velocity``, ``phrase`` and ``vary`` are source 0's (the ports').
     """
 
     def __init__(
@@ -69,10 +79,8 @@ class Engine:
         self.settings = settings
         self.sinks = Sinks(sinks)  # more may be added (serve adds the audio sink once the ports are open)
         self.metrics = Metrics()
-        self.ledger = NoteLedger()  # source 0's (the ports'); other sources get their own
-        self._ledgers: dict[int, NoteLedger] = {0: self.ledger}
-        self.clock = MidiClock(beats_per_bar=settings.engine.beats_per_bar)
-        self.velocity = VelocityStage(settings.velocity, velocity_worker)
+        self.velocity_worker = velocity_worker
+        self.deadline_s = settings.velocity.deadline_ms / 1000.0
         self.realtime = realtime
         self.lookahead = lookahead
         self._queue: deque = deque()
@@ -80,15 +88,45 @@ class Engine:
         self._stop = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self.scheduler: OutputScheduler | None = None
-        self._rolls: dict[tuple[int, int], PianoRollWindow] = {}  # per (source, channel)
         self._control_map = control_map(settings)
         self._idle = asyncio.Event()
         self.last_pump = 0.0  # when the pump last took a batch (monotonic)
         self._idle.set()
-        self.phrase: PhraseStage | None = None
-        if phrase_factory is not None:
-            self.phrase = phrase_factory(self)
-        self.vary: VaryStage | None = vary_factory(self) if vary_factory is not None else None
+        self.phrase_stage: PhraseStage | None = phrase_factory(self) if phrase_factory is not None else None
+        self.vary_stage: VaryStage | None = vary_factory(self) if vary_factory is not None else None
+        self.sessions: dict[int, Session] = {}
+        self.session(0)  # the ports' performer is there from the start
+
+    def session(self, source: int) -> Session:
+        """The source's session, made at its first message (settings are its defaults)."""
+        s = self.sessions.get(source)
+        if s is None:
+            s = self.sessions[source] = Session(self, source)
+            if s.phrase is not None:
+                s.phrase.announce()
+        return s
+
+    # Source 0 (the local ports) as the engine had it before sessions: what serve, the demo and
+    # the benches drive.
+    @property
+    def ledger(self) -> NoteLedger:
+        return self.sessions[0].ledger
+
+    @property
+    def clock(self) -> MidiClock:
+        return self.sessions[0].clock
+
+    @property
+    def velocity(self) -> VelocityStage:
+        return self.sessions[0].velocity
+
+    @property
+    def phrase(self) -> CallResponse | None:
+        return self.sessions[0].phrase
+
+    @property
+    def vary(self) -> VaryLoop | None:
+        return self.sessions[0].vary
 
     # ---- wiring -----------------------------------------------------------------------------
 
@@ -135,7 +173,7 @@ class Engine:
             while self._queue and len(batch) < 256:
                 batch.append(self._queue.popleft())
             self.metrics.gauge("queue_depth", len(self._queue))
-            out: list[list] = []  # [data, future|None, player_velocity, t_arrival, music_t, source]
+            out: list[list] = []  # [data, future|None, player_velocity, t_arrival, music_t, source, VelocityStage]
             asked = []
             t_pump = time.monotonic()
             self.last_pump = t_pump
@@ -149,78 +187,71 @@ class Engine:
                 if fut is not None and not is_down(fut):
                     asked.append((t, fut))
             if asked:
-                self.velocity.flush()  # an inline worker answers here; a thread is already at it
+                self.velocity.flush()  # the shared worker: an inline one answers here; a thread is already at it
                 self.metrics.observe("velocity", time.monotonic() - t_pump)  # features + model (inline) or submit
             waiting = [fut for _, fut in asked if not fut.done()]
             earliest = min((t for t, fut in asked if not fut.done()), default=None)
             if waiting:
                 t_submit = loop.time()
-                timeout = max(0.0, earliest + self.velocity.deadline_s - t_submit)
+                timeout = max(0.0, earliest + self.deadline_s - t_submit)
                 await asyncio.wait(waiting, timeout=timeout)
                 self.metrics.observe("model", loop.time() - t_submit)
-            for data, fut, player_vel, t, music_t, source in out:
+            for data, fut, player_vel, t, music_t, source, velocity in out:
                 if fut is not None:
                     value = None
                     if not is_down(fut) and fut.done() and not fut.cancelled():
                         value = fut.result()
-                    if value is None or time.monotonic() - t > self.velocity.deadline_s:
+                    if value is None or time.monotonic() - t > self.deadline_s:
                         # no answer in time (or an inline answer that took longer than the deadline)
                         self.metrics.inc("deadline_miss")
-                    data = bytes((data[0], data[1], self.velocity.combine(player_vel, value)))
+                    data = bytes((data[0], data[1], velocity.combine(player_vel, value)))
                 self._emit(music_t, data, None, source)
                 self.metrics.observe("internal", time.monotonic() - t)
 
-    def _roll(self, source: int, channel: int) -> PianoRollWindow:
-        """The channel's window, made at its first note (channels that only send controllers have none)."""
-        roll = self._rolls.get((source, channel))
-        if roll is None:
-            eng = self.settings.engine
-            roll = self._rolls[(source, channel)] = PianoRollWindow(frame_s=eng.frame_ms / 1000, window_s=eng.window_s)
-        return roll
-
     def _process(self, t: float, data: bytes, kind: Kind, source: int, music_t: float) -> list | None:
         """Update state for one input message; return its output entry, or None if consumed."""
+        s = self.sessions.get(source) or self.session(source)
         if kind is Kind.CLOCK or kind is Kind.TRANSPORT or (kind is Kind.COMMON and data[0] == 0xF2):
-            self.clock.handle(music_t, data)
-            return [data, None, 0, t, music_t, source]
+            s.clock.handle(music_t, data)
+            return [data, None, 0, t, music_t, source, None]
         if kind > Kind.PITCH_BEND:
-            return [data, None, 0, t, music_t, source]
+            return [data, None, 0, t, music_t, source, None]
         ch = data[0] & 0x0F
-        session = (source, ch)
+        key = (source, ch)
         if self.lookahead is not None and not self._is_control(data, kind, ch):
-            self._delay(t, data, kind, session, music_t)
+            self._delay(t, data, kind, key, music_t)
             return None
-        cr = self.phrase
+        cr = s.phrase
         if kind is Kind.NOTE_ON:
             self.metrics.inc("note_on")
-            self._roll(source, ch).note_on(music_t, data[1], data[2])
+            s.roll(ch).note_on(music_t, data[1], data[2])
             if cr is not None:
                 cr.performer_note_on(music_t)
-            if self.vary is not None:
-                self.vary.performer_note_on(music_t, session)
-            fut = self.velocity.request(session, music_t, data[1], data[2])
-            return [data, fut, data[2], t, music_t, source]
+            if s.vary is not None:
+                s.vary.performer_note_on(music_t, ch)
+            fut = s.velocity.request(key, music_t, data[1], data[2])
+            return [data, fut, data[2], t, music_t, source, s.velocity]
         if kind is Kind.NOTE_OFF:
-            self._roll(source, ch).note_off(music_t, data[1])
-            self.velocity.note_off(session, music_t, data[1])
+            s.roll(ch).note_off(music_t, data[1])
+            s.velocity.note_off(key, music_t, data[1])
             if cr is not None:
                 cr.performer_event(music_t, data, note_off=True)
-            return [data, None, 0, t, music_t, source]
+            return [data, None, 0, t, music_t, source, None]
         if kind is Kind.CONTROL:
             handler = self._control_map.get(data[1])
             ctl_ch = self.settings.controls.channel
             if handler is not None and (ctl_ch is None or ctl_ch == ch):
-                handler(self, data[2])
+                handler(self, s, data[2])  # the sender's session only
                 if self.settings.controls.consume:
                     self.metrics.inc("consumed")
                     return None
             if data[1] == 64:
-                self.velocity.pedal(session, music_t, data[2])
+                s.velocity.pedal(key, music_t, data[2])
                 if cr is not None:
                     cr.performer_event(music_t, data)
             elif cr is not None and cr.is_end_cc(data):
                 cr.end_call(music_t)
-        return [data, None, 0, t, music_t, source]
+        return [data, None, 0, t, music_t, source, None]
 
     def _is_control(self, data: bytes, kind: Kind, ch: int) -> bool:
         ctl_ch = self.settings.controls.channel
@@ -230,7 +261,7 @@ class Engine:
         """Lookahead mode: everything leaves exactly S after it came in; note-ons get the
         full-context model's velocity when they are due."""
         la = self.lookahead
-        tag = None
+        tag = Delayed(session[0])
         if kind is Kind.NOTE_ON:
             self.metrics.inc("note_on")
             tag = la.note_on(session, music_t, data[1])
@@ -244,43 +275,47 @@ class Engine:
 
     def _emit(self, music_t: float, data: bytes, tag: object, source: int = 0) -> None:
         self.sinks.send(source, data, music_t, tag)
-        ledger = self.ledger if source == 0 else self._ledgers.get(source)
-        if ledger is None:
-            ledger = self._ledgers[source] = NoteLedger()
-        ledger.track(data)
+        s = self.sessions.get(source) or self.session(source)
+        s.ledger.track(data)
         self.metrics.inc("out")
-        if tag is None and self.phrase is not None and (data[0] & 0xF0) == 0x90 and len(data) == 3 and data[2] > 0:
-            self.phrase.feed_output(music_t, data)
+        if tag is None and s.phrase is not None and (data[0] & 0xF0) == 0x90 and len(data) == 3 and data[2] > 0:
+            s.phrase.feed_output(music_t, data)
 
     def _emit_scheduled(self, due: float, data: bytes, tag: object) -> None:
-        if isinstance(tag, LookaheadNote):
-            value = self.lookahead.resolve(tag)
-            if value is None:
-                self.metrics.inc("deadline_miss")
-            data = bytes((data[0], data[1], self.velocity.combine(data[2], value)))
-            tag = None
+        """A scheduled event is due: it goes out as the source it answers (or was delayed for);
+        a session that has ended meanwhile gets nothing more."""
+        source = 0
+        if isinstance(tag, Delayed):
+            s = self.sessions.get(tag.source)
+            value = self.lookahead.resolve(tag) if tag.note is not None else None
+            if s is None:
+                return
+            if tag.note is not None:
+                if value is None:
+                    self.metrics.inc("deadline_miss")
+                data = bytes((data[0], data[1], s.velocity.combine(data[2], value)))
+            source, tag = tag.source, None
         elif isinstance(tag, VaryTag):
-            data = self.vary.on_scheduled(data, tag)
-            if data is None:
+            s = self.sessions.get(tag.source)
+            if s is None or s.vary is None or (data := s.vary.on_scheduled(data, tag)) is None:
                 return
-        elif tag is not None and self.phrase is not None:
-            data = self.phrase.on_scheduled(data, tag)
-            if data is None:
+            source = tag.source
+        elif isinstance(tag, AnswerTag):
+            s = self.sessions.get(tag.source)
+            if s is None or s.phrase is None or (data := s.phrase.on_scheduled(data, tag)) is None:
                 return
-        self._emit(due, data, tag)
+            source = tag.source
+        self._emit(due, data, tag, source)
 
     def panic(self, reason: str, source: int | None = None) -> None:
         """Release every sounding note (matching note-offs, then CC 123) and cancel responses;
-        with ``source``, only what that source's notes left sounding."""
-        if self.phrase is not None and source in (None, 0):
-            self.phrase.cancel_response(release=False)
-        if self.vary is not None and source in (None, 0):
-            self.vary.reset()
+        with ``source``, only that session's: what its notes and answers left sounding."""
         released = 0
-        for src, ledger in list(self._ledgers.items()):
+        for src, s in list(self.sessions.items()):
             if source is not None and src != source:
                 continue
-            owed = ledger.release_all()
+            s.stop_playing()
+            owed = s.ledger.release_all()
             released += sum(1 for d in owed if d[0] & 0xF0 == 0x80)
             for data in owed:
                 self.sinks.send(src, data, self.now_music(), "panic")
@@ -290,25 +325,25 @@ class Engine:
 
     def forget_source(self, source: int, reason: str) -> None:
         """A source went away (a remote session said goodbye or timed out): release what its
-        notes left sounding and drop its per-channel state, model state included."""
+        notes and answers left sounding and drop its session, model state included. Source 0
+        (the ports) starts afresh."""
         self.panic(reason, source=source)
-        if source != 0:
-            self._ledgers.pop(source, None)
-        for key in [k for k in self._rolls if k[0] == source]:
-            del self._rolls[key]
-            self.velocity.forget(key)
+        s = self.sessions.pop(source, None)
+        if s is not None:
+            s.close()
+            s.velocity.forget_all(source, s.rolls)
+        if self.lookahead is not None:
+            self.lookahead.forget_source(source)
+        if self.phrase_stage is not None:
+            self.phrase_stage.forget(source)
+        if self.vary_stage is not None:
+            self.vary_stage.forget(source)
+        if source == 0:
+            self.session(0)
 
     def melody(self, source: int, channel: int, bars: int) -> np.ndarray:
-        """The last ``bars`` of a channel as melody events (``PianoRollWindow.melody_steps``), on
-        the sixteenth grid of the MIDI clock while it runs, else ending now at ``engine.bpm``."""
-        end, step_s = self.clock.sixteenths(self.now_music(), bpm=self.settings.engine.bpm)
-        return self._roll(source, channel).melody_steps(end, bars * self.settings.engine.beats_per_bar * 4, step_s)
-
-    def melody_at(self, session: tuple[int, int], end_t: float, steps: int, seconds_per_step: float) -> np.ndarray:
-        """``steps`` sixteenths of a channel ending at ``end_t``, as melody events (silence if it
-        has played nothing yet)."""
-        roll = self._rolls.get(session)
-        return np.zeros(steps, np.int16) if roll is None else roll.melody_steps(end_t, steps, seconds_per_step)
+        """The last ``bars`` of a channel as melody events, now (see :meth:`Session.melody`)."""
+        return self.session(source).melody(channel, self.now_music(), bars)
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -348,8 +383,8 @@ class Engine:
                     tg.create_task(background.watchdog(self), name="watchdog"),
                     tg.create_task(background.keep_warm(self), name="keep-warm"),
                 ]
-                if self.phrase is not None:  # timers drive it; the task ties its lifetime to the engine's
-                    tasks.append(tg.create_task(self.phrase.run(), name="phrase"))
+                if self.phrase_stage is not None:  # timers drive it; the task ties its lifetime to the engine's
+                    tasks.append(tg.create_task(self.phrase_stage.run(), name="phrase"))
                 for make in extra_tasks:
                     tasks.append(tg.create_task(make(), name=getattr(make, "__name__", "extra")))
                 await self._stop.wait()
@@ -372,17 +407,21 @@ class Engine:
             self.scheduler.close()
         self.panic("shutdown")
         stages = background.model_stages(self)
-        if self.vary is not None:
-            self.vary.close()
-        if self.phrase is not None:
-            self.phrase.close()
+        for s in self.sessions.values():
+            s.close()
+        if self.vary_stage is not None:
+            self.vary_stage.close()
+        if self.phrase_stage is not None:
+            self.phrase_stage.close()
         for stage in stages:
             stage.stop()
             stage.publish(self.metrics)
 
     # ---- performer controls -----------------------------------------------------------------
 
-    def set_mode(self, mode: str) -> None:
-        if mode != self.velocity.mode:
-            self.panic(f"mode switch to {mode}")
-            self.velocity.mode = mode
+    def set_mode(self, mode: str, source: int = 0) -> None:
+        """The source's velocity mode; a switch releases that source's notes (only)."""
+        s = self.session(source)
+        if mode != s.velocity.mode:
+            self.panic(f"mode switch to {mode}", source=source)
+            s.velocity.mode = mode

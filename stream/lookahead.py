@@ -7,6 +7,10 @@ effective lookahead is ``S - margin`` (20 ms by default), the time the model has
 the note is due. An answer that is not back in time is replaced by the fallback and counted, as in
 the causal path. The model runs in the model runtime: a request still queued when its note is due
 is not run, and while a crashed model waits for its restart, due notes get the fallback.
+
+Windows are kept per (source, channel); every delayed event carries its source, so it leaves as
+the session it came from. Each request is one window (the notes around one note, of one
+session); the requests of all sessions drained in one burst are run one after another.
 """
 
 from __future__ import annotations
@@ -38,10 +42,12 @@ WINDOW = 256  # notes of context the model gets
 
 
 @dataclass(frozen=True)
-class LookaheadNote:
-    """Scheduler tag of a delayed note-on whose velocity is filled in when it is due."""
+class Delayed:
+    """Scheduler tag of a delayed event: the source it goes out as, and for a note-on the id of
+    the note whose velocity is filled in when it is due."""
 
-    id: int
+    source: int
+    note: int | None = None
 
 
 class _Session:
@@ -136,7 +142,7 @@ class LookaheadStage:
 
     # ---- called on the loop ---------------------------------------------------------------
 
-    def note_on(self, session: SessionKey, t: float, pitch: int) -> LookaheadNote:
+    def note_on(self, session: SessionKey, t: float, pitch: int) -> Delayed:
         assert self._loop is not None
         s = self._sessions.get(session)
         if s is None:
@@ -149,7 +155,7 @@ class LookaheadStage:
         s.pitch.append(pitch)
         s.trim()
         self._loop.call_at(t + self.seconds - self.margin, self._request, session, nid, t + self.seconds)
-        return LookaheadNote(nid)
+        return Delayed(session[0], nid)
 
     def note_off(self, session: SessionKey, t: float, pitch: int) -> None:
         s = self._sessions.get(session)
@@ -167,7 +173,9 @@ class LookaheadStage:
             s.features.pedal(t, value)
 
     def _request(self, session: SessionKey, nid: int, due: float) -> None:
-        s = self._sessions[session]
+        s = self._sessions.get(session)
+        if s is None:
+            return  # the session has ended
         try:
             k = s.ids.index(nid)
         except ValueError:
@@ -176,9 +184,14 @@ class LookaheadStage:
         job = (nid, np.stack(s.x[lo:]), np.asarray(s.onset[lo:]), np.asarray(s.offset[lo:]), np.asarray(s.pitch[lo:], np.float32), k - lo)
         self.stage.submit(job, deadline=due)  # not run at all once the note has left
 
-    def resolve(self, tag: LookaheadNote) -> float | None:
+    def resolve(self, tag: Delayed) -> float | None:
         """The model's velocity for a due note, or None when it is not back in time."""
-        return self._velocity.pop(tag.id, None)
+        return self._velocity.pop(tag.note, None)
+
+    def forget_source(self, source: int) -> None:
+        """Drop the windows of every channel of a source that has ended."""
+        for key in [k for k in self._sessions if k[0] == source]:
+            del self._sessions[key]
 
     def _store(self, nid: int, v: float) -> None:
         self._velocity[nid] = v

@@ -8,7 +8,12 @@ call ends), and it generates the response token by token, ahead of playback. Pla
 response is a barge-in: the response stops (its sounding notes released) or ducks, as configured.
 A model that crashes cuts its answer the same way; the runtime restarts it with backoff.
 
-States, reported on ``state_out_cc``: idle (0), listening (64), responding (127).
+Every session (source) has its own call and response (:class:`CallResponse`: its performer, its
+answer, its state, its controls) over the one :class:`PhraseStage`, which runs the phrase model
+for all of them with a context per session. An answer is tagged with its session
+(:class:`AnswerTag`) and goes out as that source.
+
+States, reported on ``state_out_cc`` to each session: idle (0), listening (64), responding (127).
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from cadenza.models.runtime import Event, ModelStage
 
 if TYPE_CHECKING:
     from cadenza.stream.engine import Engine
+    from cadenza.stream.session import Session
 
 log = logging.getLogger(__name__)
 
@@ -40,26 +46,90 @@ IDLE, LISTENING, RESPONDING = 0, 64, 127
 GRID_LEAD_S = 0.03  # on the clock, the call ends this long before the grid line its answer starts on
 
 
+class AnswerTag(int):
+    """Scheduler tag of one answer: its id (an int, unique across sessions, as sinks have always
+    seen an answer's tag) that also knows the source it answers."""
+
+    source: int
+
+    def __new__(cls, gen_id: int, source: int) -> AnswerTag:
+        tag = super().__new__(cls, gen_id)
+        tag.source = source
+        return tag
+
+
 class PhraseStage:
+    """The phrase model, shared by every session's :class:`CallResponse`."""
+
     def __init__(
         self, engine: Engine, settings: PhraseSettings, controls: ControlSettings, *, make_live: Callable[[], LivePhraseModel] | None = None
     ) -> None:
         self.engine = engine
         self.settings = settings
         self.controls = controls
-        self.enabled = True
-        self.temperature = settings.temperature
-        self.length_s: float | None = None  # set by the length CC; overrides the configured mode
         self._make_live = make_live or _default_live(settings)
         self.worker: PhraseWorker | None = None
+        self.ids = itertools.count(1)  # answer ids, unique across sessions
+
+    def session(self, session: Session) -> CallResponse:
+        """A new session's call and response."""
+        return CallResponse(self, session)
+
+    def _calls(self) -> list[CallResponse]:
+        return [s.phrase for s in list(self.engine.sessions.values()) if s.phrase is not None]
+
+    # ---- lifecycle --------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self.worker = PhraseWorker(self._make_live, self.engine._loop)
+        await asyncio.to_thread(self.worker.start)
+        self.worker.stage.listen(self._model_event)
+        for cr in self._calls():
+            cr._set_state(IDLE)
+
+    def _model_event(self, event: Event, stage: ModelStage[PhraseJob]) -> None:
+        """The model crashed: cut the answers in flight, releasing what they left sounding. The
+        runtime restarts it (with empty contexts); the next phrase is answered again."""
+        if event == "crash":
+            for cr in self._calls():
+                cr.cancel_response(release=True)
+
+    async def run(self) -> None:
+        """Nothing to poll: timers drive it. Kept as a task so its lifetime is the engine's."""
+        await asyncio.Event().wait()
+
+    def forget(self, source: int) -> None:
+        """A session has ended: its context in the model goes."""
+        if self.worker is not None:
+            self.worker.forget(source)
+
+    def close(self) -> None:
+        for cr in self._calls():
+            cr.close()
+        if self.worker is not None:
+            self.worker.stop()
+
+
+class CallResponse:
+    """One session's call and response: its performer's phrase, the answer, the controls."""
+
+    def __init__(self, stage: PhraseStage, session: Session) -> None:
+        self.stage = stage
+        self.engine = stage.engine
+        self.settings = stage.settings
+        self.controls = stage.controls
+        self.source = session.source
+        self.clock = session.clock
+        self.enabled = True
+        self.temperature = self.settings.temperature
+        self.length_s: float | None = None  # set by the length CC; overrides the configured mode
         self.state = IDLE
         self._keys_down: set[tuple[int, int]] = set()
         self._call_start: float | None = None
         self._call_channel = 0
         self._last_activity = 0.0
         self._silence: asyncio.TimerHandle | None = None
-        self._ids = itertools.count(1)
-        self._gen: int | None = None
+        self._gen: AnswerTag | None = None
         self._cancel: threading.Event | None = None
         self._phrase_end_wall: float | None = None
         self._sounding: set[tuple[int, int]] = set()
@@ -69,31 +139,24 @@ class PhraseStage:
         self._shift: float | None = None  # first note's sampled delay, removed from the answer
         self._held: list[tuple[float, bytes]] = []
 
-    # ---- lifecycle --------------------------------------------------------------------------
+    @property
+    def worker(self) -> PhraseWorker:
+        """The shared model worker (one for all sessions)."""
+        assert self.stage.worker is not None, "phrase stage not started"
+        return self.stage.worker
 
-    async def start(self) -> None:
-        self.worker = PhraseWorker(self._make_live, self.engine._loop)
-        await asyncio.to_thread(self.worker.start)
-        self.worker.stage.listen(self._model_event)
-        self._set_state(IDLE)
-
-    def _model_event(self, event: Event, stage: ModelStage[PhraseJob]) -> None:
-        """The model crashed: cut the answer in flight, releasing what it left sounding. The
-        runtime restarts it (with an empty context); the next phrase is answered again."""
-        if event == "crash":
-            self.cancel_response(release=True)
-
-    async def run(self) -> None:
-        """Nothing to poll: timers drive it. Kept as a task so its lifetime is the engine's."""
-        await asyncio.Event().wait()
+    def announce(self) -> None:
+        """A new session: say it is idle (on the state CC), once the stage runs (its start
+        says so for the sessions there before)."""
+        if self.stage.worker is not None:
+            self._set_state(IDLE)
 
     def close(self) -> None:
         if self._silence is not None:
             self._silence.cancel()
-        if self.worker is not None:
-            if self._cancel is not None:
-                self._cancel.set()
-            self.worker.stop()
+            self._silence = None
+        if self._cancel is not None:
+            self._cancel.set()
 
     # ---- performer input --------------------------------------------------------------------
 
@@ -114,12 +177,12 @@ class PhraseStage:
             self._set_state(LISTENING)
         self._keys_down.add((data[0] & 0x0F, data[1]))
         self._last_activity = t
-        self.worker.feed(t, data)
+        self.worker.feed(self.source, t, data)
 
     def performer_event(self, t: float, data: bytes, *, note_off: bool = False) -> None:
         if not self.enabled:
             return
-        self.worker.feed(t, data)
+        self.worker.feed(self.source, t, data)
         if note_off:
             self._keys_down.discard((data[0] & 0x0F, data[1]))
             self._last_activity = t
@@ -131,7 +194,7 @@ class PhraseStage:
 
     def _grid_beats(self) -> float | None:
         """Grid unit in beats while MIDI clock runs and the grid is on; None otherwise."""
-        clock, grid = self.engine.clock, self.settings.grid
+        clock, grid = self.clock, self.settings.grid
         if grid == "none" or not clock.running or clock.seconds_per_beat is None:
             return None
         return float(clock.beats_per_bar) if grid == "bar" else 1.0
@@ -151,8 +214,8 @@ class PhraseStage:
         # last key went up (a key down there keeps the phrase going). The call ends a little
         # before the line, so the first answering note can be ready on it.
         now = self.engine.now_music()
-        spb = self.engine.clock.seconds_per_beat
-        line = self.engine.clock.next_grid_time(now + spb / 4, unit_beats=unit)
+        spb = self.clock.seconds_per_beat
+        line = self.clock.next_grid_time(now + spb / 4, unit_beats=unit)
         self._silence = loop.call_at(max(now, line - GRID_LEAD_S), self._grid_line, line)
 
     def _silence_elapsed(self) -> None:
@@ -174,7 +237,7 @@ class PhraseStage:
             return
         self._phrase_end_wall = time.monotonic()
         call_len = max(0.5, t - self._call_start)
-        clock = self.engine.clock
+        clock = self.clock
         spb = clock.seconds_per_beat
         if start is None:
             unit = self._grid_beats()
@@ -190,7 +253,7 @@ class PhraseStage:
             seconds = min(call_len, s.max_response_s)
         self._call_start = None
         self._keys_down.clear()
-        gen_id = next(self._ids)
+        gen_id = AnswerTag(next(self.stage.ids), self.source)
         self._gen = gen_id
         self._cancel = threading.Event()
         self._sounding.clear()
@@ -201,7 +264,7 @@ class PhraseStage:
         self._set_state(RESPONDING)
         params = ResponseParams(start_t=start, seconds=seconds, temperature=self.temperature, top_k=s.top_k, top_p=s.top_p, seed=s.seed)
         log.debug("call ended at %.3f: responding %.2f s from %.3f", t, seconds, start)
-        self.worker.respond(gen_id, self._cancel, params, self._on_event, self._on_done)
+        self.worker.respond(self.source, gen_id, self._cancel, params, self._on_event, self._on_done)
 
     def _on_event(self, gen_id: int, t: float, msg: bytes) -> None:
         if gen_id != self._gen:
@@ -276,9 +339,9 @@ class PhraseStage:
         self.engine.scheduler.cancel(gen_id)
         if release:
             for ch, pitch in sorted(self._sounding):
-                self.engine._emit(self.engine.now_music(), note_off(ch, pitch), "release")
+                self.engine._emit(self.engine.now_music(), note_off(ch, pitch), "release", self.source)
             for ch in sorted(self._pedal):
-                self.engine._emit(self.engine.now_music(), control(ch, 64, 0), "release")
+                self.engine._emit(self.engine.now_music(), control(ch, 64, 0), "release", self.source)
         self._sounding.clear()
         self._pedal.clear()
         self._finish()
@@ -303,7 +366,7 @@ class PhraseStage:
         cc = self.controls.state_out_cc
         if cc is not None:
             ch = self.controls.channel or 0
-            self.engine._emit(self.engine.now_music(), control(ch, cc, state), "state")
+            self.engine._emit(self.engine.now_music(), control(ch, cc, state), "state", self.source)
 
 
 def _default_live(settings: PhraseSettings) -> Callable[[], LivePhraseModel]:

@@ -28,14 +28,14 @@ SUPERVISE_S = 0.02  # how often the model stages' statistics reach the metrics
 def model_stages(engine: Engine) -> list[ModelStage]:
     """Every model stage the engine runs (velocity, phrase, lookahead), in the model runtime."""
     stages: list[ModelStage] = []
-    if engine.velocity.worker is not None:
-        stages.append(engine.velocity.worker.stage)
-    if engine.phrase is not None and engine.phrase.worker is not None:
-        stages.append(engine.phrase.worker.stage)
+    if engine.velocity_worker is not None:
+        stages.append(engine.velocity_worker.stage)
+    if engine.phrase_stage is not None and engine.phrase_stage.worker is not None:
+        stages.append(engine.phrase_stage.worker.stage)
     if engine.lookahead is not None:
         stages.append(engine.lookahead.stage)
-    if engine.vary is not None and engine.vary.stage is not None:
-        stages.append(engine.vary.stage)
+    if engine.vary_stage is not None and engine.vary_stage.stage is not None:
+        stages.append(engine.vary_stage.stage)
     return stages
 
 
@@ -60,7 +60,7 @@ async def keep_warm(engine: Engine) -> None:
     """Inline CPU velocity model: a scratch inference whenever the pump has been idle for
     ``velocity.keep_warm_ms`` (see ``VelocityBatcher.keep_warm``). A busy-polling loop burns
     its core anyway, so there it is on by default, every ``BUSY_KEEP_WARM_MS``."""
-    worker = engine.velocity.worker
+    worker = engine.velocity_worker
     interval = engine.settings.velocity.keep_warm_ms / 1000.0
     if interval <= 0 and engine.settings.engine.busy_poll:
         interval = BUSY_KEEP_WARM_MS / 1000.0
@@ -85,7 +85,7 @@ async def watchdog(engine: Engine) -> None:
         else:
             engine.metrics.inc("worker_restarts")
 
-    worker = engine.velocity.worker
+    worker = engine.velocity_worker
     undo = worker.stage.listen(velocity_event) if worker is not None else None
     try:
         while True:

@@ -18,7 +18,12 @@ back by the boundary is counted late and plays from where the loop is by then. T
 the engine (ledger, sinks) like every other output, so panic, a mode switch or shutdown release
 them; a loop with fewer than ``vary.min_notes`` notes ends the variation (and releases it).
 
-States, reported on ``state_out_cc``: idle (0), listening (64), playing (127).
+Every session (source) has its own loop (:class:`VaryLoop`: its grid on its own MIDI clock, its
+controls, its answers, tagged with its source) over the one :class:`VaryStage`, which runs the
+MusicVAE for all of them (a latent path per session). The VAE encodes and decodes one loop at a
+time: the loops of several sessions read in the same burst are run one after another.
+
+States, reported on ``state_out_cc`` to each session: idle (0), listening (64), playing (127).
 """
 
 from __future__ import annotations
@@ -36,12 +41,13 @@ import numpy as np
 
 from cadenza.config.settings import ControlSettings, Settings, VarySettings
 from cadenza.messages import control, note_off, note_on
-from cadenza.models.runtime import Event, ModelStage, SessionKey
+from cadenza.models.runtime import Event, ModelStage
 
 if TYPE_CHECKING:
     from cadenza.models.vae.live import VAE
-    from cadenza.models.vae.worker import VaryJob
+    from cadenza.models.vae.worker import VaeJob
     from cadenza.stream.engine import Engine
+    from cadenza.stream.session import Session
 
 log = logging.getLogger(__name__)
 
@@ -51,37 +57,30 @@ ATTRIBUTES = ("density", "interval", "register", "syncopation")
 
 @dataclass(frozen=True)
 class VaryTag:
-    """Scheduler tag of one loop's answer: cancelled as a whole."""
+    """Scheduler tag of one loop's answer: the source it answers; cancelled as a whole."""
 
+    source: int
     gen: int
 
 
 class VaryStage:
+    """The MusicVAE, shared by every session's :class:`VaryLoop`."""
+
     def __init__(
         self, engine: Engine, settings: VarySettings, controls: ControlSettings, *, load_vae: Callable[[], VAE] | None = None
     ) -> None:
         self.engine = engine
         self.settings = settings
         self.controls = controls
-        self.mode = settings.mode
-        self.amount = settings.amount
-        self.attributes = {name: 0.0 for name in ATTRIBUTES}
-        self.state = IDLE
         self._load_vae = load_vae or _default_vae(settings)
-        self.stage: ModelStage[VaryJob] | None = None
+        self.stage: ModelStage[VaeJob] | None = None
         self.steps = 0  # sixteenths in a loop (the model's length)
-        self._session: SessionKey | None = None  # the channel the loop is read from
-        self._anchor: float | None = None  # without a clock: the first note's time, bar 1 beat 1
-        self._timer: asyncio.TimerHandle | None = None
-        self._boundary_beat: float | None = None  # with a clock: the next loop line, in the clock's beats
-        self._gens = itertools.count(1)
-        self._gen: int | None = None  # the answer playing
-        self._scheduled: set[int] = set()  # answers with events still in the scheduler
-        self._dropped_before = 0  # answers of loops read before this gen are not played (reset)
-        self._seeds = itertools.count(settings.seed)
-        self._sounding: set[int] = set()  # pitches of the answer sounding now
 
-    # ---- lifecycle --------------------------------------------------------------------------
+    def session(self, session: Session) -> VaryLoop:
+        return VaryLoop(self, session)
+
+    def _loops(self) -> list[VaryLoop]:
+        return [s.vary for s in list(self.engine.sessions.values()) if s.vary is not None]
 
     async def start(self) -> None:
         from cadenza.models.vae.worker import VaeHandler
@@ -94,31 +93,78 @@ class VaryStage:
         assert handler.vae is not None
         self.steps = handler.vae.steps
         bars = self.steps // 16
-        if bars * self.engine.clock.beats_per_bar * 4 != self.steps:
-            log.warning(
-                "vary: %s is %d bars of 4/4; engine.beats_per_bar is %d", self.settings.model, bars, self.engine.clock.beats_per_bar
-            )
+        beats_per_bar = self.engine.settings.engine.beats_per_bar
+        if bars * beats_per_bar * 4 != self.steps:
+            log.warning("vary: %s is %d bars of 4/4; engine.beats_per_bar is %d", self.settings.model, bars, beats_per_bar)
         self.stage.listen(self._model_event)
-        self._set_state(IDLE)
 
-    def _model_event(self, event: Event, stage: ModelStage[VaryJob]) -> None:
+    def _model_event(self, event: Event, stage: ModelStage[VaeJob]) -> None:
         if event == "crash":
-            self.cancel(release=True)
+            for loop in self._loops():
+                loop.cancel(release=True)
+
+    def forget(self, source: int) -> None:
+        """A session has ended: its latent paths in the model go."""
+        from cadenza.models.vae.worker import Forget
+
+        if self.stage is not None:
+            self.stage.submit(Forget(source))
+            self.stage.flush()
+
+    def close(self) -> None:
+        for loop in self._loops():
+            loop.close()
+        if self.stage is not None:
+            self.stage.stop()
+
+
+class VaryLoop:
+    """One session's loop: read on its grid, varied by the shared model, played back to it."""
+
+    def __init__(self, stage: VaryStage, session: Session) -> None:
+        settings = stage.settings
+        self.vary_stage = stage
+        self.engine = stage.engine
+        self.settings = settings
+        self.controls = stage.controls
+        self.source = session.source
+        self.clock = session.clock
+        self.session = session
+        self.mode = settings.mode
+        self.amount = settings.amount
+        self.attributes = {name: 0.0 for name in ATTRIBUTES}
+        self.state = IDLE
+        self._channel: int | None = None  # the channel the loop is read from
+        self._anchor: float | None = None  # without a clock: the first note's time, bar 1 beat 1
+        self._timer: asyncio.TimerHandle | None = None
+        self._boundary_beat: float | None = None  # with a clock: the next loop line, in the clock's beats
+        self._gens = itertools.count(1)
+        self._gen: int | None = None  # the answer playing
+        self._scheduled: set[int] = set()  # answers with events still in the scheduler
+        self._dropped_before = 0  # answers of loops read before this gen are not played (reset)
+        self._seeds = itertools.count(settings.seed)
+        self._sounding: set[int] = set()  # pitches of the answer sounding now
+
+    @property
+    def stage(self) -> ModelStage[VaeJob] | None:
+        return self.vary_stage.stage
+
+    @property
+    def steps(self) -> int:
+        return self.vary_stage.steps
 
     def close(self) -> None:
         self._disarm()
-        if self.stage is not None:
-            self.stage.stop()
 
     # ---- the grid ---------------------------------------------------------------------------
 
     def _step_s(self) -> float:
-        spb = self.engine.clock.seconds_per_beat if self.engine.clock.running else None
+        spb = self.clock.seconds_per_beat if self.clock.running else None
         return (spb if spb is not None else 60.0 / self.engine.settings.engine.bpm) / 4
 
     def _next_boundary(self, now: float) -> float:
         """The next loop boundary after ``now`` (a bar line that starts a loop)."""
-        clock = self.engine.clock
+        clock = self.clock
         loop_beats = self.steps / 4
         if clock.running and clock.seconds_per_beat is not None:
             return clock.next_grid_time(now, unit_beats=loop_beats)
@@ -137,7 +183,7 @@ class VaryStage:
         into a time again when the read is due: extrapolated across a whole loop, a tempo read
         from one beat of jittery ticks misses the line by tens of milliseconds."""
         self._disarm()
-        clock = self.engine.clock
+        clock = self.clock
         beat = clock.beat_at(boundary)
         loop_beats = self.steps / 4
         self._boundary_beat = None if beat is None else round(beat / loop_beats) * loop_beats
@@ -153,12 +199,12 @@ class VaryStage:
 
     # ---- performer input --------------------------------------------------------------------
 
-    def performer_note_on(self, t: float, session: SessionKey) -> None:
+    def performer_note_on(self, t: float, channel: int) -> None:
         """A note of the performer's: the first one after silence starts the loop grid."""
         if self.stage is None or self._timer is not None:
             return  # already counting loops (one loop at a time: the channel that started it)
-        self._session = session
-        clock = self.engine.clock
+        self._channel = channel
+        clock = self.clock
         if clock.running and clock.seconds_per_beat is None:
             # the clock has just started and its tempo is not known yet: count from the next
             # loop line of the clock's grid once it is (the loop was started on the clock)
@@ -172,7 +218,7 @@ class VaryStage:
 
     def _wait_for_tempo(self) -> None:
         self._timer = None
-        clock = self.engine.clock
+        clock = self.clock
         if clock.running and clock.seconds_per_beat is None:
             self._timer = self.engine._loop.call_later(0.05, self._wait_for_tempo)
         elif clock.running:
@@ -183,9 +229,9 @@ class VaryStage:
     def _read_loop(self, boundary: float) -> None:
         """Half a step before ``boundary``: the loop just played goes to the model."""
         self._timer = None
-        assert self.stage is not None and self._session is not None
+        assert self.stage is not None and self._channel is not None
         if self._boundary_beat is not None:
-            fresh = self.engine.clock.time_at_beat(self._boundary_beat)
+            fresh = self.clock.time_at_beat(self._boundary_beat)
             if fresh is not None:  # the clock's line, from its latest ticks
                 boundary = fresh
                 read_at = self._read_time(boundary)
@@ -196,9 +242,9 @@ class VaryStage:
         ahead = self._ahead_steps()
         end = boundary - (ahead + 0.5) * step_s  # half a step early: each step centred on its grid line
         try:
-            events = self.engine.melody_at(self._session, end, self.steps - ahead, step_s)
+            events = self.session.melody_at(self._channel, end, self.steps - ahead, step_s)
             if ahead:  # the loop's last bar, as it was played one repetition ago
-                last = self.engine.melody_at(self._session, end - (self.steps - ahead) * step_s, ahead, step_s)
+                last = self.session.melody_at(self._channel, end - (self.steps - ahead) * step_s, ahead, step_s)
                 events = np.concatenate([events, last])
         except ValueError as exc:  # the loop is longer than the window at this tempo
             log.warning("vary: %s; raise engine.window_s", exc)
@@ -207,14 +253,14 @@ class VaryStage:
         events = to_vae_events(events)
         if int(np.count_nonzero(events >= 2)) < self.settings.min_notes:
             log.debug("vary: loop before %.3f has too few notes; stopping", boundary)
-            self._session = None  # what plays now ends on its own at the boundary
+            self._channel = None  # what plays now ends on its own at the boundary
             self.engine._loop.call_at(boundary, self._idle_if_stopped)
             return
         from cadenza.models.vae.worker import VaryJob
 
         fut: asyncio.Future = self.engine._loop.create_future()
         job = VaryJob(
-            session=self._session,
+            session=(self.source, self._channel),
             events=events,
             mode=self.mode,
             amount=self.amount,
@@ -252,7 +298,7 @@ class VaryStage:
         sched = self.engine.scheduler
         self._gen = gen
         self._scheduled = {g for g in self._scheduled if g >= gen - 1} | {gen}  # older ones have played out
-        tag = VaryTag(gen)
+        tag = VaryTag(self.source, gen)
         for t_on, t_off, pitch in events_to_notes(events, step_s):
             if boundary + t_on < now:
                 continue
@@ -277,12 +323,12 @@ class VaryStage:
         """Stop what plays: pending answer events dropped; with ``release``, note-offs for the
         notes it left sounding (the engine's panic releases them itself)."""
         for gen in self._scheduled:
-            self.engine.scheduler.cancel(VaryTag(gen))
+            self.engine.scheduler.cancel(VaryTag(self.source, gen))
         self._scheduled.clear()
         if release:
             ch = self.settings.out_channel
             for pitch in sorted(self._sounding):
-                self.engine._emit(self.engine.now_music(), note_off(ch, pitch), "release")
+                self.engine._emit(self.engine.now_music(), note_off(ch, pitch), "release", self.source)
         self._sounding.clear()
 
     def reset(self) -> None:
@@ -290,7 +336,7 @@ class VaryStage:
         self._disarm()
         self._dropped_before = next(self._gens)  # answers still in the model are dropped
         self.cancel(release=False)
-        self._session = None
+        self._channel = None
         self._set_state(IDLE)
 
     # ---- performer controls -----------------------------------------------------------------
@@ -310,7 +356,7 @@ class VaryStage:
         self.state = state
         cc = self.controls.state_out_cc
         if cc is not None:
-            self.engine._emit(self.engine.now_music(), control(self.controls.channel or 0, cc, state), "state")
+            self.engine._emit(self.engine.now_music(), control(self.controls.channel or 0, cc, state), "state", self.source)
 
 
 def to_vae_events(window_events: np.ndarray) -> np.ndarray:

@@ -5,12 +5,16 @@ It asks the model worker for a prediction and combines it with the player's own 
 ``flat-only`` colorizes only while the incoming velocities are constant (a keyboard without
 velocity sensing, a step sequencer). A prediction that misses the deadline is replaced by the
 fallback velocity by the engine; the stage itself never waits.
+
+Each session (source) has its own stage -- its mode, strength and bypass are that performer's
+controls -- over the one worker all sessions share (it batches their notes together).
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Iterable
 
 from cadenza.config.settings import Settings, VelocitySettings
 from cadenza.models.runtime import SessionKey, pick_device
@@ -82,6 +86,11 @@ class VelocityStage:
         self._recent.pop(session, None)
         if self.worker is not None and self.worker.alive:
             self.worker.forget(session)
+
+    def forget_all(self, source: int, channels: Iterable[int] = ()) -> None:
+        """Drop what is kept for every channel of ``source`` this stage has seen, and ``channels``."""
+        for key in {k for k in self._recent if k[0] == source} | {(source, ch) for ch in channels}:
+            self.forget(key)
 
 
 class _Down:

@@ -78,12 +78,29 @@ class LivePhrase:
             self.decoder = StaticDecoder(model, max_len=self.max_context, style=self._style)
         self.cache = self.decoder.cache if self.decoder else model.new_cache(max_len=self.max_context)
         self.answer = answer or AnswerOptions()
-        self._bank = None  # the N-row decoder of best-of-N, made at the first answer that needs it
+        self._bank = _Bank()  # the N-row decoder of best-of-N, made at the first answer that needs it
         self.paced = paced
         self._step_s = 0.005  # time per batched best-of-N step, measured as it runs (warm_up starts it)
         self.choices: list[Choice] = []  # the last answer's best-of-N decisions, in order
         self._gen = 0
         self.reset()
+
+    def new_context(self) -> LivePhrase:
+        """An empty context over the same weights and options, for another performer driven by
+        the same thread: its own KV cache, the best-of-N decoder shared (its rows are scratch,
+        filled from a context's cache at each horizon and copied back before the next)."""
+        other = LivePhrase(
+            self.model,
+            max_context=self.max_context,
+            keep=self.keep,
+            style=self.style,
+            static=self.decoder is not None,
+            answer=self.answer,
+            paced=self.paced,
+        )
+        other._bank = self._bank
+        other._step_s = self._step_s
+        return other
 
     # ---- context ------------------------------------------------------------------------------
     def reset(self) -> None:
@@ -378,13 +395,14 @@ class LivePhrase:
         self, row: AnswerRow, *, horizon_tick: int, cap: int, call: Notes, sampling: tuple[float, int, float], gen: torch.Generator
     ) -> Found:
         """One best-of-N horizon from the live cache (see answer.py), committed into it."""
-        if self._bank is None:
+        bank = self._bank.decoder
+        if bank is None:
             from cadenza.models.phrase.static import StaticDecoder
 
-            self._bank = StaticDecoder(self.model, batch=self.answer.best_of, max_len=self.max_context, style=self._style)
+            bank = self._bank.decoder = StaticDecoder(self.model, batch=self.answer.best_of, max_len=self.max_context, style=self._style)
         t0 = time.perf_counter()
         found = search(
-            self._bank,
+            bank,
             self.cache,
             self._logits,
             row,
@@ -397,11 +415,17 @@ class LivePhrase:
         )
         steps = max(map(len, found.choice.tokens)) + 1
         self._step_s = 0.7 * self._step_s + 0.3 * (time.perf_counter() - t0) / steps  # for pacing the next horizons
-        commit(self._bank, self.cache, found)
+        commit(bank, self.cache, found)
         self.hist.extend(found.tokens)
         self._logits = found.logits
         self.choices.append(found.choice)
         return found
+
+
+class _Bank:
+    """Holds the best-of-N decoder that the contexts made by :meth:`LivePhrase.new_context` share."""
+
+    decoder = None
 
 
 def sample(logits: torch.Tensor, *, temperature: float, top_k: int, top_p: float, generator: torch.Generator) -> int:

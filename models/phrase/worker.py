@@ -1,10 +1,16 @@
-"""The phrase model in the model runtime: a ``LivePhrase`` fed as the performer plays, answering
-token by token.
+"""The phrase model in the model runtime: a ``LivePhrase`` per session, fed as its performer plays,
+answering token by token.
 
-Every note the performer plays is fed as it happens (so the KV cache is current and nothing is
-left to prefill when the call ends); an answer streams back to the loop event by event, ahead of
-playback, until it is complete or its cancel event is set. The interaction policy around it
-(when a call ends, barge-in, scheduling) is ``cadenza.stream.phrase.PhraseStage``.
+Every note a performer plays is fed as it happens (so the session's KV cache is current and
+nothing is left to prefill when its call ends); an answer streams back to the loop event by
+event, ahead of playback, until it is complete or its cancel event is set. The interaction policy
+around it (when a call ends, barge-in, scheduling) is ``cadenza.stream.phrase``.
+
+One model, one thread, a context per session. Each context is a batch-1 KV cache, so the phrase
+model batches per session only: feeds run one after another, and the answers of several sessions
+in flight are interleaved a few events at a time (one session's long answer does not hold up
+another's first note). A session's own feeds wait while its answer is generated, as they always
+did: the answer is generated from the context as it was when the call ended.
 """
 
 from __future__ import annotations
@@ -16,6 +22,8 @@ from dataclasses import dataclass
 from typing import Protocol, TypedDict
 
 from cadenza.models.runtime import DEFAULT_BACKOFF, Backoff, ModelStage, Post
+
+SLICE = 4  # answer events generated per turn of an answer in flight
 
 
 class ResponseParams(TypedDict):
@@ -31,6 +39,7 @@ class LivePhraseModel(Protocol):
     """What the phrase stage drives (``cadenza.models.phrase.live.LivePhrase``)."""
 
     def warm_up(self) -> int: ...
+    def new_context(self) -> LivePhraseModel: ...
     def reset(self) -> None: ...
     def feed(self, t: float, msg: bytes) -> None: ...
     def respond(
@@ -40,18 +49,21 @@ class LivePhraseModel(Protocol):
 
 @dataclass(frozen=True)
 class Feed:
+    source: int
     t: float
     data: bytes
 
 
 @dataclass
 class Respond:
+    source: int
     gen_id: int
     cancel: threading.Event
     params: ResponseParams
     on_event: Callable[[int, float, bytes], None]
     on_done: Callable[[int], None]
     finished: bool = False  # set on the model thread once on_done is posted
+    events: Iterator[tuple[float, bytes]] | None = None  # the answer being generated (model thread)
 
 
 @dataclass(frozen=True)
@@ -59,19 +71,40 @@ class Sync:
     future: asyncio.Future[None]
 
 
-PhraseJob = Feed | Respond | Sync
+@dataclass(frozen=True)
+class Forget:
+    source: int
+
+
+class _Step:
+    """Queued by the handler itself: the answers in flight have more to generate."""
+
+
+STEP = _Step()
+
+PhraseJob = Feed | Respond | Sync | Forget | _Step
 
 
 class PhraseWorker:
-    """The phrase model in the model runtime: every performer note is fed to a ``LivePhrase``
-    as it happens, and answers stream back to the loop event by event."""
+    """The phrase model in the model runtime: every performer note is fed to its session's
+    ``LivePhrase`` as it happens, and answers stream back to the loop event by event.
+
+    ``make_live()`` loads the model with its first context; every other session's context is
+    ``new_context()`` of it (the same weights), made on the model thread at its first job.
+    """
 
     def __init__(
         self, make_live: Callable[[], LivePhraseModel], loop: asyncio.AbstractEventLoop, *, backoff: Backoff = DEFAULT_BACKOFF
     ) -> None:
         self._make_live = make_live
         self._loop = loop
-        self.live: LivePhraseModel | None = None
+        self._first: LivePhraseModel | None = None  # loaded and warmed up; other contexts are made from it
+        self._contexts: dict[int, LivePhraseModel] = {}  # per source
+        self._spare: LivePhraseModel | None = None  # empty, for the next new session
+        self._answers: dict[int, Respond] = {}  # in flight, per source
+        self._deferred: dict[int, list[Feed]] = {}  # fed while its session's answer was generated
+        self._syncs: list[Sync] = []
+        self._stepping = False  # a STEP is queued
         self.stage: ModelStage[PhraseJob] = ModelStage(self, name="phrase", backoff=backoff)
 
     def start(self) -> None:
@@ -93,18 +126,23 @@ class PhraseWorker:
     def error(self) -> str | None:
         return self.stage.last_error
 
-    def feed(self, t: float, data: bytes) -> None:
-        self.stage.submit(Feed(t, data))
+    def feed(self, source: int, t: float, data: bytes) -> None:
+        self.stage.submit(Feed(source, t, data))
 
     def respond(
         self,
+        source: int,
         gen_id: int,
         cancel: threading.Event,
         params: ResponseParams,
         on_event: Callable[[int, float, bytes], None],
         on_done: Callable[[int], None],
     ) -> None:
-        self.stage.submit(Respond(gen_id, cancel, params, on_event, on_done))
+        self.stage.submit(Respond(source, gen_id, cancel, params, on_event, on_done))
+
+    def forget(self, source: int) -> None:
+        """The session has ended: its context goes (kept, emptied, for the next new session)."""
+        self.stage.submit(Forget(source))
 
     async def caught_up(self) -> None:
         """Wait until everything fed so far has been through the model (for file playback,
@@ -116,42 +154,105 @@ class PhraseWorker:
     # ---- the runtime's handler --------------------------------------------------------------
 
     def load(self) -> None:
-        self.live = self._make_live()
-        self.live.warm_up()
+        self._first = self._spare = self._make_live()
+        self._first.warm_up()
 
     def reset(self) -> None:
-        assert self.live is not None
-        self.live.reset()
+        """Every context empty, no answer in flight (a start, or a restart after a crash: the
+        stage cut the answers then)."""
+        for live in self._contexts.values():
+            live.reset()
+        for job in self._answers.values():
+            if job.events is not None:
+                job.events.close()
+        self._answers.clear()
+        self._deferred.clear()
+        self._stepping = False
+        syncs, self._syncs = self._syncs, []
+        for job in syncs:
+            _settle(job.future)
+
+    def _context(self, source: int) -> LivePhraseModel:
+        live = self._contexts.get(source)
+        if live is None:
+            live, self._spare = self._spare or self._first.new_context(), None
+            self._contexts[source] = live
+        return live
 
     def run(self, jobs: list[PhraseJob], post: Post) -> int:
-        live = self.live
-        assert live is not None
+        n = 0
         for job in jobs:
+            if isinstance(job, _Step):
+                self._stepping = False
+                continue
+            n += 1
             if isinstance(job, Feed):
-                live.feed(job.t, job.data)
+                if job.source in self._answers:
+                    self._deferred.setdefault(job.source, []).append(job)
+                else:
+                    self._context(job.source).feed(job.t, job.data)
             elif isinstance(job, Sync):
-                post(_settle, job.future)
+                if any(self._deferred.values()):
+                    self._syncs.append(job)
+                else:
+                    post(_settle, job.future)
+            elif isinstance(job, Forget):
+                self._end(job.source, post)
+                live = self._contexts.pop(job.source, None)
+                if live is not None and self._spare is None:
+                    live.reset()
+                    self._spare = live
             else:
-                gen = live.respond(**job.params)
-                try:
-                    for t, msg in gen:
-                        if job.cancel.is_set():
-                            break
-                        post(job.on_event, job.gen_id, t, msg)
-                finally:
-                    gen.close()
-                job.finished = True
-                post(job.on_done, job.gen_id)
-        return len(jobs)
+                self._end(job.source, post)  # a cut-short answer of the same session, still closing
+                job.events = self._context(job.source).respond(**job.params)
+                self._answers[job.source] = job
+        self._step(post)
+        return n
+
+    def _step(self, post: Post) -> None:
+        """A few events of each answer in flight, then a turn for whatever else is queued."""
+        for source, job in list(self._answers.items()):
+            for _ in range(SLICE):
+                event = None if job.cancel.is_set() else next(job.events, None)
+                if event is None:
+                    self._end(source, post)
+                    break
+                post(job.on_event, job.gen_id, *event)
+        if self._answers and not self._stepping:
+            self._stepping = True
+            self.stage.later(STEP)
+
+    def _end(self, source: int, post: Post) -> None:
+        """The session's answer is over (complete, cancelled, or replaced): close it, then feed
+        what its performer played meanwhile."""
+        job = self._answers.pop(source, None)
+        if job is None:
+            return
+        job.events.close()
+        job.finished = True
+        post(job.on_done, job.gen_id)
+        live = self._contexts[source]
+        for feed in self._deferred.pop(source, ()):
+            live.feed(feed.t, feed.data)
+        if self._syncs and not any(self._deferred.values()):
+            syncs, self._syncs = self._syncs, []
+            for sync in syncs:
+                post(_settle, sync.future)
 
     def fallback(self, jobs: list[PhraseJob]) -> int:
         """A feed is dropped (the context restarts empty anyway); an answer that cannot come is
-        over at once; a sync is settled."""
+        over at once (those in flight too, when their next turn is among the jobs); a sync is
+        settled."""
         n = 0
-        for job in jobs:
+        answers = [job for job in jobs if isinstance(job, Respond)]
+        if any(isinstance(job, _Step) for job in jobs):
+            answers += list(self._answers.values())
+        syncs, self._syncs = self._syncs, []  # (the model thread is not serving now)
+        for job in syncs + jobs:
             if isinstance(job, Sync):
                 _settle(job.future)
-            elif isinstance(job, Respond) and not job.finished:
+        for job in answers:
+            if not job.finished:
                 n += 1
                 job.finished = True
                 job.on_done(job.gen_id)

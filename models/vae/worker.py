@@ -4,6 +4,9 @@ A job is one loop the performer just played (sixteenth-grid events, see ``data.p
 do with it; the answer is the events to play over the next loop. The handler keeps, per session,
 the latent code it played last and the morph path it is on, so the loop's state lives with the
 model and a crash (the runtime restarts the handler with ``reset()``) starts every path afresh.
+
+One model serves every session; the loops of a burst are encoded and decoded one after another
+(a loop is one short encode + decode, and sessions' loop lines seldom fall in the same burst).
 """
 
 from __future__ import annotations
@@ -40,6 +43,16 @@ class VaryJob:
     future: asyncio.Future = field(repr=False)
 
 
+@dataclass(frozen=True)
+class Forget:
+    """A session (source) has ended: drop the paths of all its channels."""
+
+    source: int
+
+
+VaeJob = VaryJob | Forget
+
+
 @dataclass
 class _Path:
     origin: np.ndarray  # what was playing when this loop came in
@@ -65,13 +78,14 @@ class VaeHandler:
     def reset(self) -> None:
         self._paths.clear()
 
-    def forget(self, session: SessionKey) -> None:
-        self._paths.pop(session, None)
-
-    def run(self, jobs: list[VaryJob], post: Post) -> int:
+    def run(self, jobs: list[VaeJob], post: Post) -> int:
         assert self.vae is not None
         n = 0
         for job in jobs:
+            if isinstance(job, Forget):
+                for key in [k for k in self._paths if k[0] == job.source]:
+                    del self._paths[key]
+                continue
             if job.future.done():  # cancelled meanwhile (panic, mode switch)
                 continue
             z = self.vae.encode_steps(job.events)
@@ -99,11 +113,12 @@ class VaeHandler:
         path.played = z_play
         return z_play
 
-    def fallback(self, jobs: list[VaryJob]) -> int:
-        """No model: this loop gets no variation (the performer's own loop still plays)."""
+    def fallback(self, jobs: list[VaeJob]) -> int:
+        """No model: this loop gets no variation (the performer's own loop still plays); a
+        forgotten session's paths go with the restart anyway."""
         n = 0
         for job in jobs:
-            if not job.future.done():
+            if isinstance(job, VaryJob) and not job.future.done():
                 job.future.cancel()
                 n += 1
         return n

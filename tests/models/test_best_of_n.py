@@ -36,6 +36,22 @@ def _pitches(out) -> list[int]:
     return [m[1] for _, m in out if m[0] & 0xF0 == 0x90]
 
 
+def test_a_new_context_shares_the_decoder_and_answers_as_a_fresh_one_would(shipped):
+    """The engine keeps a context per session: one that another context's best-of-N has just used
+    the shared decoder of answers exactly as a context of its own would."""
+    opts = AnswerOptions(best_of=4, lookahead_s=1.0, lookahead_tokens=24, first_tokens=12)
+    first, _ = _answer(shipped, opts, seed=5)
+    other = first.new_context()
+    assert other._bank is first._bank and other._bank.decoder is not None and other.cache is not first.cache
+    assert other.context_tokens == 1  # BOS only: nothing of the first context's
+    for i, p in enumerate(CALL):
+        other.feed(0.25 * i, note_on(0, p, 80))
+        other.feed(0.25 * i + 0.2, note_off(0, p))
+    out = list(other.respond(start_t=3.5, seconds=4.0, temperature=1.0, top_p=0.95, seed=3))
+    _, fresh = _answer(shipped, opts)
+    assert out == fresh and _pitches(out)
+
+
 def test_best_of_n_keeps_the_highest_scoring_candidate(shipped):
     live, out = _answer(shipped, AnswerOptions(best_of=4, lookahead_s=1.0, lookahead_tokens=24, first_tokens=12))
     assert live.choices, "no best-of-N decision was made"

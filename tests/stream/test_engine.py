@@ -257,7 +257,8 @@ def test_melody_reads_the_last_bar_on_the_midi_clocks_grid():
     async def body(e):
         t0 = asyncio.get_running_loop().time() - 3.0
         tick, step = 0.6 / 24, 0.15  # 100 bpm: 25 ms a tick, 150 ms a sixteenth
-        events = [(t0, b"\xfa")] + [(t0 + tick * k, b"\xf8") for k in range(0, 121)]  # the first tick is the downbeat
+        # Start, then the downbeat on the first tick (MIDI 1.0) at t0: 5 beats of ticks up to now
+        events = [(t0 - tick, b"\xfa")] + [(t0 + tick * k, b"\xf8") for k in range(0, 121)]
         events += [
             (t0 + step * 10 + 0.01, note_on(0, 72, 80)),
             (t0 + step * 10 + 0.02, note_on(0, 60, 80)),
