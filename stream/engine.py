@@ -226,7 +226,7 @@ class Engine:
             self.metrics.inc("note_on")
             s.roll(ch).note_on(music_t, data[1], data[2])
             if cr is not None:
-                cr.performer_note_on(music_t)
+                cr.performer_note_on(music_t, data)
             if s.vary is not None:
                 s.vary.performer_note_on(music_t, ch)
             fut = s.velocity.request(key, music_t, data[1], data[2])

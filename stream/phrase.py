@@ -160,12 +160,15 @@ class CallResponse:
 
     # ---- performer input --------------------------------------------------------------------
 
-    def performer_note_on(self, t: float) -> None:
+    def performer_note_on(self, t: float, data: bytes) -> None:
+        """A key went down (in input order: its note-off, even in the same batch, comes after)."""
         if self.state == RESPONDING:
             self._barge_in()
         if self._silence is not None:
             self._silence.cancel()
             self._silence = None
+        if self.enabled:
+            self._keys_down.add((data[0] & 0x0F, data[1]))
 
     def feed_output(self, t: float, data: bytes) -> None:
         """A performer note-on as it went out (with its final velocity): part of the call."""
@@ -175,9 +178,10 @@ class CallResponse:
             self._call_start = t
             self._call_channel = data[0] & 0x0F
             self._set_state(LISTENING)
-        self._keys_down.add((data[0] & 0x0F, data[1]))
         self._last_activity = t
         self.worker.feed(self.source, t, data)
+        if not self._keys_down:  # its key went up before it went out (one batch): count silence from here
+            self._arm_silence()
 
     def performer_event(self, t: float, data: bytes, *, note_off: bool = False) -> None:
         if not self.enabled:

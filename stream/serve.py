@@ -38,7 +38,7 @@ class PortSupervisor:
                 log.warning("input port %r vanished: releasing its notes", inp.name)
                 inp.close()
                 eng.metrics.inc("port_lost")
-                eng.panic("input port lost")
+                eng.panic("input port lost", source=0)
             elif not inp.connected and inp.reopen():
                 log.info("input port %r is back", inp.name)
         if out.attach:
@@ -48,7 +48,7 @@ class PortSupervisor:
                 eng.metrics.inc("port_lost")
             elif not out.connected and out.reopen():
                 log.info("output port %r is back: releasing the notes it had", out.name)
-                eng.panic("output port back")
+                eng.panic("output port back", source=0)
 
 
 async def serve(settings: Settings, *, mode: str, audio: bool = False, ready=None, install_signals: bool = True) -> dict:

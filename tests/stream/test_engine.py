@@ -15,6 +15,7 @@ from cadenza.config.settings import load_settings
 from cadenza.messages import control, note_off, note_on
 from cadenza.stream.build import build_engine
 from cadenza.stream.engine import Engine
+from cadenza.stream.phrase import RESPONDING
 from cadenza.stream.sinks import AnySink, ListSink
 
 from .conftest import sounding
@@ -291,3 +292,23 @@ def test_without_a_clock_the_last_16_bars_are_read_at_the_set_tempo():
     m = seen["melody"]
     assert m.shape == (256,) and m[-8] == melody_event(67) and m[-5] == NOTE_OFF
     assert (m[:-8] == 0).all() and (m[-7:-5] == 0).all() and (m[-4:] == 0).all()
+
+
+def test_a_call_whose_note_ons_and_offs_arrive_together_still_ends_and_is_answered():
+    """A remote session's notes can reach the pump with their note-offs in one batch (MQTT hands
+    over everything that has arrived): the keys are up, so the silence must still end the call."""
+    settings = _settings(phrase={"silence_ms": 200, "length_mode": "seconds", "response_seconds": 1.0, "seed": 2})
+    seen = {}
+
+    async def body(e):
+        for p in (60, 64, 67, 72, 67, 64):
+            e.deliver_now(e.now_music(), note_on(0, p, 80), source=1)
+            e.deliver_now(e.now_music(), note_off(0, p), source=1)
+            await asyncio.sleep(0.1)
+        end = time.monotonic() + 5
+        while e.sessions[1].phrase.state != RESPONDING and time.monotonic() < end:
+            await asyncio.sleep(0.02)
+        seen["state"] = e.sessions[1].phrase.state
+
+    drive(settings, "continue", body)
+    assert seen["state"] == RESPONDING

@@ -41,7 +41,7 @@ def daemon_settings(broker, **mqtt):
 
 
 @contextlib.asynccontextmanager
-async def running_daemon(settings):
+async def running_daemon(settings, mode: str = "colorize"):
     from cadenza.stream.mqtt.daemon import serve_mqtt
 
     box: dict = {}
@@ -51,7 +51,7 @@ async def running_daemon(settings):
         box.update(engine=engine, transport=transport)
         started.set()
 
-    task = asyncio.create_task(serve_mqtt(settings, ready=ready, install_signals=False))
+    task = asyncio.create_task(serve_mqtt(settings, mode=mode, ready=ready, install_signals=False))
     waiter = asyncio.create_task(started.wait())
     await asyncio.wait([task, waiter], timeout=60, return_when=asyncio.FIRST_COMPLETED)
     if task.done():
@@ -319,3 +319,45 @@ def test_the_daemon_serves_prometheus_metrics(broker):
     assert families["cadenza_internal_seconds"].type == "histogram"
     info = families["cadenza_info"].samples[0].labels
     assert info["role"] == "daemon" and info["mode"] == "colorize"
+
+
+@pytest.mark.parametrize("mode", ["continue", "vary", "lookahead"])
+def test_every_mode_answers_two_sessions_at_once_each_on_its_own_topic(broker, mode):
+    """Call and response, vary and lookahead over MQTT: each session its own state and answers."""
+    settings = daemon_settings(broker)
+    settings.phrase.silence_ms = 300
+    settings.phrase.length_mode = "seconds"
+    settings.phrase.response_seconds = 1.5
+    settings.engine.bpm = 240.0  # vary: a 2-bar loop is 2 s
+    settings.controls.state_out_cc = None
+    settings.velocity.lookahead_s = 0.5
+
+    async def main():
+        async with running_daemon(settings, mode) as d, Peer(broker) as peer:
+            loop = (60, 62, 64, 65, 67, 65, 64, 62)
+            for i in range(24 if mode == "vary" else 10):  # eighth notes at 240 bpm, or a short phrase
+                for session, ch, shift in (("alice", 0, 0), ("bob", 2, -12)):
+                    p = loop[i % 8] + shift
+                    await peer.play(session, note_on(ch, p, 80))
+                    await peer.play(session, note_off(ch, p))
+                await asyncio.sleep(0.125)
+            played = {"alice": 0, "bob": 2}
+
+            def answered(s):  # notes on the channel the mode answers on, beyond what was played
+                ons = note_ons(peer.out(s))
+                if mode == "vary":
+                    return [m for m in ons if m[0] & 0x0F == settings.vary.out_channel]
+                if mode == "lookahead":
+                    return ons
+                return ons[24 if mode == "vary" else 10 :]
+
+            assert await peer.wait_for(lambda: all(answered(s) for s in played), 15), {s: len(peer.out(s)) for s in played}
+            for s, ch in played.items():
+                if mode == "continue":  # the answer is on the session's own channel, after its phrase
+                    assert all(m[0] & 0x0F == ch for m in answered(s))
+            await asyncio.sleep(0.5)
+            d["engine"].stop()
+            await asyncio.wait_for(asyncio.shield(d["task"]), 20)
+            assert await peer.wait_for(lambda: all(sounding(peer.out(s)) == {} for s in played))
+
+    asyncio.run(main())
