@@ -10,7 +10,10 @@ stands where its synth would be. Reported:
 * ``answered_twice``: answers beyond one per note-on played (two daemons answering a session);
 * ``deadline_misses`` and ``dropped`` from the daemons' own stats;
 
-and with ``--kill-one``, SIGKILL of the daemon with the most sessions halfway through:
+and with ``--kill-one``, SIGKILL of the daemon with the most sessions halfway through (its
+connection closes, the broker publishes its will at once), or with ``--freeze-one``, SIGSTOP of it
+(its connection stays open and silent, as when a box loses power or network: the broker waits
+out 1.5 keepalives, 1 s each here):
 
 * ``failover_s``: its death -> the first answer to a note played on one of its sessions after it;
 * ``lost_in_failover``: note-ons played on its sessions after its death that were never answered;
@@ -82,7 +85,7 @@ async def _run(args, host: str, port: int, daemons: list) -> dict:
         await asyncio.sleep(0.05)
     owners = {s: b.owner for s, (b, _) in bridges.items()}
     per_daemon = Counter(owners.values())
-    victim = per_daemon.most_common(1)[0][0] if args.kill_one else None
+    victim = per_daemon.most_common(1)[0][0] if args.kill_one or args.freeze_one else None
     victim_proc = next((d for d in daemons if d.ident == victim), None)
     moved = {s for s, o in owners.items() if o == victim}
 
@@ -93,7 +96,7 @@ async def _run(args, host: str, port: int, daemons: list) -> dict:
     t_kill = None
     for at, s, msg in merged:
         if victim_proc is not None and t_kill is None and at >= args.seconds / 2:
-            victim_proc.kill()
+            victim_proc.freeze() if args.freeze_one else victim_proc.kill()
             t_kill = time.monotonic()
         delay = t0 + at - time.monotonic()
         if delay > 0:
@@ -145,6 +148,7 @@ async def _run(args, host: str, port: int, daemons: list) -> dict:
         )
         result.update(
             killed=victim,
+            how="SIGSTOP" if args.freeze_one else "SIGKILL",
             moved_sessions=len(moved),
             failover_s=None if first is None else round(first - t_kill, 3),
             lost_in_failover=sum(1 for t, s, p in after if (s, p, t) not in answered),
@@ -195,7 +199,7 @@ def bench_cluster(args, settings) -> int:
     )
     if "killed" in result:
         print(
-            f"  killed {result['killed']} ({result['moved_sessions']} sessions): failover {result['failover_s']} s, "
+            f"  {result['how']} to {result['killed']} ({result['moved_sessions']} sessions): failover {result['failover_s']} s, "
             f"{result['lost_in_failover']} note-ons lost in it"
         )
     return 0

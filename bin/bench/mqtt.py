@@ -36,6 +36,7 @@ def register(b) -> None:
     p.add_argument("--busy-poll", action="store_true", help="serve with --busy-poll (engine.busy_poll: the loop never sleeps)")
     p.add_argument("--daemons", type=int, default=0, help="N daemons behind one broker, sessions played through real bridges")
     p.add_argument("--kill-one", action="store_true", help="with --daemons: SIGKILL the busiest daemon halfway (failover figures)")
+    p.add_argument("--freeze-one", action="store_true", help="with --daemons: SIGSTOP it instead (a box cut off: failover by keepalive)")
     p.add_argument("--logs", help="with --daemons: write the broker's and the daemons' logs to this folder")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_bench)

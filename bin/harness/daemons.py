@@ -57,6 +57,12 @@ class DaemonProcess:
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait(10)
 
+    def freeze(self) -> None:
+        """SIGSTOP: the process and its connection stay, silent — what a box that lost its
+        network looks like to the broker until the keepalive runs out. ``stop()`` still ends it."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGSTOP)
+
     def drain(self, timeout: float = 30.0) -> int:
         """SIGTERM, then wait for the exit code."""
         assert self.proc is not None
@@ -64,6 +70,8 @@ class DaemonProcess:
         return self.proc.wait(timeout)
 
     def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)  # a frozen one must run to hear SIGTERM
         stop_process(self.proc)
 
     @property
