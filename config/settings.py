@@ -47,6 +47,12 @@ class EngineSettings(_Section):
     input_queue: int = Field(
         16384, ge=16, description="bound of the input queue; when full, note-ons are dropped (counted), note-offs/pedal/clock never"
     )
+    source_queue: int = Field(
+        4096,
+        ge=16,
+        description="messages one source (port, MQTT session) may have waiting in the input queue; "
+        "beyond that its note-ons are dropped (counted), so one source cannot fill the queue for all",
+    )
     stats_interval_s: float = Field(10.0, ge=0, description="period of the one-line stats log (0 = off)")
     beats_per_bar: int = Field(4, ge=1, le=32, description="the meter, for bar positions from MIDI clock (clock carries none)")
     bpm: float = Field(

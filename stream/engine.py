@@ -22,7 +22,7 @@ import gc
 import logging
 import sys
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -84,6 +84,7 @@ class Engine:
         self.realtime = realtime
         self.lookahead = lookahead
         self._queue: deque = deque()
+        self._queued: Counter[int] = Counter()  # messages waiting per source (engine.source_queue)
         self._wake = asyncio.Event()
         self._stop = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -152,10 +153,16 @@ class Engine:
         if kind is Kind.REALTIME:
             self.metrics.inc("consumed")
             return  # active sensing and friends are link-level; not forwarded
-        if len(self._queue) >= self.settings.engine.input_queue and kind not in NEVER_DROP:
-            self.metrics.inc("dropped")
-            self.metrics.inc("dropped_queue_full")
-            return
+        if kind not in NEVER_DROP:
+            if len(self._queue) >= self.settings.engine.input_queue:
+                self.metrics.inc("dropped")
+                self.metrics.inc("dropped_queue_full")
+                return
+            if self._queued[source] >= self.settings.engine.source_queue:
+                self.metrics.inc("dropped")
+                self.metrics.inc("dropped_source_share")  # its share is full; the others' is not
+                return
+        self._queued[source] += 1
         self._queue.append((t, data, kind, source, music_t))
         self._idle.clear()
         self._wake.set()
@@ -171,7 +178,9 @@ class Engine:
                 await self._wake.wait()
             batch = []
             while self._queue and len(batch) < 256:
-                batch.append(self._queue.popleft())
+                item = self._queue.popleft()
+                self._queued[item[3]] -= 1
+                batch.append(item)
             self.metrics.gauge("queue_depth", len(self._queue))
             out: list[list] = []  # [data, future|None, player_velocity, t_arrival, music_t, source, VelocityStage]
             asked = []

@@ -312,3 +312,26 @@ def test_a_call_whose_note_ons_and_offs_arrive_together_still_ends_and_is_answer
 
     drive(settings, "continue", body)
     assert seen["state"] == RESPONDING
+
+
+def test_one_source_cannot_fill_the_input_queue_for_the_others():
+    settings = _settings(engine={"source_queue": 500, "input_queue": 16384})
+    sink = ListSink()
+    seen = {}
+
+    async def body(e):
+        now = e.now_music()
+        for i in range(3000):  # a flood from source 1, all at once, before the pump runs
+            e.deliver_now(now, note_on(0, 36 + i % 60, 90), source=1)
+            e.deliver_now(now, note_off(0, 36 + i % 60), source=1)
+        for p in range(60, 70):  # source 2 plays meanwhile
+            e.deliver_now(now, note_on(1, p, 80), source=2)
+            e.deliver_now(now, note_off(1, p), source=2)
+        await e.drain()
+        seen.update(e.metrics.counters)
+
+    drive(settings, "colorize", body, sinks=[sink])
+    # source 1 keeps 500 messages waiting (250 notes and their note-offs); its other note-ons go,
+    # its note-offs always pass
+    assert seen["dropped_source_share"] == 2750
+    assert sum(1 for m in sink.messages if m[0] == 0x91 and m[2] > 0) == 10  # nothing of source 2's dropped
