@@ -67,6 +67,10 @@ def register(groups) -> None:
     p.add_argument("--bpm", type=float, default=None)
     p.set_defaults(func=_files, op="attribute")
 
+    p = sub.add_parser("vectors", help="compute a model's attribute vectors from POP909 train into its shipped weights")
+    _model_flag(p)
+    p.set_defaults(func=_vectors)
+
     p = groups["train"].add_parser("vae", help="train a MusicVAE on POP909 train (resumable)")
     p.add_argument("--model", default="mel_2bar", choices=MODELS)
     p.add_argument("--minutes", type=float, default=25.0, help="wall-clock budget of this run (default 25)")
@@ -138,6 +142,13 @@ def _train(args, settings) -> int:
         f"{args.model}: {r['params']:,} parameters, {r['steps']} steps; best validation greedy accuracy "
         f"{b['greedy_acc']:.4f} (teacher-forced {b['tf_acc']:.4f}, KL {b['kl_bits']:.1f} bits) at step {b['step']} -> {r['out']}"
     )
+    if args.out is None:
+        # The attribute vectors belong to a latent space: new weights need their own (the
+        # training saved the model's tensors only). After an interrupted run: `cadenza vae vectors`.
+        from .attributes import add_vectors_to_weights
+
+        add_vectors_to_weights(settings.data.pop909, args.model)
+        print(f"{args.model}: attribute vectors computed from the training set and stored with the weights")
     return 0
 
 
@@ -163,6 +174,18 @@ def _bench(args, settings) -> int:
 
     r = bench(args.models, repeats=args.repeats)
     print(json.dumps(r) if args.json else format_bench(r))
+    return 0
+
+
+def _vectors(args, settings) -> int:
+    from cadenza.errors import ConfigError
+
+    from .attributes import add_vectors_to_weights
+
+    if getattr(args, "weights", None):
+        raise ConfigError("vae vectors writes into the shipped weights of --model; --weights is not supported")
+    vecs = add_vectors_to_weights(settings.data.pop909, args.model)
+    print(f"{args.model}: attribute vectors stored ({', '.join(f'{k} |{float(v.norm()):.2f}|' for k, v in vecs.items())})")
     return 0
 
 
