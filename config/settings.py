@@ -245,6 +245,13 @@ class MqttSettings(_Section):
     capacity: float = Field(
         1.0, gt=0, le=1e5, description="this daemon's share of the sessions, relative to the other daemons on the broker (e.g. its GPUs)"
     )
+    status_interval_s: float = Field(
+        10.0,
+        ge=0,
+        le=3600,
+        description="a daemon repeats its retained status this often, and daemons and bridges drop one not heard from "
+        "for 3 intervals (a status left by a daemon that died while the broker was down); 0 = off. The same on every party",
+    )
     session_msgs_per_s: float = Field(1000.0, ge=0, description="input messages a second one session may send (0 = no limit)")
     session_burst_msgs: int = Field(2000, ge=1, description="messages one session may send at once above its rate")
     session_bytes_per_s: float = Field(65_536.0, ge=0, description="input bytes a second one session may send (0 = no limit)")

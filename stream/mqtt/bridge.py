@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable
 
 from cadenza.buffers.ledger import NoteLedger
@@ -46,7 +47,7 @@ class Bridge:
         prefix = settings.mqtt.topic_prefix.rstrip("/")
         self.in_topic, self.out_topic, self.bye_topic = (f"{prefix}/{session}/{v}" for v in ("in", "out", "bye"))
         self.status_filter = f"{prefix}/_daemon/+/status"
-        self.live = LiveSet()
+        self.live = LiveSet(3 * self.settings.mqtt.status_interval_s)
         self.owner: str | None = None  # the daemon answering this session
         self.identifier = client_id(settings.mqtt, f"bridge-{session}")
         self.ledger = NoteLedger()
@@ -72,7 +73,7 @@ class Bridge:
         self.client, self._stack = await connect(
             self.settings.mqtt, identifier=self.identifier, will_topic=self.bye_topic, will_payload=b"", retain_will=False
         )
-        self.live = LiveSet()
+        self.live = LiveSet(3 * self.settings.mqtt.status_interval_s)
         await self.client.subscribe([(self.out_topic, 0), (self.status_filter, 1)])
 
     async def _disconnect(self, *, say_bye: bool) -> None:
@@ -112,8 +113,20 @@ class Bridge:
 
     def _status(self, daemon: str, payload: bytes) -> None:
         status = Status.decode(payload)
-        if status is None or not self.live.update(daemon, status):
+        if status is not None and self.live.update(daemon, status, time.time()):
+            self._follow_owner()
+
+    async def _expire(self) -> None:
+        """Daemons that stopped repeating their status are gone (as the daemons decide too)."""
+        interval = self.settings.mqtt.status_interval_s
+        if interval <= 0:
             return
+        while True:
+            await asyncio.sleep(interval)
+            if self.live.expire(time.time()):
+                self._follow_owner()
+
+    def _follow_owner(self) -> None:
         owner = self.live.owner(self.session)
         if owner == self.owner:
             return
@@ -154,7 +167,7 @@ class Bridge:
                         continue
                 try:
                     async with asyncio.TaskGroup() as tg:
-                        tasks = [tg.create_task(self._receive()), tg.create_task(self._publish())]
+                        tasks = [tg.create_task(self._receive()), tg.create_task(self._publish()), tg.create_task(self._expire())]
                         await self._stop.wait()
                         for t in tasks:
                             t.cancel()

@@ -38,7 +38,7 @@ class MqttTransport:
         self.prefix = settings.topic_prefix.rstrip("/")
         self.identifier = client_id(settings, "serve")
         self.status_topic = f"{self.prefix}/_daemon/{self.identifier}/status"
-        self.live = LiveSet()
+        self.live = LiveSet(3 * settings.status_interval_s)
         self.draining = False
         self.stats_interval = engine_settings.stats_interval_s
         self.engine = None
@@ -67,13 +67,13 @@ class MqttTransport:
     async def _go_online(self) -> None:
         # Learn the live set first (the retained statuses arrive at once), so that no session
         # another daemon owns is answered twice while this one starts.
-        self.live = LiveSet()
+        self.live = LiveSet(3 * self.settings.status_interval_s)
         status_filter = f"{self.prefix}/_daemon/+/status"
         await self.client.subscribe(status_filter, qos=1)
         await self._settle_statuses()
-        self.live.update(self.identifier, Status(ONLINE, self.settings.capacity))
+        self.live.update(self.identifier, self._online(), time.time())
         await self.client.subscribe([(f"{self.prefix}/+/in", 0), (f"{self.prefix}/+/bye", 1)])
-        await self.client.publish(self.status_topic, Status(ONLINE, self.settings.capacity).encode(), qos=1, retain=True)
+        await self.client.publish(self.status_topic, self._online().encode(), qos=1, retain=True)
         log.info("mqtt: online as %s, one of %d daemons; sessions on %s/+/in", self.identifier, len(self.live), self.prefix)
         on_online, self.on_online = self.on_online, None
         if on_online is not None:
@@ -121,6 +121,7 @@ class MqttTransport:
                     tg.create_task(self._publish(), name="mqtt-publish")
                     tg.create_task(self._expire(), name="mqtt-expire")
                     tg.create_task(self._stats(), name="mqtt-stats")
+                    tg.create_task(self._heartbeat(), name="mqtt-heartbeat")
             except* (aiomqtt.MqttError, OSError) as group:
                 await self._lost(group.exceptions[0])
 
@@ -141,7 +142,25 @@ class MqttTransport:
         self.draining = True
         log.info("mqtt: draining: handing %d sessions over", len(self._sources))
         if self.client is not None:
-            asyncio.get_running_loop().create_task(self._say(Status(DRAINING, self.settings.capacity)))
+            asyncio.get_running_loop().create_task(self._say(Status(DRAINING, self.settings.capacity, time.time())))
+
+    def _online(self) -> Status:
+        return Status(ONLINE, self.settings.capacity, time.time())
+
+    async def _heartbeat(self) -> None:
+        """Repeat the status (so others can tell this daemon from a stale retained one) and drop
+        the daemons that stopped repeating theirs."""
+        interval = self.settings.status_interval_s
+        if interval <= 0:
+            return
+        while True:
+            await asyncio.sleep(interval)
+            if not self.draining:
+                await self.client.publish(self.status_topic, self._online().encode(), qos=1, retain=True)
+            gone = self.live.expire(time.time(), keep=self.identifier)
+            if gone:
+                log.warning("mqtt: no status from %s for %.0f s; taking their sessions", ", ".join(gone), self.live.max_age)
+                self._rebalance()
 
     async def _say(self, status: Status) -> None:
         with contextlib.suppress(Exception):
@@ -230,13 +249,16 @@ class MqttTransport:
         if daemon == self.identifier and status.state != ONLINE and not self.draining:
             # our own will, left over from a previous connection or published by the broker
             # while it thought us gone: we are here, say so again
-            asyncio.get_running_loop().create_task(self._say(Status(ONLINE, self.settings.capacity)))
+            asyncio.get_running_loop().create_task(self._say(self._online()))
             return
-        if not self.live.update(daemon, status):
-            return
+        if self.live.update(daemon, status, time.time()):
+            log.info("mqtt: daemon %s is %s; %d live", daemon, status.state, len(self.live))
+            self._rebalance()
+
+    def _rebalance(self) -> None:
+        """The live set changed: end the sessions that now belong to another daemon."""
         self.engine.metrics.inc("ownership_changes")
         self.engine.metrics.gauge("daemons", len(self.live))
-        log.info("mqtt: daemon %s is %s; %d live", daemon, status.state, len(self.live))
         for name, source in list(self._sources.items()):
             new_owner = self.live.owner(name)
             if new_owner != self.identifier:

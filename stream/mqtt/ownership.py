@@ -50,15 +50,21 @@ def owner(session: str, daemons: Mapping[str, float]) -> str | None:
 
 @dataclass(frozen=True)
 class Status:
-    """A daemon's retained status: ``online`` with a capacity, ``draining`` or ``offline``."""
+    """A daemon's retained status: ``online`` with a capacity, ``draining`` or ``offline``;
+    ``at`` is when it was published (Unix time), so a status left behind by a daemon that died
+    while the broker was down (no will is sent for it) is recognised as stale."""
 
     state: str
     capacity: float = 1.0
+    at: float | None = None
 
     def encode(self) -> bytes:
         if self.state == OFFLINE:
             return OFFLINE.encode()  # also what the will says: plain, so any client can read it
-        return json.dumps({"state": self.state, "capacity": self.capacity}).encode()
+        doc = {"state": self.state, "capacity": self.capacity}
+        if self.at is not None:
+            doc["at"] = round(self.at, 3)
+        return json.dumps(doc).encode()
 
     @classmethod
     def decode(cls, payload: bytes) -> Status | None:
@@ -71,27 +77,56 @@ class Status:
             doc = json.loads(payload)
             state = doc["state"]
             capacity = float(doc.get("capacity", 1.0))
+            at = None if doc.get("at") is None else float(doc["at"])
         except (ValueError, TypeError, KeyError, AttributeError):
             return None
         if state not in (ONLINE, DRAINING, OFFLINE) or not (0.0 < capacity < 1e6) or not math.isfinite(capacity):
             return None
-        return cls(state, capacity)
+        if at is not None and not math.isfinite(at):
+            return None
+        return cls(state, capacity, at)
 
 
 class LiveSet:
-    """The daemons that take sessions now, from their statuses as they arrive."""
+    """The daemons that take sessions now, from their statuses as they arrive.
 
-    def __init__(self) -> None:
+    With ``max_age`` (seconds), a daemon whose latest status was published longer ago than that
+    is not live: daemons repeat their status every ``mqtt.status_interval_s`` and everyone drops
+    one that stopped (3 intervals), which is how a status left retained by a daemon that died
+    while the broker was down goes away. Every party applies the same rule to the same messages,
+    so they agree but for the clocks' skew.
+    """
+
+    def __init__(self, max_age: float = 0.0) -> None:
         self.daemons: dict[str, float] = {}
+        self.max_age = max_age
+        self._at: dict[str, float] = {}
 
-    def update(self, daemon: str, status: Status) -> bool:
-        """Apply a daemon's status; True if the live set changed."""
+    def update(self, daemon: str, status: Status, now: float | None = None) -> bool:
+        """Apply a daemon's status (``now``: Unix time); True if the live set changed."""
         if status.state == ONLINE:
+            if self.max_age > 0 and now is not None:
+                at = status.at if status.at is not None else now
+                if now - at > self.max_age:  # a status left behind, not a daemon
+                    self._at.pop(daemon, None)
+                    return self.daemons.pop(daemon, None) is not None
+                self._at[daemon] = at
             if self.daemons.get(daemon) == status.capacity:
                 return False
             self.daemons[daemon] = status.capacity
             return True
+        self._at.pop(daemon, None)
         return self.daemons.pop(daemon, None) is not None
+
+    def expire(self, now: float, keep: str | None = None) -> list[str]:
+        """Drop the daemons not heard from for ``max_age`` (never ``keep``, oneself); their ids."""
+        if self.max_age <= 0:
+            return []
+        gone = [d for d, at in self._at.items() if d != keep and now - at > self.max_age]
+        for d in gone:
+            del self._at[d]
+            self.daemons.pop(d, None)
+        return gone
 
     def owner(self, session: str) -> str | None:
         return owner(session, self.daemons)

@@ -153,10 +153,10 @@ class Synth:
 
 
 @contextlib.asynccontextmanager
-async def bridges(broker, sessions):
+async def bridges(broker, sessions, **mqtt):
     from cadenza.stream.mqtt.bridge import Bridge
 
-    settings = load_settings(overrides={"mqtt": {"host": broker.host, "port": broker.port, "keepalive_s": 1}})
+    settings = load_settings(overrides={"mqtt": {"host": broker.host, "port": broker.port, "keepalive_s": 1, **mqtt}})
     out = {s: (Bridge(settings, s), Synth()) for s in sessions}
     tasks = [asyncio.create_task(b.run(synth)) for b, synth in out.values()]
     assert await wait_for(lambda: all(b.owner is not None for b, _ in out.values())), "bridges did not learn their owners"
@@ -338,3 +338,42 @@ def test_malformed_and_oversized_payloads_on_every_topic_are_dropped_and_nothing
 
     with daemons(broker, tmp_path, "d1") as ds:
         asyncio.run(main(ds))
+
+
+def test_a_status_left_behind_by_a_dead_daemon_does_not_keep_its_sessions_unanswered(broker, tmp_path):
+    """A daemon that died while the broker was down gets no will: its retained "online" stays.
+    An old one is stale at once; a fresh one that is never repeated expires after 3 intervals."""
+    import aiomqtt as mq
+
+    from cadenza.stream.mqtt.ownership import Status
+
+    async def plant(ident: str, at: float) -> None:
+        async with mq.Client(broker.host, broker.port) as c:
+            await c.publish(f"cadenza/_daemon/{ident}/status", Status("online", 1.0, at).encode(), qos=1, retain=True)
+
+    old_ghost = [s for s in SESSIONS if owner(s, {"d1": 1.0, "old": 1.0}) == "old"]
+    new_ghost = [s for s in SESSIONS if owner(s, {"d1": 1.0, "new": 1.0}) == "new"]
+    assert old_ghost and new_ghost
+    asyncio.run(plant("old", time.time() - 3600))
+    env = {**DAEMON_ENV, "CADENZA_MQTT__STATUS_INTERVAL_S": "0.5"}
+
+    async def main():
+        async with Peer(broker) as peer:
+            for s in old_ghost:  # the hour-old status is no daemon: d1 answers at once
+                await peer.play(s, note_on(0, 60, 80), note_off(0, 60))
+            assert await wait_for(lambda: all(peer.note_ons(s, 60) for s in old_ghost), 3.0)
+            await plant("new", time.time())  # a fresh status nobody repeats
+            async with bridges(broker, new_ghost[:1], status_interval_s=0.5) as bs:
+                bridge, synth = bs[new_ghost[0]]
+                assert await wait_for(lambda: bridge.owner == "new", 1.0), bridge.owner  # the fresh status counts
+                assert await wait_for(lambda: bridge.owner == "d1", 3.0), "the bridge still follows the silent daemon"
+                await asyncio.sleep(0.5)  # d1 drops it on its own timer (every 0.5 s here)
+                bridge.played(note_on(0, 62, 80))
+                assert await wait_for(lambda: any(m[:2] == b"\x90\x3e" for m in synth.got), 3.0), "d1 did not take it over"
+
+    procs = [DaemonProcess(broker.host, broker.port, "d1", env=env, log=tmp_path / "d1.log").start()]
+    try:
+        wait_online(broker.host, broker.port, procs)
+        asyncio.run(main())
+    finally:
+        procs[0].stop()
