@@ -30,6 +30,8 @@ import time
 from collections import Counter, defaultdict, deque
 from pathlib import Path
 
+from cadenza.buffers.ledger import NoteLedger
+
 
 class _Synth:
     """A bridge's output: every message with its arrival time."""
@@ -41,19 +43,12 @@ class _Synth:
         self.got.append((time.monotonic(), bytes(data)))
 
 
-def _sounding(messages) -> dict:
-    held: Counter = Counter()
+def _stuck(messages) -> int:
+    """Notes a message stream leaves sounding, by the engine's own ledger."""
+    ledger = NoteLedger()
     for m in messages:
-        if len(m) == 3 and m[0] & 0xF0 == 0x90 and m[2] > 0:
-            held[(m[0] & 0x0F, m[1])] += 1
-        elif len(m) == 3 and m[0] & 0xF0 in (0x80, 0x90):
-            key = (m[0] & 0x0F, m[1])
-            if held[key] > 0:
-                held[key] -= 1
-        elif len(m) == 3 and m[0] & 0xF0 == 0xB0 and m[1] in (120, 123):
-            for key in [k for k in held if k[0] == m[0] & 0x0F]:
-                held[key] = 0
-    return {k: v for k, v in held.items() if v}
+        ledger.track(m)
+    return ledger.sounding
 
 
 async def _stats_listener(host: str, port: int, into: dict) -> None:
@@ -127,7 +122,7 @@ async def _run(args, host: str, port: int, daemons: list) -> dict:
                     answered.add((s, pitch, played))
                 else:
                     answered_twice += 1  # no note-on left for it: a second answer
-    stuck = sum(sum(_sounding([m for _, m in synth.got]).values()) for _, synth in bridges.values())
+    stuck = sum(_stuck(m for _, m in synth.got) for _, synth in bridges.values())
     result = {
         "daemons": len(daemons),
         "sessions": args.sessions,

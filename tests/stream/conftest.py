@@ -201,3 +201,52 @@ def colorize_service(jack_server, request):
     velocity = {"deadline_ms": 20.0, "worker": worker, "keep_warm_ms": 0.0 if worker == "thread" else 1.0}
     with running_service("colorize", velocity=velocity, engine={"stats_interval_s": 0, "busy_poll": request.param == "busy"}) as parts:
         yield parts
+
+
+class MqttPeer:
+    """The performers' side over a real broker: publishes to SESSION/in, collects every
+    SESSION/out message (and whatever else ``topics`` names: subclasses collect more)."""
+
+    topics: tuple[str, ...] = ("cadenza/+/out",)
+
+    def __init__(self, broker) -> None:
+        import aiomqtt
+
+        self.client = aiomqtt.Client(broker.host, broker.port)
+        self.got: dict[str, list[bytes]] = {}
+        self._task = None
+
+    async def __aenter__(self) -> MqttPeer:
+        await self.client.__aenter__()
+        await self.client.subscribe([(t, 0) for t in self.topics])
+        self._task = asyncio.create_task(self._collect())
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        import aiomqtt
+
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
+            await self._task
+        await self.client.__aexit__(None, None, None)
+
+    async def _collect(self) -> None:
+        from cadenza.messages import split_messages
+
+        async for m in self.client.messages:
+            session = m.topic.value.split("/")[1]
+            self.got.setdefault(session, []).extend(split_messages(bytes(m.payload)))
+
+    async def play(self, session: str, *msgs: bytes) -> None:
+        await self.client.publish(f"cadenza/{session}/in", b"".join(msgs))
+
+    def out(self, session: str) -> list[bytes]:
+        return list(self.got.get(session, []))
+
+    async def wait_for(self, pred, timeout: float = 10.0) -> bool:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if pred():
+                return True
+            await asyncio.sleep(0.02)
+        return False

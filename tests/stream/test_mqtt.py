@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-import time
 
 import pytest
 
@@ -18,6 +17,7 @@ from cadenza.harness.mosquitto import MosquittoBroker, free_port
 from cadenza.messages import control, note_off, note_on, pitch_bend
 
 from .conftest import Listener, Player, sounding
+from .conftest import MqttPeer as Peer
 
 aiomqtt = pytest.importorskip("aiomqtt")
 pytestmark = pytest.mark.mosquitto
@@ -65,48 +65,6 @@ async def running_daemon(settings, mode: str = "colorize"):
         if not task.done():
             box["engine"].stop()
         box["snapshot"] = await asyncio.wait_for(task, 20)
-
-
-class Peer:
-    """The performers' side: publishes to SESSION/in, collects every SESSION/out message."""
-
-    def __init__(self, broker) -> None:
-        self.client = aiomqtt.Client(broker.host, broker.port)
-        self.got: dict[str, list[bytes]] = {}
-        self._task = None
-
-    async def __aenter__(self) -> Peer:
-        await self.client.__aenter__()
-        await self.client.subscribe("cadenza/+/out")
-        self._task = asyncio.create_task(self._collect())
-        return self
-
-    async def __aexit__(self, *exc) -> None:
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
-            await self._task
-        await self.client.__aexit__(None, None, None)
-
-    async def _collect(self) -> None:
-        from cadenza.messages import split_messages
-
-        async for m in self.client.messages:
-            session = m.topic.value.split("/")[1]
-            self.got.setdefault(session, []).extend(split_messages(bytes(m.payload)))
-
-    async def play(self, session: str, *msgs: bytes) -> None:
-        await self.client.publish(f"cadenza/{session}/in", b"".join(msgs))
-
-    def out(self, session: str) -> list[bytes]:
-        return list(self.got.get(session, []))
-
-    async def wait_for(self, pred, timeout: float = 10.0) -> bool:
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            if pred():
-                return True
-            await asyncio.sleep(0.02)
-        return False
 
 
 def note_ons(msgs):

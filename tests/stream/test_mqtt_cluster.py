@@ -20,7 +20,7 @@ from cadenza.harness.mosquitto import MosquittoBroker
 from cadenza.messages import note_off, note_on
 from cadenza.stream.mqtt.ownership import owner
 
-from .conftest import sounding
+from .conftest import MqttPeer, sounding
 
 aiomqtt = pytest.importorskip("aiomqtt")
 pytestmark = pytest.mark.mosquitto
@@ -48,25 +48,15 @@ def daemons(broker, tmp_path, *idents, mode="colorize"):
             p.stop()
 
 
-class Peer:
-    """Plays sessions and collects every ``out`` payload and every daemon's stats."""
+class Peer(MqttPeer):
+    """Plays sessions and collects every ``out`` message with its arrival time, and every daemon's stats."""
+
+    topics = ("cadenza/+/out", "cadenza/_daemon/+/stats")
 
     def __init__(self, broker) -> None:
-        self.client = aiomqtt.Client(broker.host, broker.port)
+        super().__init__(broker)
         self.got: dict[str, list[tuple[float, bytes]]] = {}
         self.stats: dict[str, dict] = {}
-
-    async def __aenter__(self) -> Peer:
-        await self.client.__aenter__()
-        await self.client.subscribe([("cadenza/+/out", 0), ("cadenza/_daemon/+/stats", 0)])
-        self._task = asyncio.create_task(self._collect())
-        return self
-
-    async def __aexit__(self, *exc) -> None:
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
-            await self._task
-        await self.client.__aexit__(None, None, None)
 
     async def _collect(self) -> None:
         from cadenza.messages import split_messages
@@ -79,9 +69,6 @@ class Peer:
                 continue
             now = time.monotonic()
             self.got.setdefault(parts[1], []).extend((now, d) for d in split_messages(bytes(m.payload)))
-
-    async def play(self, session: str, *msgs: bytes) -> None:
-        await self.client.publish(f"cadenza/{session}/in", b"".join(msgs))
 
     def note_ons(self, session: str, pitch: int | None = None) -> list[float]:
         return [t for t, m in self.got.get(session, []) if m[0] & 0xF0 == 0x90 and m[2] > 0 and (pitch is None or m[1] == pitch)]
