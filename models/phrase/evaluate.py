@@ -43,9 +43,13 @@ def _pick(ts: TokenSplit, limit: int | None) -> list[int]:
 
 
 @torch.inference_mode()
-def model_log_probs(model, piece: np.ndarray, style: int = 0) -> np.ndarray:
-    """ln p(token_i | previous tokens of the piece, up to the context length), i = 1..n-1."""
-    T = model.config.block_size
+def model_log_probs(model, piece: np.ndarray, style: int = 0, window: int | None = None) -> np.ndarray:
+    """ln p(token_i | previous tokens of the piece, up to the context length), i = 1..n-1.
+
+    ``window``: tokens per forward pass (default the model's context length); consecutive windows
+    share ``OVERLAP`` tokens (at most half a window, so a short one still moves on)."""
+    T = window or model.config.block_size
+    overlap = min(OVERLAP, T // 2)
     n = len(piece)
     out = np.empty(n - 1)
     begin, scored = 0, 1
@@ -59,7 +63,7 @@ def model_log_probs(model, piece: np.ndarray, style: int = 0) -> np.ndarray:
         scored = end
         if end == n:
             return out
-        begin = end - OVERLAP
+        begin = end - overlap
 
 
 # ---- generation statistics --------------------------------------------------------------------
@@ -223,11 +227,22 @@ def evaluate(
         piece = ts.piece(i)
         m_nll -= model_log_probs(model, piece).sum()
         if rnn is not None:  # the same windows as the transformer's, from a zero state each
-            r_nll -= model_log_probs(rnn, piece).sum()
+            r_nll -= model_log_probs(rnn, piece, window=model.config.block_size).sum()
         n_nll -= ng.log_probs(piece).sum()
         count += len(piece) - 1
         secs += float(ts.seconds[i])
-    study = generation_stats(model, ng, ts, prompts=prompts, seconds=seconds, seed=seed, sampling=sampling, answer=answer, progress=True)
+    extra = []
+    if rnn is not None:  # the baseline answers by the same rules, one candidate (best-of-N batches a transformer cache)
+        from dataclasses import replace
+
+        from cadenza.models.phrase.calls import Named, live_generator
+        from cadenza.models.phrase.live import LivePhrase
+
+        plain = replace(answer, best_of=1) if answer is not None else None
+        extra.append(Named("lstm", live_generator(LivePhrase(rnn, answer=plain), sampling)))
+    study = generation_stats(
+        model, ng, ts, prompts=prompts, seconds=seconds, seed=seed, sampling=sampling, answer=answer, extra=extra, progress=True
+    )
     gen = study.overlap
     if report is not None:
         from cadenza.models.phrase.report import phrase_report

@@ -92,9 +92,10 @@ class PhraseLSTM(nn.Module):
         self.wse = nn.Embedding(cfg.n_styles, cfg.n_embd) if cfg.n_styles else None
         self.lstm = nn.LSTM(cfg.n_embd, cfg.n_embd, cfg.n_layer, batch_first=True, dropout=cfg.dropout if cfg.n_layer > 1 else 0.0)
         self.drop = nn.Dropout(cfg.dropout)
-        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
-        nn.init.normal_(self.wte.weight, mean=0.0, std=0.02)
-        self.lm_head.weight = self.wte.weight  # tied, as in the transformer
+        # Its own softmax layer, and the embedding at nn.Embedding's unit scale, as Performance RNN
+        # (one-hot events in, a softmax layer out): an LSTM has no normalisation between its input
+        # and its gates, so the transformer's recipe (tied, std 0.02) does not carry over.
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size)
         if self.wse is not None:
             nn.init.zeros_(self.wse.weight)
 

@@ -3,6 +3,7 @@ resumable training, and the LSTM baseline, each through the live path."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -124,7 +125,6 @@ def test_rope_weights_round_trip(tmp_path):
 
 
 def _tiny_data(pop: bool = False):
-    import numpy as np
 
     from cadenza.models.phrase.data import TokenSplit
     from cadenza.models.phrase.train import Data
@@ -235,6 +235,25 @@ def test_lstm_state_rewinds_one_token_steps():
         again = model(x[:, 22:23], state)
         want = model(x[:, :23])[:, -1:]
     torch.testing.assert_close(again, want, atol=1e-5, rtol=1e-4)
+
+
+def test_scoring_windows_move_on_for_a_short_context():
+    """A model trained on windows no longer than the scoring overlap (the LSTM, 128 tokens) is
+    scored in windows that still advance: every token once, the first window's from a zero state."""
+    from cadenza.models.phrase.evaluate import OVERLAP, model_log_probs
+
+    model = _lstm(3)  # block_size 32 < OVERLAP
+    assert model.config.block_size < OVERLAP
+    piece = np.random.default_rng(0).integers(0, tk.VOCAB_SIZE, 100)
+    lp = model_log_probs(model, piece)
+    assert lp.shape == (99,) and np.all(lp < 0)
+    with torch.no_grad():
+        first = torch.log_softmax(model(torch.from_numpy(piece[:32])[None]), -1)[0, :-1]
+    np.testing.assert_allclose(lp[:31], first.gather(1, torch.from_numpy(piece[1:32])[:, None])[:, 0].numpy(), rtol=1e-4)
+    wide = model_log_probs(model, piece, window=512)  # the transformer's windows: one pass here
+    with torch.no_grad():
+        full = torch.log_softmax(model(torch.from_numpy(piece)[None]), -1)[0, :-1]
+    np.testing.assert_allclose(wide, full.gather(1, torch.from_numpy(piece[1:])[:, None])[:, 0].numpy(), rtol=1e-4)
 
 
 @pytest.mark.parametrize("which", ["lstm", "rope"])
