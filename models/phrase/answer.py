@@ -45,6 +45,10 @@ if TYPE_CHECKING:
     from cadenza.models.phrase.static import StaticDecoder
 
 PIANO = range(21, 109)  # NOTE_ONs outside the piano are never generated
+# Tokens an answer may take without its clock moving. Velocity changes, pedal and note-on/off of
+# different keys need no time, so a model can cycle through them forever (the LSTM baseline did,
+# and the answer never ended); a ten-finger chord with a velocity token per note is about 20.
+MAX_STILL_TOKENS = 32
 NEG = -float("inf")
 
 
@@ -134,6 +138,7 @@ class AnswerRow:
         self.max_hold, self.max_voices = max_hold, max_voices
         self.held: dict[int, int] = {}  # key -> tick struck
         self.pedal = False  # this answer holds the pedal down
+        self.still = 0  # tokens taken since the clock last moved
         self.base = torch.zeros(tk.VOCAB_SIZE)
         self.base[tk.BOS] = NEG
         self.on = torch.full((128,), NEG)
@@ -172,6 +177,9 @@ class AnswerRow:
         if self.held:  # time may not jump past the next forced release
             room = min(self.held.values()) + self.max_hold - st.tick
             m[tk.SHIFT0 + room : tk.VEL0] = NEG
+        if self.still >= MAX_STILL_TOKENS:  # the clock must move on: a time shift, or releasing its own keys
+            m[: tk.NOTE_OFF0] = NEG
+            m[tk.VEL0 :] = NEG
         return m
 
     def crosses(self, tok: int, end_tick: int) -> bool:
@@ -179,7 +187,9 @@ class AnswerRow:
         return tk.SHIFT0 <= tok < tk.VEL0 and self.st.tick + tok - tk.SHIFT0 + 1 > end_tick
 
     def take(self, tok: int) -> tk.Event | None:
+        tick = self.st.tick
         ev = self.st.apply(tok)
+        self.still = 0 if self.st.tick != tick else self.still + 1
         if ev is not None:
             if ev.kind == tk.ON:
                 self.mine.add(ev.pitch)

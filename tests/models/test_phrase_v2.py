@@ -295,3 +295,24 @@ def test_graphed_rope_decoder_slides_like_the_eager_one_on_cuda():
     assert dec.graphed, dec.fallback_reason
     parts = [dec.prefill(x[0, :10].tolist())] + [dec.step([int(x[0, i])]).clone() for i in range(10, 200)]
     torch.testing.assert_close(torch.cat(parts), full[9:], atol=1e-3, rtol=1e-3)
+
+
+def test_an_answer_ends_even_when_the_model_never_moves_the_clock():
+    """A model that only ever wants velocity changes (they take no time) once kept an answer going
+    forever; after MAX_STILL_TOKENS tokens at one tick the answer must move its clock."""
+    from cadenza.models.phrase.answer import MAX_STILL_TOKENS
+
+    model = _lstm(4)
+    with torch.no_grad():
+        model.lm_head.bias[tk.VEL0 : tk.SUSTAIN_ON] += 50.0  # velocity tokens win every draw they may
+    live = LivePhrase(model)
+    for i, p in enumerate((60, 64, 67)):
+        live.feed(0.3 * i, note_on(0, p, 80))
+        live.feed(0.3 * i + 0.2, note_off(0, p))
+    out = list(live.respond(start_t=1.0, seconds=2.0, seed=0))  # returns (it used to loop)
+    assert not any(m[0] & 0xF0 == 0x90 for _, m in out)  # nothing but velocities and shifts was drawn
+    runs, n = [], 0
+    for t in live.hist:
+        n = 0 if tk.SHIFT0 <= t < tk.VEL0 else n + 1
+        runs.append(n)
+    assert max(runs) <= MAX_STILL_TOKENS + 8  # the prompt's own runs are short; the answer's are capped
