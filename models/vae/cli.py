@@ -77,6 +77,9 @@ def register(groups) -> None:
     p.add_argument("--max-steps", type=int, default=0, help="stop at this total step (default: budget only)")
     p.add_argument("--batch", type=int, default=None, help="default 64 (2-bar), 32 (16-bar)")
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument(
+        "--lr-decay", type=float, default=0.9998, help="learning rate = lr * decay ** step, floor 1e-5 (default 0.9998, per step)"
+    )
     p.add_argument("--epoch-size", type=int, default=None, help="training windows per epoch (default 8192 2-bar, 2048 16-bar)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: the machine is shared)")
@@ -129,6 +132,7 @@ def _train(args, settings) -> int:
         max_steps=args.max_steps,
         batch=args.batch or (32 if big else 64),
         lr=args.lr,
+        lr_decay=args.lr_decay,
         epoch_size=args.epoch_size or (2048 if big else 8192),
         seed=args.seed,
         threads=args.threads,

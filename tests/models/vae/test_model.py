@@ -13,7 +13,24 @@ from cadenza.models.vae.model import PRESETS, MusicVAE, kl_loss, kl_terms, sampl
 
 
 def _small(name):
-    return replace(PRESETS[name], z_dim=16, enc_hidden=32, dec_hidden=32, cond_hidden=32, cond_dim=16, emb=8)
+    bar = 12 if PRESETS[name].enc_bar_hidden else 0
+    return replace(PRESETS[name], z_dim=16, enc_hidden=32, enc_bar_hidden=bar, dec_hidden=32, cond_hidden=32, cond_dim=16, emb=8)
+
+
+@pytest.mark.parametrize("name", ["mel_16bar", "mel_16bar_flat"])
+def test_two_level_encoder_reads_each_bar_on_its_own(name):
+    torch.manual_seed(0)
+    m = MusicVAE(_small(name)).eval()
+    x = torch.randint(0, m.cfg.vocab, (2, 256))
+    y = x.clone()
+    y[:, 16 * 5 + 7] = (y[:, 16 * 5 + 7] + 1) % m.cfg.vocab  # one event of bar 6
+    bars_x, bars_y = m.encoder.read(x), m.encoder.read(y)
+    assert bars_x.shape == (2, 16, 24)  # one vector per bar, both directions
+    changed = (bars_x - bars_y).abs().amax(-1) > 1e-6
+    assert changed[:, 5].all() and not changed[:, :5].any() and not changed[:, 6:].any()
+    mu_x, _ = m.encode(x)
+    mu_y, sigma = m.encode(y)
+    assert mu_x.shape == sigma.shape == (2, 16) and not torch.allclose(mu_x, mu_y)
 
 
 def test_hierarchical_shapes_and_bar_reset():
