@@ -203,6 +203,17 @@ def colorize_service(jack_server, request):
         yield parts
 
 
+async def wait_for(pred, timeout: float = 10.0) -> bool:
+    """Until ``pred()`` holds (True) or ``timeout`` seconds pass (False), looking every 20 ms and
+    once more at the deadline."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return True
+        await asyncio.sleep(0.02)
+    return bool(pred())
+
+
 class MqttPeer:
     """The performers' side over a real broker: publishes to SESSION/in, collects every
     SESSION/out message (and whatever else ``topics`` names: subclasses collect more)."""
@@ -244,9 +255,4 @@ class MqttPeer:
         return list(self.got.get(session, []))
 
     async def wait_for(self, pred, timeout: float = 10.0) -> bool:
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            if pred():
-                return True
-            await asyncio.sleep(0.02)
-        return False
+        return await wait_for(pred, timeout)

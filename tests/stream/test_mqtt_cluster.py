@@ -20,7 +20,7 @@ from cadenza.harness.mosquitto import MosquittoBroker
 from cadenza.messages import note_off, note_on
 from cadenza.stream.mqtt.ownership import owner
 
-from .conftest import MqttPeer, sounding
+from .conftest import MqttPeer, sounding, wait_for
 
 aiomqtt = pytest.importorskip("aiomqtt")
 pytestmark = pytest.mark.mosquitto
@@ -78,15 +78,6 @@ class Peer(MqttPeer):
         self.stats.clear()
         assert await wait_for(lambda: all(i in self.stats for i in idents), timeout), f"no stats from {set(idents) - set(self.stats)}"
         return {i: self.stats[i]["sessions"] for i in idents}
-
-
-async def wait_for(pred, timeout: float = 10.0) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():
-            return True
-        await asyncio.sleep(0.02)
-    return False
 
 
 async def play_round(peer: Peer, pitch: int) -> None:

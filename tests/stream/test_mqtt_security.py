@@ -13,7 +13,6 @@ import contextlib
 import logging
 import secrets
 import ssl
-import time
 from pathlib import Path
 
 import pytest
@@ -24,6 +23,7 @@ from cadenza.harness.mosquitto import MosquittoBroker, make_certificates
 from cadenza.messages import note_off, note_on
 from cadenza.stream.mqtt.ownership import Status
 
+from .conftest import wait_for
 from .test_mqtt import note_ons, running_daemon
 
 aiomqtt = pytest.importorskip("aiomqtt")
@@ -103,15 +103,6 @@ async def bridge(settings, session: str):
     finally:
         b.stop()
         await asyncio.wait_for(task, 10)
-
-
-async def wait_for(pred, timeout: float = 10.0) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():
-            return True
-        await asyncio.sleep(0.02)
-    return pred()
 
 
 def test_each_performer_reaches_only_their_own_session(broker, pki, passwords, tmp_path, monkeypatch, caplog):
