@@ -332,6 +332,11 @@ class PhraseModel(nn.Module):
         save_weights(self, path, extra)
 
 
+def _tied_keys(model: nn.Module) -> set[str]:
+    """The output layer's key when it is the embedding (the transformer): stored once, as ``wte``."""
+    return {"lm_head.weight"} if model.lm_head.weight is model.wte.weight else set()
+
+
 def save_weights(model: nn.Module, path: str | Path, extra: dict | None = None) -> None:
     """Weights as safetensors plus ``<stem>.json`` (config + ``extra``), both atomically; a
     tied output layer is not stored twice."""
@@ -340,8 +345,7 @@ def save_weights(model: nn.Module, path: str | Path, extra: dict | None = None) 
     from cadenza.atomic import atomic_path
 
     path = Path(path)
-    tied = model.lm_head.weight is model.wte.weight
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k not in _tied_keys(model)}
     with atomic_path(path, suffix=".safetensors") as tmp:
         save_file(state, str(tmp), metadata={"format": "pt"})
     meta = {"config": asdict(model.config), **(extra or {})}
@@ -411,7 +415,7 @@ def load_phrase(path: str | Path | None = None, device: str = "cpu") -> PhraseNe
         missing, unexpected = model.load_state_dict(state, strict=False)
     except (SafetensorError, RuntimeError, OSError) as exc:
         raise ModelError(f"{path}: weights do not load ({str(exc).splitlines()[0]})") from None
-    if unexpected or set(missing) - ({"lm_head.weight"} if model.lm_head.weight is model.wte.weight else set()):
+    if unexpected or set(missing) - _tied_keys(model):
         raise ModelError(
             f"{path}: weights do not match {cfg_path.name} (missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})"
         )

@@ -4,9 +4,9 @@
   (sigma = softplus of a linear layer, as in Magenta). With ``enc_bar_hidden`` set (the 16-bar
   models) it reads in two levels: a bidirectional LSTM over each bar's 16 sixteenths (all bars as
   one batch) gives one vector per bar, and the bidirectional LSTM runs over those 16 vectors. The
-  paper's encoder is one BiLSTM over all 256 steps; on a CPU that is 256 sequential steps and two
-  thirds of a training step, and the two-level reader does the same job in 16 + 16 steps at a
-  third of the cost (``docs/vae.md``), so the 16-bar models get several times the training here.
+  paper's encoder is one BiLSTM over all 256 steps; on a CPU those 256 sequential steps are most of
+  a training step, and the two-level reader needs 16 + 16, so the 16-bar models get more training
+  in the same hours (measured in ``docs/vae.md``).
 * ``FlatDecoder`` (mel_2bar, mel_16bar_flat): z -> tanh(linear) = initial LSTM state; every input is
   [embedding of the previous event, z].
 * ``HierDecoder`` (mel_16bar): a conductor LSTM, its state initialised from z and its inputs zeros,
