@@ -129,6 +129,13 @@ def _refused(exc: BaseException, settings: MqttSettings, will_topic: str, logged
             f"or its ACL does not let this user set its will on {will_topic!r}"
         )
     reason = logged if isinstance(exc, TimeoutError) and logged else _reason(exc)
+    if settings.tls_ca_file is not None and "EOF occurred in violation of protocol" in reason:
+        # The broker hung up inside the TLS session before any MQTT: it checked our client
+        # certificate (TLS 1.3 does so after the handshake) and closed before its alert was read.
+        why = "does not trust the client certificate" if settings.tls_cert_file else "wants a client certificate"
+        return (
+            f"TLS with the MQTT broker at {where} failed ({reason}); the broker closed the session: it probably {why} (mqtt.tls_cert_file)"
+        )
     if "CERTIFICATE_VERIFY_FAILED" in reason:
         why = reason.split("] ")[-1]
         return f"TLS: the certificate of the MQTT broker at {where} is not trusted ({why}); check mqtt.tls_ca_file and mqtt.host"

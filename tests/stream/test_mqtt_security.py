@@ -229,3 +229,19 @@ def test_daemon_shows_a_client_certificate_where_the_broker_requires_one(pki, pa
 
     with deploy_broker(tmp_path, pki, passwords, require_certificate=True) as broker:
         asyncio.run(main(broker))
+
+
+def test_a_broker_hanging_up_inside_tls_is_read_as_a_certificate_refusal(pki):
+    """Under TLS 1.3 the broker checks the client certificate after the handshake; when it closes
+    the socket before its alert is read, paho sees only an EOF. That is still a certificate
+    problem, and the line says which (a race the live test above hits now and then)."""
+    from cadenza.config.settings import MqttSettings
+    from cadenza.stream.mqtt.client import _refused
+
+    eof = OSError("failed to receive on socket: EOF occurred in violation of protocol (_ssl.c:2427)")
+    for cert, why in ((None, "wants a client certificate"), (pki[1].client_cert, "does not trust the client certificate")):
+        settings = MqttSettings(port=8883, tls_ca_file=pki[0].ca, tls_cert_file=cert)
+        message = _refused(eof, settings, "cadenza/_daemon/x/status", None)
+        assert why in message and "mqtt.tls_cert_file" in message and "start one" not in message, message
+    # without TLS an EOF is just a broker that went away
+    assert "start one" in _refused(eof, MqttSettings(), "t", None)
