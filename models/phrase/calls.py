@@ -16,6 +16,7 @@ The real *previous* ``seconds`` are scored against the real next ones as the ref
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
@@ -147,7 +148,8 @@ def study(
     seed: int,
     progress: bool = True,
 ) -> StudyResult:
-    """Overlap with the real next ``seconds`` and relatedness to the prompt, per generator."""
+    """Overlap with the real next ``seconds`` and relatedness to the prompt, per generator. The
+    prompts depend only on ``seed``; each generator samples with a seed of its own per prompt."""
     from tqdm import tqdm
 
     from cadenza.models.phrase.evaluate import STATS, overlap, segment_stats
@@ -171,8 +173,8 @@ def study(
         ref = segment_stats(real.onset, real.offset, real.pitch, real.velocity, t0, seconds)
         prev_arrays = (real.onset, real.offset, real.pitch.astype(np.float64), real.velocity.astype(np.float64))
         _, call = _window(prev_arrays, t0 - seconds, seconds)
-        for g in gens:
-            notes = g.generate(p, rng)
+        for g in gens:  # each its own seed: adding a generator changes neither the prompts nor the others' answers
+            notes = g.generate(p, np.random.default_rng([seed, done, zlib.crc32(g.name.encode())]))
             s = segment_stats(*notes, t0, seconds)
             for name in STATS:
                 ov[g.name][name].append(overlap(s[name], ref[name]))
