@@ -301,6 +301,12 @@ class PhraseModel(nn.Module):
         ``style``: an index into :data:`STYLES` (or one per row); default 0. A cached context
         must keep one style (its keys and values carry it)."""
         B, T = idx.shape
+        if cache is not None and cache.sliding and cache.max_len < T:
+            # A long prefill through a ring cache goes in chunks of the ring's length: the same
+            # logits (each query sees at most that far back), but memory and time linear in T
+            # instead of quadratic (a whole piece fed at once had a T x T mask and scores).
+            parts = [self(idx[:, i : i + cache.max_len], cache, last_only=last_only, style=style) for i in range(0, T, cache.max_len)]
+            return parts[-1] if last_only else torch.cat(parts, 1)
         p0 = cache.pos if cache is not None else 0
         if self.wpe is not None:  # learned positions end at block_size; rotary ones slide (module doc)
             limit = cache.max_len if cache is not None else self.config.block_size
