@@ -111,9 +111,11 @@ class PhraseSettings(_Section):
         "stop", description="when the player plays during a response: stop it, or duck its velocities"
     )
     duck_factor: float = Field(0.4, ge=0, le=1)
-    temperature: float = Field(0.9, gt=0, le=3)
-    top_k: int = Field(0, ge=0, description="0 = off")
-    top_p: float = Field(0.95, gt=0, le=1)
+    temperature: float = Field(
+        0.9, gt=0, le=3, description="sampling temperature of which key the answer strikes (its rhythm is sampled as the model gives it)"
+    )
+    top_k: int = Field(0, ge=0, description="sample among the k likeliest keys only; 0 = off")
+    top_p: float = Field(0.95, gt=0, le=1, description="nucleus over the keys to strike (its rhythm is sampled as the model gives it)")
     seed: int | None = Field(None, description="fixed sampling seed (default: random)")
     style: Literal["classical", "pop"] = Field("classical", description="style of the answers: classical (MAESTRO) or pop (POP909)")
     weights: Path | None = Field(None, description="phrase model weights; default: the shipped ones")

@@ -220,19 +220,41 @@ class Found:
     choice: Choice
 
 
-def sample_rows(logits: torch.Tensor, *, temperature: float, top_k: int, top_p: float, generator: torch.Generator) -> list[int]:
-    """One token per row of (k, V) logits, as ``live.sample`` does for one row, in one call per
-    step (per-row Python calls are what a small model's candidate step costs on a CPU)."""
-    logits = logits / temperature
-    if top_k and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, NEG)
+KEYS = slice(tk.NOTE_ON0, tk.NOTE_OFF0)  # the NOTE_ON tokens: which key is struck
+
+
+def sampling_probs(logits: torch.Tensor, *, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """(k, V) probabilities to sample the next token from, one row per (k, V) logits row.
+
+    Temperature, top-k and the nucleus (top-p) shape only *which key* a NOTE_ON strikes; the
+    model's odds of striking a key at all, of releasing one, of how far time moves, of a velocity
+    or the pedal are sampled as the model gives them. Shaping the whole vocabulary instead skews
+    the rhythm: the mass of a time shift is spread over a hundred tokens and that of releasing a
+    key sits on one, so a temperature or nucleus below 1 cuts the long shifts first and the answer
+    comes out dense and staccato (notes a third as long as the pianist's on MAESTRO validation,
+    docs/evaluation.md). With temperature 1, top_k 0 and top_p 1 this is plain sampling."""
     probs = torch.softmax(logits, dim=-1)
+    if temperature == 1.0 and not top_k and top_p >= 1.0:
+        return probs
+    keys = logits[:, KEYS] / temperature
+    if top_k and top_k < keys.shape[-1]:
+        kth = torch.topk(keys, top_k, dim=-1).values[:, -1:]
+        keys = keys.masked_fill(keys < kth, NEG)
+    q = torch.softmax(keys, dim=-1).nan_to_num(0.0)  # a row with every key masked: no mass to share
     if top_p < 1.0:
-        sp, si = torch.sort(probs, dim=-1, descending=True)
-        drop = torch.cumsum(sp, dim=-1) - sp > top_p  # keep the smallest set whose mass reaches top_p
-        sp = sp.masked_fill(drop, 0.0)
-        return si.gather(1, torch.multinomial(sp, 1, generator=generator))[:, 0].tolist()
+        sq, si = torch.sort(q, dim=-1, descending=True)
+        drop = torch.cumsum(sq, dim=-1) - sq > top_p  # keep the smallest set whose mass reaches top_p
+        q = q.scatter(1, si, sq.masked_fill(drop, 0.0))
+        q = q / q.sum(-1, keepdim=True).clamp_min(1e-30)
+    out = probs.clone()
+    out[:, KEYS] = q * probs[:, KEYS].sum(-1, keepdim=True)
+    return out
+
+
+def sample_rows(logits: torch.Tensor, *, temperature: float, top_k: int, top_p: float, generator: torch.Generator) -> list[int]:
+    """One token per row of (k, V) logits (:func:`sampling_probs`), in one call per step
+    (per-row Python calls are what a small model's candidate step costs on a CPU)."""
+    probs = sampling_probs(logits, temperature=temperature, top_k=top_k, top_p=top_p)
     return torch.multinomial(probs, 1, generator=generator)[:, 0].tolist()
 
 

@@ -27,7 +27,7 @@ import torch
 
 from cadenza.messages import control, note_off, note_on
 from cadenza.models.phrase import tokens as tk
-from cadenza.models.phrase.answer import PIANO, AnswerOptions, AnswerRow, Choice, Found, call_notes, commit, note_bias, search  # noqa: F401  (PIANO re-exported)
+from cadenza.models.phrase.answer import PIANO, AnswerOptions, AnswerRow, Choice, Found, call_notes, commit, note_bias, sample_rows, search  # noqa: F401  (PIANO re-exported)
 from cadenza.models.phrase.lstm import PhraseLSTM
 from cadenza.models.phrase.model import PhraseModel, load_phrase  # noqa: F401  (load_phrase re-exported for the engine)
 from cadenza.models.phrase.relatedness import Notes
@@ -429,16 +429,6 @@ class _Bank:
 
 
 def sample(logits: torch.Tensor, *, temperature: float, top_k: int, top_p: float, generator: torch.Generator) -> int:
-    """One token from (V,) logits with temperature, top-k (0 = off) and nucleus top-p."""
-    logits = logits / temperature
-    if top_k and top_k < logits.numel():
-        kth = torch.topk(logits, top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, -float("inf"))
-    probs = torch.softmax(logits, dim=-1)
-    if top_p < 1.0:
-        sp, si = torch.sort(probs, descending=True)
-        cum = torch.cumsum(sp, dim=0)
-        drop = cum - sp > top_p  # keep the smallest set whose mass reaches top_p
-        sp = sp.masked_fill(drop, 0.0)
-        return int(si[torch.multinomial(sp, 1, generator=generator)].item())
-    return int(torch.multinomial(probs, 1, generator=generator).item())
+    """One token from (V,) logits (:func:`~cadenza.models.phrase.answer.sampling_probs`: the
+    temperature, top-k and nucleus shape which key is struck, not the rhythm)."""
+    return sample_rows(logits[None], temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)[0]

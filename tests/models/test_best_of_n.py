@@ -146,3 +146,26 @@ def test_paced_answers_compare_only_what_time_allows(shipped):
     assert live.choices == [] and _pitches(paced)
     offline, _ = _answer(shipped, opts, seed=1, seconds=3.0)
     assert offline.choices and all(len(c.tokens[c.chosen]) <= 24 for c in offline.choices)
+
+
+def test_temperature_and_nucleus_shape_the_keys_not_the_rhythm():
+    """The sampler sharpens which key is struck and leaves the odds of every other kind of token
+    (release, time shift, velocity, pedal) and of striking at all as the model gives them."""
+    from cadenza.models.phrase.answer import KEYS, sampling_probs
+
+    torch.manual_seed(0)
+    logits = torch.randn(3, tk.VOCAB_SIZE) * 2
+    logits[2, KEYS] = -float("inf")  # a row whose grammar allows no key
+    model = torch.softmax(logits, -1)
+    torch.testing.assert_close(sampling_probs(logits, temperature=1.0, top_k=0, top_p=1.0), model)
+    p = sampling_probs(logits, temperature=0.5, top_k=0, top_p=0.8)
+    assert not p.isnan().any()
+    torch.testing.assert_close(p.sum(-1), torch.ones(3))
+    rest = torch.ones(tk.VOCAB_SIZE, dtype=torch.bool)
+    rest[KEYS] = False
+    torch.testing.assert_close(p[:, rest], model[:, rest])  # releases, shifts, velocities, pedal untouched
+    torch.testing.assert_close(p[:, KEYS].sum(-1), model[:, KEYS].sum(-1))  # striking a key: as likely as before
+    on, on_model = p[0, KEYS], model[0, KEYS]
+    assert (on > 0).sum() < (on_model > 0).sum()  # the nucleus dropped the unlikely keys
+    assert on.max() / on.sum() > on_model.max() / on_model.sum()  # and the temperature sharpened the rest
+    assert sampling_probs(logits, temperature=1.0, top_k=5, top_p=1.0)[0, KEYS].gt(0).sum() == 5
