@@ -112,7 +112,7 @@ class PhraseSettings(_Section):
     )
     duck_factor: float = Field(0.4, ge=0, le=1)
     temperature: float = Field(
-        0.9, gt=0, le=3, description="sampling temperature of which key the answer strikes (its rhythm is sampled as the model gives it)"
+        0.7, gt=0, le=3, description="sampling temperature of which key the answer strikes (its rhythm is sampled as the model gives it)"
     )
     top_k: int = Field(0, ge=0, description="sample among the k likeliest keys only; 0 = off")
     top_p: float = Field(0.95, gt=0, le=1, description="nucleus over the keys to strike (its rhythm is sampled as the model gives it)")

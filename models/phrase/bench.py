@@ -83,6 +83,14 @@ def _sync(dev) -> None:
         torch.cuda.synchronize()
 
 
+def _sampling() -> dict:
+    """The configured default sampling (``[phrase]``), as the live stage answers."""
+    from cadenza.config.settings import PhraseSettings
+
+    d = PhraseSettings()
+    return {"temperature": d.temperature, "top_k": d.top_k, "top_p": d.top_p}
+
+
 def model_ttfn(model, *, calls: int, seed: int = 0, answer=None) -> np.ndarray:
     """Milliseconds from the end of a phrase to the first note-on yielded, for ``calls`` calls
     (``answer``: best-of-N options, as configured for the live stage)."""
@@ -97,7 +105,7 @@ def model_ttfn(model, *, calls: int, seed: int = 0, answer=None) -> np.ndarray:
             live.feed(t + 0.15, note_off(0, p))
             t += 0.2
         t0 = time.perf_counter()
-        resp = live.respond(start_t=t + 0.6, seconds=4.0, temperature=0.9, top_k=0, top_p=0.95, seed=c)
+        resp = live.respond(start_t=t + 0.6, seconds=4.0, **_sampling(), seed=c)
         for _, m in resp:
             if m[0] & 0xF0 == 0x90:
                 break
@@ -122,7 +130,7 @@ def answer_lateness(model, *, answer, calls: int = 10, seconds: float = 6.0) -> 
             live.feed(t + 0.1, note_off(0, p))
             t += 0.125
         first = None
-        for tm, m in live.respond(start_t=t + 0.3, seconds=seconds, temperature=0.9, top_k=0, top_p=0.95, seed=c):
+        for tm, m in live.respond(start_t=t + 0.3, seconds=seconds, **_sampling(), seed=c):
             now = time.perf_counter()
             if first is None and m[0] & 0xF0 == 0x90:
                 first = (now, tm)

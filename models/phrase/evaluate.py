@@ -261,7 +261,7 @@ def evaluate(
         "generation_overlap": gen,
         "call_relatedness": study.relatedness,
         "best_of": answer.best_of if answer is not None else 1,
-        "sampling": {"temperature": sampling.temperature, "top_k": sampling.top_k, "top_p": sampling.top_p},
+        "sampling": {"temperature": sampling.temperature, "top_k": sampling.top_k, "top_p": sampling.top_p, "shapes": "keys struck"},
         "elapsed_s": round(time.monotonic() - t_start, 1),
     }
 
