@@ -193,3 +193,25 @@ class MosquittoBroker:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def flood(host: str, port: int, seconds: float, per_s: int, names: list[str], seed: int = 11) -> None:
+    """A broken or hostile client: ``per_s`` payloads of random bytes a second for ``seconds`` to
+    the input topics of a few session names, paced. Blocks; run it in a process of its own
+    (``multiprocessing`` with the spawn context: it lives in an installed module, so the child
+    can import it however the parent was started)."""
+    import asyncio
+    import random
+
+    import aiomqtt
+
+    async def main() -> None:
+        rng = random.Random(seed)
+        async with aiomqtt.Client(host, port) as c:
+            t0 = time.monotonic()
+            for k in range(int(seconds * per_s)):
+                await asyncio.sleep(max(0.0, t0 + k / per_s - time.monotonic()))
+                payload = bytes(rng.randrange(256) for _ in range(rng.randrange(50, 400)))
+                await c.publish(f"cadenza/{names[k % len(names)]}/in", payload)
+
+    asyncio.run(main())

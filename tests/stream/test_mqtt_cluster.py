@@ -17,6 +17,7 @@ import pytest
 from cadenza.config.settings import load_settings
 from cadenza.harness.daemons import DaemonProcess, wait_online
 from cadenza.harness.mosquitto import MosquittoBroker
+from cadenza.harness.mosquitto import flood as mosquitto_flood
 from cadenza.messages import note_off, note_on
 from cadenza.stream.mqtt.ownership import owner
 
@@ -195,22 +196,6 @@ def test_sigterm_drains_a_daemon_its_notes_released_and_its_sessions_served_by_t
         asyncio.run(main(ds))
 
 
-def _flood(host: str, port: int, seconds: float, per_s: int, names: list[str]) -> None:
-    """A broken or hostile client: random bytes to a few session names (its own process)."""
-    import random
-
-    async def main():
-        rng = random.Random(11)
-        async with aiomqtt.Client(host, port) as c:
-            t0 = time.monotonic()
-            for k in range(int(seconds * per_s)):
-                await asyncio.sleep(max(0.0, t0 + k / per_s - time.monotonic()))
-                payload = bytes(rng.randrange(256) for _ in range(rng.randrange(50, 400)))
-                await c.publish(f"cadenza/{names[k % len(names)]}/in", payload)
-
-    asyncio.run(main())
-
-
 def test_a_flooding_session_loses_its_own_excess_while_the_others_keep_their_time(broker, tmp_path):
     import multiprocessing
 
@@ -244,7 +229,9 @@ def test_a_flooding_session_loses_its_own_excess_while_the_others_keep_their_tim
             return quiet, loud, time.monotonic() - t, peer.stats["d1"]
 
     names = ["m0", "m1", "m2"]
-    flood = multiprocessing.get_context("spawn").Process(target=_flood, args=(broker.host, broker.port, 3.0, 1000, names), daemon=True)
+    flood = multiprocessing.get_context("spawn").Process(
+        target=mosquitto_flood, args=(broker.host, broker.port, 3.0, 1000, names), daemon=True
+    )
     with daemons(broker, tmp_path, "d1"):
         quiet, loud, _, stats = asyncio.run(main(flood))
     q99, l99 = float(np.percentile(quiet, 99)), float(np.percentile(loud, 99))
