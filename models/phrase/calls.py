@@ -70,6 +70,11 @@ class StudyResult:
 
 
 def make_prompt(real: Performance, t0: float, seconds: float) -> Prompt:
+    """The performance before ``t0``, ending as a call does on stage: every key up. A phrase ends
+    live only once no key is down (``[phrase]`` silence, or a bar line with no key down), and an
+    answer may release only its own keys, so keys the pianist still held at ``t0`` (the prompt is
+    cut at an onset) are released there; the pedal stays as it was."""
+    from cadenza.messages import note_off
     from cadenza.models.phrase.files import performance_messages
 
     msgs = [(t, m) for t, m in performance_messages(real) if t < t0 - 1e-6]
@@ -78,6 +83,9 @@ def make_prompt(real: Performance, t0: float, seconds: float) -> Prompt:
     for t, m in msgs:
         ev = tk.message_event(m)
         hist += st.feed(t, *ev) if ev else []
+    for k in sorted(st.sounding):
+        msgs.append((t0, note_off(0, k)))
+        hist += st.feed(t0, tk.OFF, k)
     hist += st.advance_to(st.tick_of(t0))
     return Prompt(real, t0, seconds, msgs, hist, st)
 
