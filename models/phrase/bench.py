@@ -83,17 +83,10 @@ def _sync(dev) -> None:
         torch.cuda.synchronize()
 
 
-def _sampling() -> dict:
-    """The configured default sampling (``[phrase]``), as the live stage answers."""
-    from cadenza.config.settings import PhraseSettings
-
-    d = PhraseSettings()
-    return {"temperature": d.temperature, "top_k": d.top_k, "top_p": d.top_p}
-
-
-def model_ttfn(model, *, calls: int, seed: int = 0, answer=None) -> np.ndarray:
+def model_ttfn(model, *, calls: int, sampling: dict, seed: int = 0, answer=None) -> np.ndarray:
     """Milliseconds from the end of a phrase to the first note-on yielded, for ``calls`` calls
-    (``answer``: best-of-N options, as configured for the live stage)."""
+    (``sampling``: temperature, top_k, top_p; ``answer``: best-of-N options; both as configured
+    for the live stage)."""
     live = LivePhrase(model, answer=answer)
     rng = np.random.default_rng(seed)
     out = []
@@ -105,7 +98,7 @@ def model_ttfn(model, *, calls: int, seed: int = 0, answer=None) -> np.ndarray:
             live.feed(t + 0.15, note_off(0, p))
             t += 0.2
         t0 = time.perf_counter()
-        resp = live.respond(start_t=t + 0.6, seconds=4.0, **_sampling(), seed=c)
+        resp = live.respond(start_t=t + 0.6, seconds=4.0, **sampling, seed=c)
         for _, m in resp:
             if m[0] & 0xF0 == 0x90:
                 break
@@ -115,7 +108,7 @@ def model_ttfn(model, *, calls: int, seed: int = 0, answer=None) -> np.ndarray:
     return np.asarray(out)
 
 
-def answer_lateness(model, *, answer, calls: int = 10, seconds: float = 6.0) -> dict:
+def answer_lateness(model, *, answer, sampling: dict, calls: int = 10, seconds: float = 6.0) -> dict:
     """Best-of-N live (paced): how late answer events come out of ``respond`` against their place
     in the music, counted from the first note's wall time, consumed as fast as it yields (as the
     worker does); and how many best-of-N horizons an answer gets."""
@@ -130,7 +123,7 @@ def answer_lateness(model, *, answer, calls: int = 10, seconds: float = 6.0) -> 
             live.feed(t + 0.1, note_off(0, p))
             t += 0.125
         first = None
-        for tm, m in live.respond(start_t=t + 0.3, seconds=seconds, **_sampling(), seed=c):
+        for tm, m in live.respond(start_t=t + 0.3, seconds=seconds, **sampling, seed=c):
             now = time.perf_counter()
             if first is None and m[0] & 0xF0 == 0x90:
                 first = (now, tm)
@@ -168,10 +161,13 @@ def run_bench(
     _naive(model, p, 4, torch.Generator().manual_seed(0))
     cached_s, slides, _ = _cached(model, p, tokens, torch.Generator().manual_seed(1))
     naive_s, _ = _naive(model, p, tokens, torch.Generator().manual_seed(1))
+    from cadenza.config.settings import PhraseSettings
     from cadenza.models.phrase.answer import options_from
 
     answer = options_from(settings.phrase) if settings is not None else None
-    lat = model_ttfn(model, calls=calls, answer=answer)
+    ps = settings.phrase if settings is not None else PhraseSettings()  # answers sample as configured
+    sampling = {"temperature": ps.temperature, "top_k": ps.top_k, "top_p": ps.top_p}
+    lat = model_ttfn(model, calls=calls, sampling=sampling, answer=answer)
     result = {
         "device": dev,
         "threads": torch.get_num_threads(),
@@ -192,7 +188,7 @@ def run_bench(
         "first_lookahead_tokens": answer.first_tokens if answer else None,
     }
     if answer is not None and answer.best_of > 1:
-        result.update(answer_lateness(model, answer=answer, calls=min(calls, 10)))
+        result.update(answer_lateness(model, answer=answer, sampling=sampling, calls=min(calls, 10)))
     if ttfn is not None:
         result.update(ttfn(model, settings, calls=calls))
     return result
