@@ -76,7 +76,7 @@ def train(root: Path, opt: TrainOptions, progress: bool = True) -> dict:
     import torch
     from tqdm import tqdm
 
-    from .model import PRESETS, MusicVAE, beta_at, n_params, sampling_prob
+    from .model import PRESETS, MusicVAE, VAEConfig, beta_at, n_params, sampling_prob
 
     torch.set_num_threads(opt.threads)
     cfg = replace(PRESETS[opt.model], **opt.overrides)
@@ -95,16 +95,21 @@ def train(root: Path, opt: TrainOptions, progress: bool = True) -> dict:
     saved = None
     if opt.resume and ck.is_file():
         saved = torch.load(ck, weights_only=True)
+        # a checkpoint written before a config field existed has that field's default
+        old_cfg = VAEConfig(**saved["config"]).to_dict()
         arch = lambda d: {k: v for k, v in d.items() if k not in LOSS_ONLY}  # noqa: E731
-        if arch(saved["config"]) == arch(cfg.to_dict()):
-            if saved["config"] != cfg.to_dict():
-                print(f"resuming with changed loss settings: {cfg.to_dict()}", file=sys.stderr)
-            model.load_state_dict(saved["model"])
-            optim.load_state_dict(saved["optim"])
-            state = saved["state"]
-            print(f"resuming {opt.model} at step {state['step']} (epoch {state['epoch']})", file=sys.stderr)
-        else:
-            print(f"checkpoint {ck} has another config; starting afresh", file=sys.stderr)
+        if arch(old_cfg) != arch(cfg.to_dict()):
+            changed = sorted(k for k in arch(cfg.to_dict()) if arch(old_cfg).get(k) != cfg.to_dict()[k])
+            raise SystemExit(
+                f"error: checkpoint {ck} is of another architecture ({', '.join(changed)} differ); "
+                "pass --fresh to start over, or -o to train elsewhere"
+            )
+        if old_cfg != cfg.to_dict():
+            print(f"resuming with changed loss settings: {cfg.to_dict()}", file=sys.stderr)
+        model.load_state_dict(saved["model"])
+        optim.load_state_dict(saved["optim"])
+        state = saved["state"]
+        print(f"resuming {opt.model} at step {state['step']} (epoch {state['epoch']})", file=sys.stderr)
     rng = np.random.default_rng(opt.seed + 7919 * state["epoch"])
     gen = torch.Generator().manual_seed(opt.seed + state["step"])
     start_step = state["step"]
