@@ -159,6 +159,12 @@ class PhraseSettings(_Section):
     register_margin: float = Field(
         5.0, ge=0, le=48, description="semitones beyond the call's lowest/highest note before the register guard bites"
     )
+    pace_guard: float = Field(
+        0.0,
+        ge=0,
+        le=20,
+        description="soft guard: NOTE_ON logit bias per e-fold the answer runs ahead of (or behind) the call's notes per second; 0 = off",
+    )
 
 
 class VarySettings(_Section):

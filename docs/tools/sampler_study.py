@@ -4,7 +4,7 @@
     python docs/tools/sampler_study.py WEIGHTS PROMPTS SETTING...
 
 A SETTING is comma-separated key=value: t (temperature, 0.9), p (top-p, 0.95), k (top-k, 0),
-n (best-of-N, 1), kg / rg (key / register guard, 0), la (lookahead seconds, 1), and w_<name>
+n (best-of-N, 1), kg / rg / pg (key / register / pace guard, 0), la (lookahead seconds, 1), and w_<name>
 for a best-of-N fit weight (w_loglik, w_pc, w_register, w_density, w_ioi, ...). Prints one line
 per setting and one for the real continuation: overlap with the real next 10 s, mean note length,
 notes per second, call-relatedness. MAESTRO validation, seed 0: every setting answers the same
@@ -44,6 +44,7 @@ def generator(model, spec: str) -> Named:
         weights=FitWeights(**{k[2:]: float(v) for k, v in kw.items() if k.startswith("w_")}),
         key_guard=float(kw.get("kg", 0)),
         register_guard=float(kw.get("rg", 0)),
+        pace_guard=float(kw.get("pg", 0)),
         lookahead_s=float(kw.get("la", 1.0)),
     )
     return Named(spec, live_generator(LivePhrase(model, answer=opts), sampling))

@@ -4,7 +4,7 @@
 holds, whether it pressed the pedal, and the grammar rules of ``LivePhrase.respond`` as an
 additive logit mask (only its own keys may be released, no key struck twice, a key held too
 long is released, at most ``max_voices`` keys down, the performer's pedal is never lifted),
-plus the optional key/register guards as soft NOTE_ON biases. The single answer of
+plus the optional key/register/pace guards as soft NOTE_ON biases. The single answer of
 ``respond`` and each of the N candidates of :func:`search` are AnswerRows, so both sample by
 exactly the same rules.
 
@@ -64,11 +64,12 @@ class AnswerOptions:
     key_guard: float = 0.0
     register_guard: float = 0.0
     register_margin: float = 5.0
+    pace_guard: float = 0.0
     call_s: float = 10.0
 
     @property
     def guarded(self) -> bool:
-        return self.key_guard > 0 or self.register_guard > 0
+        return self.key_guard > 0 or self.register_guard > 0 or self.pace_guard > 0
 
 
 def options_from(ps: PhraseSettings) -> AnswerOptions:
@@ -91,6 +92,7 @@ def options_from(ps: PhraseSettings) -> AnswerOptions:
         key_guard=ps.key_guard,
         register_guard=ps.register_guard,
         register_margin=ps.register_margin,
+        pace_guard=ps.pace_guard,
     )
 
 
@@ -121,24 +123,58 @@ def _notes(toks: list[int], tick0: int, seconds: float, quantum: float, *, tail:
 
 
 def note_bias(call: Notes, opts: AnswerOptions) -> torch.Tensor | None:
-    """The guards as one (128,) NOTE_ON bias; None when both are off (no change at all)."""
-    if not opts.guarded:
+    """The key and register guards as one (128,) NOTE_ON bias; None when both are off (no change at all)."""
+    if opts.key_guard <= 0 and opts.register_guard <= 0:
         return None
     b = key_bias(call.pitch, opts.key_guard) + register_bias(call.pitch, opts.register_guard, opts.register_margin)
     return torch.from_numpy(b.astype(np.float32))
+
+
+@dataclass(frozen=True)
+class Pace:
+    """The pace guard: the call's onsets per tick and the guard's strength (``pace_guard``).
+
+    An answer that strikes faster than the call gets a bias of ``-strength * log(ratio)`` on striking
+    (NOTE_ON and VELOCITY tokens; one as much above zero when it is slower), ratio = (onsets struck + k) / (onsets the call
+    would have struck in the same time + k), with k the call's onsets in one second, so a chord at
+    the start counts for little and a second-long run for a lot; the log is clipped to +-2."""
+
+    per_tick: float
+    strength: float
+    prior: float  # k
+
+    @classmethod
+    def of(cls, call: Notes, strength: float, quantum: float) -> Pace | None:
+        if strength <= 0 or len(call) < 2:
+            return None
+        per_s = len(call) / call.seconds
+        return cls(per_s * quantum, strength, max(2.0, per_s))
+
+    def bias(self, struck: int, ticks: int) -> float:
+        ratio = (struck + self.prior) / (self.per_tick * ticks + self.prior)
+        return -self.strength * float(np.clip(np.log(ratio), -2.0, 2.0))
 
 
 class AnswerRow:
     """One answer being sampled (see the module doc)."""
 
     def __init__(
-        self, st: tk.TokenStream, *, mine: set[int], may_pedal: bool, max_hold: int, max_voices: int, bias: torch.Tensor | None = None
+        self,
+        st: tk.TokenStream,
+        *,
+        mine: set[int],
+        may_pedal: bool,
+        max_hold: int,
+        max_voices: int,
+        bias: torch.Tensor | None = None,
+        pace: Pace | None = None,
     ) -> None:
         self.st, self.mine, self.may_pedal = st, mine, may_pedal
         self.max_hold, self.max_voices = max_hold, max_voices
         self.held: dict[int, int] = {}  # key -> tick struck
         self.pedal = False  # this answer holds the pedal down
         self.still = 0  # tokens taken since the clock last moved
+        self.pace, self.tick0, self.struck, self.after_velocity = pace, st.tick, 0, False  # for the pace guard
         self.base = torch.zeros(tk.VOCAB_SIZE)
         self.base[tk.BOS] = NEG
         self.on = torch.full((128,), NEG)
@@ -163,6 +199,12 @@ class AnswerRow:
         st = self.st
         m = self.base.clone()
         m[tk.NOTE_ON0 : tk.NOTE_ON0 + 128] = self.on if len(self.mine) < self.max_voices else NEG
+        if self.pace is not None and not self.after_velocity:
+            # A strike is decided where a NOTE_ON or the VELOCITY token before it is chosen; once a
+            # velocity is written the NOTE_ON is all but certain, and a bias there would only pick the key.
+            b = self.pace.bias(self.struck, st.tick - self.tick0)
+            m[tk.NOTE_ON0 : tk.NOTE_ON0 + 128] += b
+            m[tk.VEL0 : tk.SUSTAIN_ON] += b
         for p in st.sounding:
             m[tk.NOTE_ON0 + p] = NEG
         m[tk.NOTE_OFF0 : tk.NOTE_OFF0 + 128] = NEG
@@ -190,16 +232,26 @@ class AnswerRow:
         tick = self.st.tick
         ev = self.st.apply(tok)
         self.still = 0 if self.st.tick != tick else self.still + 1
+        self.after_velocity = tk.VEL0 <= tok < tk.SUSTAIN_ON
         if ev is not None:
             if ev.kind == tk.ON:
                 self.mine.add(ev.pitch)
                 self.held[ev.pitch] = ev.tick
+                self.struck += 1
             elif ev.kind == tk.OFF:
                 self.mine.discard(ev.pitch)
                 self.held.pop(ev.pitch, None)
             else:
                 self.pedal = ev.value > 0
         return ev
+
+    def adopt(self, other: AnswerRow) -> None:
+        """Go on from where ``other`` (a copy of this row, sampled further) ended."""
+        self.st.__dict__.update(other.st.__dict__)
+        self.held, self.pedal, self.still = other.held, other.pedal, other.still
+        self.struck, self.after_velocity = other.struck, other.after_velocity
+        self.mine.clear()
+        self.mine.update(other.mine)
 
 
 @dataclass

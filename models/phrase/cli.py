@@ -126,12 +126,17 @@ def _answer_flags(p) -> None:
     p.add_argument(
         "--register-guard", type=float, help="logit penalty per octave beyond the call's range ([phrase] register_guard; 0 = off)"
     )
+    p.add_argument(
+        "--pace-guard",
+        type=float,
+        help="NOTE_ON bias that keeps the answer near the call's notes per second ([phrase] pace_guard; 0 = off)",
+    )
 
 
 def _answer_overrides(args) -> None:
     from cadenza.cli import add_override
 
-    for key in ("best_of", "key_guard", "register_guard"):
+    for key in ("best_of", "key_guard", "register_guard", "pace_guard"):
         add_override(args, "phrase", key, getattr(args, key, None))
 
 

@@ -27,7 +27,19 @@ import torch
 
 from cadenza.messages import control, note_off, note_on
 from cadenza.models.phrase import tokens as tk
-from cadenza.models.phrase.answer import PIANO, AnswerOptions, AnswerRow, Choice, Found, call_notes, commit, note_bias, sample_rows, search  # noqa: F401  (PIANO re-exported)
+from cadenza.models.phrase.answer import (  # noqa: F401  (PIANO re-exported)
+    PIANO,
+    AnswerOptions,
+    AnswerRow,
+    Choice,
+    Found,
+    Pace,
+    call_notes,
+    commit,
+    note_bias,
+    sample_rows,
+    search,
+)
 from cadenza.models.phrase.lstm import PhraseLSTM
 from cadenza.models.phrase.model import PhraseModel, load_phrase  # noqa: F401  (load_phrase re-exported for the engine)
 from cadenza.models.phrase.relatedness import Notes
@@ -298,6 +310,7 @@ class LivePhrase:
             max_hold=limits[0],
             max_voices=limits[1],
             bias=note_bias(call, opts) if call is not None else None,
+            pace=Pace.of(call, opts.pace_guard, st.quantum) if call is not None else None,
         )
         self.choices = []
 
@@ -348,10 +361,7 @@ class LivePhrase:
             )
             if not found.tokens:
                 break  # every candidate stops at once (the answer's end is next): sample the rest singly
-            row.st.__dict__.update(found.row.st.__dict__)  # the kept candidate's state becomes the answer's
-            row.held, row.pedal = found.row.held, found.row.pedal
-            row.mine.clear()
-            row.mine.update(found.row.mine)
+            row.adopt(found.row)  # the kept candidate's state becomes the answer's
             resp["pedal"] = row.pedal
             for ev in found.events:
                 if self._gen != me:

@@ -1,4 +1,4 @@
-"""Best-of-N answers and the key/register guards (models/phrase/answer.py, relatedness.py)."""
+"""Best-of-N answers and the key/register/pace guards (models/phrase/answer.py, relatedness.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from cadenza.messages import note_off, note_on
 from cadenza.midifile import MidiFile, write_performance
 from cadenza.models.phrase import tokens as tk
-from cadenza.models.phrase.answer import AnswerOptions
+from cadenza.models.phrase.answer import AnswerOptions, Pace
 from cadenza.models.phrase.live import LivePhrase
 from cadenza.models.phrase.model import load_phrase
 from cadenza.models.phrase.relatedness import MAJOR_SCALE, Notes, estimate_key, keys_down_at_onsets, relatedness
@@ -23,12 +23,12 @@ def shipped():
     return load_phrase()
 
 
-def _answer(model, answer: AnswerOptions | None, *, seed: int = 3, seconds: float = 4.0) -> tuple[LivePhrase, list]:
+def _answer(model, answer: AnswerOptions | None, *, seed: int = 3, seconds: float = 4.0, gap: float = 0.25) -> tuple[LivePhrase, list]:
     live = LivePhrase(model, answer=answer)
     for i, p in enumerate(CALL):
-        live.feed(0.25 * i, note_on(0, p, 80))
-        live.feed(0.25 * i + 0.2, note_off(0, p))
-    out = list(live.respond(start_t=3.5, seconds=seconds, temperature=1.0, top_p=0.95, seed=seed))
+        live.feed(gap * i, note_on(0, p, 80))
+        live.feed(gap * i + 0.8 * gap, note_off(0, p))
+    out = list(live.respond(start_t=gap * len(CALL) + 0.5, seconds=seconds, temperature=1.0, top_p=0.95, seed=seed))
     return live, out
 
 
@@ -169,3 +169,27 @@ def test_temperature_and_nucleus_shape_the_keys_not_the_rhythm():
     assert (on > 0).sum() < (on_model > 0).sum()  # the nucleus dropped the unlikely keys
     assert on.max() / on.sum() > on_model.max() / on_model.sum()  # and the temperature sharpened the rest
     assert sampling_probs(logits, temperature=1.0, top_k=5, top_p=1.0)[0, KEYS].gt(0).sum() == 5
+
+
+def test_pace_bias_holds_back_an_answer_ahead_of_the_call_and_urges_one_behind():
+    call = Notes(np.arange(10) * 0.5, np.full(10, 60), 5.0)  # 2 notes per second
+    pace = Pace.of(call, 3.0, tk.QUANTUM_S)
+    second = int(round(1 / tk.QUANTUM_S))
+    assert pace.bias(0, 0) == 0.0
+    assert pace.bias(2, second) == pytest.approx(0.0)  # on the call's pace
+    assert pace.bias(10, second) < pace.bias(4, second) < 0 < pace.bias(0, 3 * second)
+    assert pace.bias(10_000, second) == pytest.approx(-6.0)  # clipped: a soft guard, never a wall
+    assert Pace.of(call, 0.0, tk.QUANTUM_S) is None and Pace.of(Notes(np.zeros(1), np.full(1, 60), 1.0), 3.0, tk.QUANTUM_S) is None
+
+
+def test_pace_guard_brings_a_runaway_answer_back_to_the_calls_pace(shipped):
+    """Against a slow call (a note a second) the model left to itself often runs ahead; the guard
+    (which biases the VELOCITY token too: after one, the NOTE_ON is all but certain) holds it near."""
+
+    def rate(opts, seed):
+        return len(_pitches(_answer(shipped, opts, seed=seed, seconds=6.0, gap=1.0)[1])) / 6.0
+
+    free = np.mean([rate(None, s) for s in range(8)])
+    guarded = np.mean([rate(AnswerOptions(pace_guard=6.0), s) for s in range(8)])
+    assert free > 2.0  # the unguarded answers are much busier than the call
+    assert abs(np.log(guarded)) < 0.5 * abs(np.log(free))
