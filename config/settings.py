@@ -160,7 +160,7 @@ class PhraseSettings(_Section):
         5.0, ge=0, le=48, description="semitones beyond the call's lowest/highest note before the register guard bites"
     )
     pace_guard: float = Field(
-        0.0,
+        2.0,
         ge=0,
         le=20,
         description="soft guard: NOTE_ON logit bias per e-fold the answer runs ahead of (or behind) the call's notes per second; 0 = off",
