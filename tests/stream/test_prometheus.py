@@ -90,7 +90,7 @@ def test_a_scrape_parses_and_follows_the_live_metrics():
 def test_scrapes_while_the_engine_counts_stay_consistent():
     """The loop keeps counting (and adding names) while the server thread reads."""
     m = Metrics()
-    stop = threading.Event()
+    stop, counting = threading.Event(), threading.Event()
 
     def engine():
         i = 0
@@ -99,11 +99,13 @@ def test_scrapes_while_the_engine_counts_stay_consistent():
             m.inc(f"counter_{i % 500}")
             m.gauge(f"gauge_{i % 300}", i)
             i += 1
+            counting.set()
 
     worker = threading.Thread(target=engine)
     with prometheus_exporter(MetricsSettings(prometheus_port=0), m) as exporter:
         worker.start()
         try:
+            assert counting.wait(10)  # the histogram exists from the first observation on
             for _ in range(20):
                 buckets, count, _ = histogram(scrape(exporter.url)["cadenza_internal_seconds"])
                 counts = [c for _, c in buckets]
