@@ -96,16 +96,15 @@ def train(root: Path, opt: TrainOptions, progress: bool = True) -> dict:
     if opt.resume and ck.is_file():
         saved = torch.load(ck, weights_only=True)
         # a checkpoint written before a config field existed has that field's default
-        old_cfg = VAEConfig(**saved["config"]).to_dict()
-        arch = lambda d: {k: v for k, v in d.items() if k not in LOSS_ONLY}  # noqa: E731
-        if arch(old_cfg) != arch(cfg.to_dict()):
-            changed = sorted(k for k in arch(cfg.to_dict()) if arch(old_cfg).get(k) != cfg.to_dict()[k])
+        old_cfg, new_cfg = VAEConfig(**saved["config"]).to_dict(), cfg.to_dict()
+        changed = sorted(k for k in new_cfg if k not in LOSS_ONLY and old_cfg[k] != new_cfg[k])
+        if changed:
             raise SystemExit(
                 f"error: checkpoint {ck} is of another architecture ({', '.join(changed)} differ); "
                 "pass --fresh to start over, or -o to train elsewhere"
             )
-        if old_cfg != cfg.to_dict():
-            print(f"resuming with changed loss settings: {cfg.to_dict()}", file=sys.stderr)
+        if old_cfg != new_cfg:
+            print(f"resuming with changed loss settings: {new_cfg}", file=sys.stderr)
         model.load_state_dict(saved["model"])
         optim.load_state_dict(saved["optim"])
         state = saved["state"]
