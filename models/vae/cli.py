@@ -86,6 +86,13 @@ def register(groups) -> None:
     p.add_argument("--fresh", action="store_true", help="ignore the checkpoint under .cache/vae and start afresh")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="model config override, e.g. z_dim=256")
     p.add_argument("-o", "--out", type=Path, help="where to write the weights (default: the shipped ones)")
+    p.add_argument(
+        "--init-from",
+        type=Path,
+        metavar="CKPT",
+        help="start from another run's checkpoint (its weights and step; new optimizer and lr schedule), "
+        "e.g. to add the bar_skip paths to a trained 16-bar model with --set bar_skip=true",
+    )
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_train)
 
@@ -138,6 +145,7 @@ def _train(args, settings) -> int:
         threads=args.threads,
         resume=not args.fresh,
         out=args.out,
+        init_from=args.init_from,
         overrides=_parse_sets(args.set),
     )
     r = train(settings.data.pop909, opt, progress=not args.no_progress)

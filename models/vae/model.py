@@ -6,13 +6,19 @@
   one batch) gives one vector per bar, and the bidirectional LSTM runs over those 16 vectors. The
   paper's encoder is one BiLSTM over all 256 steps; on a CPU those 256 sequential steps are most of
   a training step, and the two-level reader needs 16 + 16, so the 16-bar models get more training
-  in the same hours (measured in ``docs/vae.md``).
+  in the same hours (measured in ``docs/vae.md``). With ``bar_skip`` the bar vectors also reach
+  mu and sigma through a linear layer: the BiLSTM's two final states remember the first and last
+  bars best, and the middle bars were reconstructed worst (per-bar accuracy in ``docs/vae.md``).
 * ``FlatDecoder`` (mel_2bar, mel_16bar_flat): z -> tanh(linear) = initial LSTM state; every input is
   [embedding of the previous event, z].
 * ``HierDecoder`` (mel_16bar): a conductor LSTM, its state initialised from z and its inputs zeros,
   emits one embedding c_u per bar; the bottom decoder generates bar u from c_u: its state is
   reset to tanh(linear(c_u)) at every bar, its first input is a start token and every input is
   [embedding of the previous event, c_u]. Bars are independent given c, so they run as one batch.
+  With ``bar_skip`` each c_u also gets a linear map of z of its own (bar u's row block), so what z
+  holds about a middle bar does not have to survive the conductor's recurrence to reach it.
+  The skip layers start at zero: added to a trained model they leave it unchanged and then learn
+  (``cadenza train vae --init-from``).
 * Scheduled sampling: with probability ``sample_p`` each step's input is the decoder's own
   sample instead of the true previous event (``sample_p`` follows an inverse-sigmoid schedule;
   below 1 % the step is plain teacher forcing, which runs as one fused LSTM call).
@@ -31,6 +37,7 @@ import torch.nn.functional as F
 
 from .data import NOTE_OFF, STEPS_PER_BAR, VOCAB
 
+SKIP_DIM = 32  # per-bar width of the encoder's bar_skip path
 START = VOCAB  # extra input token at step 0 (and at each bar start in the hierarchical decoder)
 
 
@@ -48,6 +55,7 @@ class VAEConfig:
     dec_layers: int = 2
     cond_hidden: int = 256
     cond_dim: int = 128  # bar embedding size (hierarchical)
+    bar_skip: bool = False  # 16-bar models: bar vectors -> mu/sigma and z -> each bar embedding, linear
     free_bits: float = 48.0  # nats, on the total KL
     max_beta: float = 0.2
     beta_rate: float = 0.999  # beta = max_beta * (1 - beta_rate ** step)
@@ -73,6 +81,7 @@ _MEL_16BAR = VAEConfig(
     dec_layers=1,
     cond_hidden=256,
     cond_dim=128,
+    bar_skip=True,  # added at step 22,238 of the shipped model's training (docs/vae.md)
     free_bits=256.0,  # nats for 16 bars, as Magenta's hierdec-mel_16bar
     sampling_rate=1000.0,  # own samples from ~5k steps on, after teacher forcing has taught the decoder melodies
 )
@@ -80,10 +89,20 @@ _MEL_16BAR = VAEConfig(
 PRESETS = {
     "mel_2bar": VAEConfig(),
     "mel_16bar": _MEL_16BAR,
-    # the flat baseline differs only in its decoder: the same bottom LSTM (192, one layer) over all
-    # 256 steps, no conductor; encoder, z and training recipe are the hierarchical model's
-    "mel_16bar_flat": replace(_MEL_16BAR, name="mel_16bar_flat", hierarchical=False),
+    # the flat baseline differs in its decoder: the same bottom LSTM (192, one layer) over all 256
+    # steps, no conductor; encoder, z and training recipe are the hierarchical model's, without the
+    # bar_skip paths (its shipped weights were trained before they existed)
+    "mel_16bar_flat": replace(_MEL_16BAR, name="mel_16bar_flat", hierarchical=False, bar_skip=False),
 }
+
+
+def zero_linear(n_in: int, n_out: int) -> nn.Linear:
+    """A linear layer that starts as the zero map (a path added to a trained model changes nothing
+    until training moves it; its input is non-zero, so its gradient is not)."""
+    lin = nn.Linear(n_in, n_out)
+    nn.init.zeros_(lin.weight)
+    nn.init.zeros_(lin.bias)
+    return lin
 
 
 def sampling_prob(step: int, k: float) -> float:
@@ -119,6 +138,14 @@ class Encoder(nn.Module):
         self.rnn = nn.LSTM(inp, cfg.enc_hidden, num_layers=cfg.enc_layers, batch_first=True, bidirectional=True)
         self.mu = nn.Linear(2 * cfg.enc_hidden, cfg.z_dim)
         self.sig = nn.Linear(2 * cfg.enc_hidden, cfg.z_dim)
+        self.skip = None
+        if cfg.bar_skip:
+            if not cfg.enc_bar_hidden:
+                raise ValueError("bar_skip needs the two-level encoder (enc_bar_hidden > 0)")
+            # each bar vector squeezed to SKIP_DIM first: 16 x 256 inputs straight to 2 z_dim outputs
+            # would be 2 M weights, more than the rest of the model
+            self.skip_bar = nn.Linear(2 * cfg.enc_bar_hidden, SKIP_DIM)
+            self.skip = zero_linear(cfg.n_bars * SKIP_DIM, 2 * cfg.z_dim)
 
     def read(self, x: torch.Tensor) -> torch.Tensor:
         """What the top BiLSTM reads: the events' embeddings (B, T, emb), or with the two-level
@@ -131,9 +158,14 @@ class Encoder(nn.Module):
         return torch.cat([hb[-2], hb[-1]], -1).reshape(B, T // STEPS_PER_BAR, -1)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        _, (h, _) = self.rnn(self.read(x))
+        bars = self.read(x)
+        _, (h, _) = self.rnn(bars)
         h = torch.cat([h[-2], h[-1]], dim=-1)  # last layer, forward and backward
-        return self.mu(h), F.softplus(self.sig(h)) + 1e-4
+        mu, sig = self.mu(h), self.sig(h)
+        if self.skip is not None:
+            dmu, dsig = self.skip(torch.tanh(self.skip_bar(bars)).flatten(1)).chunk(2, -1)
+            mu, sig = mu + dmu, sig + dsig
+        return mu, F.softplus(sig) + 1e-4
 
 
 class _StepLSTM(nn.Module):
@@ -244,14 +276,18 @@ class HierDecoder(nn.Module):
         self.c_init = nn.Linear(cfg.z_dim, 2 * cfg.cond_hidden)
         self.conductor = nn.LSTM(1, cfg.cond_hidden, batch_first=True)
         self.c_out = nn.Linear(cfg.cond_hidden, cfg.cond_dim)
+        self.skip = zero_linear(cfg.z_dim, cfg.n_bars * cfg.cond_dim) if cfg.bar_skip else None
         self.dec = _StepLSTM(cfg, cfg.cond_dim, cfg.dec_hidden, cfg.dec_layers)
 
     def bar_embeddings(self, z: torch.Tensor) -> torch.Tensor:
         """(B, n_bars, cond_dim): the conductor's output for every bar."""
-        B = z.shape[0]
+        B, U = z.shape[0], self.cfg.n_bars
         h, c = torch.tanh(self.c_init(z)).unsqueeze(0).chunk(2, -1)
-        y, _ = self.conductor(z.new_zeros(B, self.cfg.n_bars, 1), (h.contiguous(), c.contiguous()))
-        return torch.tanh(self.c_out(y))
+        y, _ = self.conductor(z.new_zeros(B, U, 1), (h.contiguous(), c.contiguous()))
+        pre = self.c_out(y)
+        if self.skip is not None:
+            pre = pre + self.skip(z).view(B, U, -1)
+        return torch.tanh(pre)
 
     def forward(self, z, target, sample_p=0.0):
         B, T = target.shape

@@ -5,6 +5,10 @@ validation pass on a fixed validation subset (teacher-forced and greedy accuracy
 best epoch by validation reconstruction NLL is written as the shipped weights (greedy accuracy
 would rank a decoder collapsed to "no event" high). A checkpoint with the optimizer state goes to ``.cache/vae/<name>.ckpt`` after every epoch,
 so an interrupted or budget-limited run continues where it stopped (``--resume``, the default).
+``--init-from CKPT`` starts a new run from another run's checkpoint: its weights (the same
+architecture, or that plus the ``bar_skip`` paths, which start at zero so the model is unchanged),
+its step count (the beta and sampling schedules go on), a fresh optimizer and the learning rate
+schedule counted from that step again.
 Each run's command, data, steps and validation curve are appended to the weights' JSON.
 """
 
@@ -38,10 +42,12 @@ class TrainOptions:
     threads: int = 1
     resume: bool = True
     out: Path | None = None
+    init_from: Path | None = None  # a checkpoint to start a new run from (see the module's doc)
     overrides: dict = field(default_factory=dict)  # VAEConfig fields
 
 
 LOSS_ONLY = ("free_bits", "max_beta", "beta_rate", "sampling_rate")  # may change when a run is resumed
+GROWABLE = ("bar_skip",)  # may be switched on by --init-from: the new paths start as the zero map
 
 
 def ckpt_path(name: str, out: Path | None = None) -> Path:
@@ -72,11 +78,27 @@ def validate(model, val_x, batch: int = 256) -> dict:
     return {"tf_acc": tf / (n * T), "greedy_acc": gr / (n * T), "nll": nll / n, "kl_bits": kl / n / math.log(2)}
 
 
+def _check_config(source, old: dict, cfg, growable: tuple) -> None:
+    """Refuse a checkpoint of another architecture (one line naming the fields); a checkpoint written
+    before a config field existed has that field's default."""
+    from .model import VAEConfig
+
+    old_cfg, new_cfg = VAEConfig(**old).to_dict(), cfg.to_dict()
+    changed = sorted(k for k in new_cfg if k not in LOSS_ONLY and old_cfg[k] != new_cfg[k] and not (k in growable and not old_cfg[k]))
+    if changed:
+        raise SystemExit(
+            f"error: checkpoint {source} is of another architecture ({', '.join(changed)} differ); "
+            "pass --fresh to start over, or -o to train elsewhere"
+        )
+    if old_cfg != new_cfg:
+        print(f"with changed settings: { {k: v for k, v in new_cfg.items() if old_cfg[k] != v} }", file=sys.stderr)
+
+
 def train(root: Path, opt: TrainOptions, progress: bool = True) -> dict:
     import torch
     from tqdm import tqdm
 
-    from .model import PRESETS, MusicVAE, VAEConfig, beta_at, n_params, sampling_prob
+    from .model import PRESETS, MusicVAE, beta_at, n_params, sampling_prob
 
     torch.set_num_threads(opt.threads)
     cfg = replace(PRESETS[opt.model], **opt.overrides)
@@ -87,28 +109,39 @@ def train(root: Path, opt: TrainOptions, progress: bool = True) -> dict:
     vidx = np.sort(vrng.choice(len(val_w), min(opt.val_size, len(val_w)), replace=False))
     val_x = torch.from_numpy(val_w.encode(vidx))
 
+    ck = ckpt_path(opt.model, opt.out)
+    src, saved = None, None
+    if opt.resume and ck.is_file():
+        if opt.init_from:
+            raise SystemExit(f"error: {ck} exists; drop --init-from to resume it, or pass --fresh to replace it")
+        src = ck
+    elif opt.init_from:
+        if not Path(opt.init_from).is_file():
+            raise SystemExit(f"error: --init-from {opt.init_from}: no such checkpoint")
+        src = Path(opt.init_from)
+    if src is not None:
+        saved = torch.load(src, weights_only=True)
+        # the loss settings go on as the checkpoint had them unless --set changes them
+        cfg = replace(cfg, **{k: saved["config"][k] for k in LOSS_ONLY if k in saved["config"] and k not in opt.overrides})
+        _check_config(src, saved["config"], cfg, growable=GROWABLE if src != ck else ())
+
     torch.manual_seed(opt.seed)
     model = MusicVAE(cfg)
     optim = torch.optim.Adam(model.parameters(), lr=opt.lr)
     state = {"step": 0, "epoch": 0, "history": [], "best": None, "rng": None, "seconds": 0.0}
-    ck = ckpt_path(opt.model, opt.out)
-    saved = None
-    if opt.resume and ck.is_file():
-        saved = torch.load(ck, weights_only=True)
-        # a checkpoint written before a config field existed has that field's default
-        old_cfg, new_cfg = VAEConfig(**saved["config"]).to_dict(), cfg.to_dict()
-        changed = sorted(k for k in new_cfg if k not in LOSS_ONLY and old_cfg[k] != new_cfg[k])
-        if changed:
-            raise SystemExit(
-                f"error: checkpoint {ck} is of another architecture ({', '.join(changed)} differ); "
-                "pass --fresh to start over, or -o to train elsewhere"
-            )
-        if old_cfg != new_cfg:
-            print(f"resuming with changed loss settings: {new_cfg}", file=sys.stderr)
+    if src == ck:
         model.load_state_dict(saved["model"])
         optim.load_state_dict(saved["optim"])
         state = saved["state"]
         print(f"resuming {opt.model} at step {state['step']} (epoch {state['epoch']})", file=sys.stderr)
+    elif src is not None:
+        missing, unexpected = model.load_state_dict(saved["model"], strict=False)
+        if unexpected or any(".skip" not in k for k in missing):
+            raise SystemExit(f"error: {src}: its tensors do not fit this model ({(unexpected or missing)[0]})")
+        old = saved["state"]
+        state.update(step=old["step"], epoch=old["epoch"], history=list(old["history"]), runs=list(old.get("runs", [])))
+        state["lr_origin"] = old["step"]
+        print(f"starting {opt.model} from {src} at step {state['step']} (new paths: {len(missing)} tensors)", file=sys.stderr)
     rng = np.random.default_rng(opt.seed + 7919 * state["epoch"])
     gen = torch.Generator().manual_seed(opt.seed + state["step"])
     start_step = state["step"]
@@ -148,7 +181,7 @@ def train(root: Path, opt: TrainOptions, progress: bool = True) -> dict:
             x = torch.from_numpy(train_w.encode(idx[j * opt.batch : (j + 1) * opt.batch], rng))
             sp, beta = sampling_prob(step, cfg.sampling_rate), beta_at(step, cfg)
             for g in optim.param_groups:
-                g["lr"] = max(opt.min_lr, opt.lr * opt.lr_decay**step)
+                g["lr"] = max(opt.min_lr, opt.lr * opt.lr_decay ** (step - state.get("lr_origin", 0)))
             o = model(x, sp, beta, generator=gen)
             optim.zero_grad()
             o["loss"].backward()

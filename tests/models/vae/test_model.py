@@ -52,6 +52,38 @@ def test_hierarchical_shapes_and_bar_reset():
     assert m.decode(z, 1.0).shape == (3, 256)
 
 
+def test_bar_skip_paths_start_at_zero_then_learn():
+    """Adding the bar_skip paths to a trained 16-bar model changes nothing until training moves
+    them, and training does move them (their gradient is not zero)."""
+    torch.manual_seed(0)
+    plain = MusicVAE(replace(_small("mel_16bar"), bar_skip=False))
+    grown = MusicVAE(replace(plain.cfg, bar_skip=True))
+    missing, unexpected = grown.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and missing and all(".skip" in k for k in missing)
+    x = torch.randint(0, plain.cfg.vocab, (3, 256))
+    plain.eval(), grown.eval()
+    for a, b in zip(plain.encode(x), grown.encode(x)):
+        assert torch.equal(a, b)
+    z = torch.randn(3, 16)
+    assert torch.equal(plain.decoder(z, x), grown.decoder(z, x))
+    grown.train()
+    grown(x, 0.0, 0.2)["loss"].backward()
+    assert grown.encoder.skip.weight.grad.abs().sum() > 0
+    assert grown.decoder.skip.weight.grad.abs().sum() > 0
+
+
+def test_bar_skip_reaches_every_bar_embedding_from_z():
+    torch.manual_seed(0)
+    m = MusicVAE(replace(_small("mel_16bar"), bar_skip=True)).eval()
+    with torch.no_grad():
+        m.decoder.skip.weight.normal_()
+    z = torch.randn(2, 16)
+    dz = z.clone()
+    dz[:, 3] += 1.0
+    moved = (m.decoder.bar_embeddings(z) - m.decoder.bar_embeddings(dz)).abs().amax(-1)
+    assert (moved > 1e-4).all()
+
+
 def test_flat_decoder_carries_state_across_bars():
     torch.manual_seed(0)
     m = MusicVAE(_small("mel_16bar_flat")).eval()

@@ -48,3 +48,33 @@ def test_another_architecture_is_refused_not_restarted_over_the_weights(pop909_r
     with pytest.raises(SystemExit, match="dec_hidden"):
         train(pop909_root, _opts(in_tmp, max_steps=4, overrides={**TINY, "dec_hidden": 24}), progress=False)
     assert (in_tmp / "w.safetensors").read_bytes() == before
+
+
+def test_init_from_adds_the_bar_skip_paths_keeps_the_step_and_restarts_the_lr(pop909_root, in_tmp):
+    from cadenza.models.vae.train import ckpt_path, train
+    from cadenza.models.vae.weights import read_meta
+
+    two_level = {**TINY, "enc_bar_hidden": 8, "free_bits": 16.0}
+    train(pop909_root, _opts(in_tmp, out=in_tmp / "a.safetensors", overrides=two_level), progress=False)
+    src = ckpt_path("mel_2bar", in_tmp / "a.safetensors")
+
+    grown = _opts(
+        in_tmp, max_steps=4, out=in_tmp / "b.safetensors", init_from=src, overrides={**TINY, "enc_bar_hidden": 8, "bar_skip": True}
+    )
+    train(pop909_root, grown, progress=False)
+    saved = torch.load(ckpt_path("mel_2bar", in_tmp / "b.safetensors"), weights_only=True)
+    assert saved["config"]["bar_skip"] and saved["config"]["free_bits"] == 16.0  # loss settings carried over
+    assert saved["state"]["step"] == 4 and saved["state"]["lr_origin"] == 2
+    assert saved["optim"]["param_groups"][0]["lr"] == pytest.approx(grown.lr * grown.lr_decay)  # counted from step 2
+    assert saved["model"]["encoder.skip.weight"].abs().sum() > 0  # it trained
+    assert [r["steps"] for r in read_meta(in_tmp / "b.safetensors")["runs"]] == [[0, 2], [2, 4]]
+
+    # another architecture is refused in one line, and so is --init-from over an existing checkpoint
+    with pytest.raises(SystemExit, match="dec_hidden"):
+        train(
+            pop909_root,
+            _opts(in_tmp, out=in_tmp / "c.safetensors", init_from=src, overrides={**two_level, "dec_hidden": 24}),
+            progress=False,
+        )
+    with pytest.raises(SystemExit, match="exists"):
+        train(pop909_root, grown, progress=False)

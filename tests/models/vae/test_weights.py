@@ -1,6 +1,6 @@
 """The shipped weights: format, size, held-out reconstruction, and attribute vectors.
 
-Threshold derivation (held-out reconstruction): `cadenza eval vae --model mel_2bar --split test`
+Threshold derivation (held-out reconstruction): `cadenza eval vae --model M --split test`
 gives the greedy accuracy G over 1000 test windows and the standard deviation s of the per-window
 greedy accuracy (both stored in the weights' JSON as eval_test.greedy_acc and
 eval_test.greedy_acc_window_sd). The mean over the n = 24 windows scored here (evenly spaced over
@@ -41,13 +41,14 @@ def test_weights_are_safetensors_with_config(name):
 
 
 @pytest.mark.slow
-def test_mel_2bar_reconstructs_held_out_melodies(pop909_root):
+@pytest.mark.parametrize("name", ["mel_2bar", "mel_16bar"])
+def test_shipped_weights_reconstruct_held_out_melodies(pop909_root, name):
     from cadenza.models.vae.data import load_windows
 
     torch.set_num_threads(1)
-    model, meta, _ = load_model("mel_2bar")
+    model, meta, _ = load_model(name)
     ev = meta["eval_test"]
-    w = load_windows(pop909_root, "test", 2)
+    w = load_windows(pop909_root, "test", model.cfg.n_bars)
     n = 24
     idx = np.linspace(0, len(w) - 1, n).astype(int)
     x = torch.from_numpy(w.encode(idx))
