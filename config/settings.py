@@ -253,6 +253,13 @@ class MqttSettings(_Section):
     capacity: float = Field(
         1.0, gt=0, le=1e5, description="this daemon's share of the sessions, relative to the other daemons on the broker (e.g. its GPUs)"
     )
+    stop_deadline_s: float = Field(
+        20.0,
+        gt=0,
+        le=3600,
+        description="a daemon still stopping this long after SIGINT/SIGTERM writes every thread's stack to its log and "
+        "exits 1 (its stop is bounded piece by piece well below the default; keep it under systemd's TimeoutStopSec)",
+    )
     status_interval_s: float = Field(
         10.0,
         ge=0,

@@ -64,10 +64,17 @@ class DaemonProcess:
             self.proc.send_signal(signal.SIGSTOP)
 
     def drain(self, timeout: float = 30.0) -> int:
-        """SIGTERM, then wait for the exit code."""
+        """SIGTERM, then wait for the exit code (a daemon stuck in its stop exits 1 by itself after
+        writing every thread's stack to its log: see :meth:`log_tail`)."""
         assert self.proc is not None
         self.proc.send_signal(signal.SIGTERM)
         return self.proc.wait(timeout)
+
+    def log_tail(self, chars: int = 6000) -> str:
+        """The end of the daemon's log, for a failing assertion's message."""
+        if self.log is None or not Path(self.log).is_file():
+            return "(no log)"
+        return Path(self.log).read_text(errors="replace")[-chars:]
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import faulthandler
 import json
 import logging
 import time
@@ -368,6 +369,10 @@ async def serve_mqtt(settings: Settings, *, mode: str = "colorize", ready: Calla
                 if install_signals:
 
                     def leave() -> None:  # SIGINT and SIGTERM: hand the sessions over, then stop
+                        # A stop that has not finished by the deadline writes every thread's
+                        # stack to the log and exits 1, so a stuck shutdown is a diagnosis, not a
+                        # daemon that systemd (or a test) has to kill blind.
+                        faulthandler.dump_traceback_later(settings.mqtt.stop_deadline_s, exit=True)
                         transport.drain()
                         engine.stop()
 
@@ -385,4 +390,5 @@ async def serve_mqtt(settings: Settings, *, mode: str = "colorize", ready: Calla
                 snapshot = engine.metrics.snapshot()
     finally:
         await transport.close()
+        faulthandler.cancel_dump_traceback_later()
     return snapshot

@@ -186,7 +186,7 @@ def test_sigterm_drains_a_daemon_its_notes_released_and_its_sessions_served_by_t
                 await peer.play(s, note_on(0, 60, 90), note_on(0, 64, 90))  # held
             assert await wait_for(lambda: all(len(peer.note_ons(s)) == 2 for s in mine))
             rc = await asyncio.to_thread(ds["d1"].drain)
-            assert rc == 0
+            assert rc == 0, ds["d1"].log_tail()
             assert await wait_for(lambda: all(sounding([m for _, m in peer.got[s]]) == {} for s in mine), 2.0)
             for s in mine:
                 await peer.play(s, note_on(0, 67, 90), note_off(0, 67))
@@ -194,6 +194,21 @@ def test_sigterm_drains_a_daemon_its_notes_released_and_its_sessions_served_by_t
 
     with daemons(broker, tmp_path, "d1", "d2") as ds:
         asyncio.run(main(ds))
+
+
+def test_a_stop_past_its_deadline_leaves_every_threads_stack_in_the_log_and_exits_1(broker, tmp_path):
+    """The guard against a daemon stuck in its stop: with a deadline shorter than any real stop
+    (which publishes, joins the model worker and disconnects), the stop is cut off there."""
+    env = {**DAEMON_ENV, "CADENZA_MQTT__STOP_DEADLINE_S": "0.001"}
+    d = DaemonProcess(broker.host, broker.port, "d1", env=env, log=tmp_path / "d1.log")
+    try:
+        d.start()
+        wait_online(broker.host, broker.port, [d])
+        assert d.drain() == 1
+        log = d.log_tail(100_000)
+        assert "Timeout (0:00:00.001000)!" in log and "most recent call first" in log, log[-3000:]
+    finally:
+        d.stop()
 
 
 def test_a_flooding_session_loses_its_own_excess_while_the_others_keep_their_time(broker, tmp_path):
