@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import getpass
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -181,7 +182,17 @@ class MosquittoBroker:
         self.stop()
         raise BrokerError(f"mosquitto did not listen on {self.host}:{self.port} within {timeout:.0f} s")
 
+    def freeze(self) -> None:
+        """SIGSTOP: the broker keeps its sockets open and answers nothing (a hung broker)."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.send_signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.send_signal(signal.SIGCONT)
+
     def stop(self) -> None:
+        self.thaw()  # a frozen broker must run to hear SIGTERM
         proc, self._proc = self._proc, None
         stop_process(proc)
         if self._dir is not None:

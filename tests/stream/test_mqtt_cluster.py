@@ -197,17 +197,20 @@ def test_sigterm_drains_a_daemon_its_notes_released_and_its_sessions_served_by_t
 
 
 def test_a_stop_past_its_deadline_leaves_every_threads_stack_in_the_log_and_exits_1(broker, tmp_path):
-    """The guard against a daemon stuck in its stop: with a deadline shorter than any real stop
-    (which publishes, joins the model worker and disconnects), the stop is cut off there."""
-    env = {**DAEMON_ENV, "CADENZA_MQTT__STOP_DEADLINE_S": "0.001"}
+    """The guard against a daemon stuck in its stop. With the broker hung (SIGSTOP), the stop's
+    final publish waits for an answer that does not come (up to its 3 s timeout, or until the
+    keepalive gives the broker up), so a 0.5 s deadline cuts the stop off."""
+    env = {**DAEMON_ENV, "CADENZA_MQTT__STOP_DEADLINE_S": "0.5"}
     d = DaemonProcess(broker.host, broker.port, "d1", env=env, log=tmp_path / "d1.log")
     try:
         d.start()
         wait_online(broker.host, broker.port, [d])
-        assert d.drain() == 1
+        broker.freeze()
+        assert d.drain() == 1, d.log_tail()
         log = d.log_tail(100_000)
-        assert "Timeout (0:00:00.001000)!" in log and "most recent call first" in log, log[-3000:]
+        assert "Timeout (0:00:00.500000)!" in log and "most recent call first" in log, log[-3000:]
     finally:
+        broker.thaw()
         d.stop()
 
 
